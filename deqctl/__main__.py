@@ -1,0 +1,3 @@
+from deqctl.cli import main
+
+main()

@@ -1,0 +1,23 @@
+"""The `deqctl` command line: one module per command; each parses, calls the library and
+turns known errors into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+import typer
+
+from . import train as _train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, evaluate, inspect and export Deep Equilibrium Models.")
+
+
+@app.callback()
+def _root() -> None:
+    """Train, evaluate, inspect and export Deep Equilibrium Models."""
+
+
+app.command("train", no_args_is_help=True)(_train.train)
+
+
+def main() -> None:
+    app()

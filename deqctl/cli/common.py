@@ -1,0 +1,53 @@
+"""What every command shares: turning the errors a user can cause into one line + exit code."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+import typer
+
+from ..data import DataError
+from ..engine.checkpoint import CheckpointError
+from ..models import ModelError
+from ..recipe import RecipeError
+
+USAGE, FAILED, INTERRUPTED = 2, 1, 130
+
+# errors in what the user asked for: usage, exit 2
+INPUT_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, FileNotFoundError)
+
+
+def fail(message: str, code: int) -> None:
+    """Print `error: message` to stderr and exit with `code`."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Decorate a command so input errors exit 2 and runtime failures exit 1, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except INPUT_ERRORS as exc:
+            fail(str(exc), USAGE)
+        except RuntimeError as exc:
+            if "CUDA" in str(exc) or "MPS" in str(exc) or "runtime.device" in str(exc):
+                fail(str(exc).splitlines()[0], USAGE)
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            sys.exit(INTERRUPTED)
+
+    return wrapper
+
+
+def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
+    """Split positional args into an optional leading path and `key=value` overrides."""
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args

@@ -1,0 +1,120 @@
+"""Checkpoints: safetensors for every tensor, YAML/JSON for everything else, so nothing
+is ever unpickled from a file someone might have been sent.
+
+A checkpoint folder holds
+  model.safetensors   weights
+  recipe.yaml         the resolved recipe (rebuilds the model)
+  meta.json           data description, step, epoch, last metrics
+  trainer.safetensors optimizer tensors and RNG states   (training checkpoints only)
+  trainer.json        optimizer scalars, scheduler, data position
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import recipe as recipes
+from ..models import DEQModel, build_model
+
+
+class CheckpointError(ValueError):
+    """A path is not a usable run directory or checkpoint; str() says which and why."""
+
+
+def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
+         meta: dict[str, Any], trainer: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically (to a temp folder, then rename); returns the folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    (tmp / "recipe.yaml").write_text(recipes.dump(recipe))
+    (tmp / "meta.json").write_text(json.dumps({"data_info": data_info, **meta}, indent=2))
+    if trainer is not None:
+        tensors, scalars = trainer["tensors"], trainer["json"]
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "trainer.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(scalars, indent=2))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def resolve(path: str | Path) -> Path:
+    """Map a run directory or a checkpoint folder to the checkpoint folder to load.
+
+    A run directory resolves to checkpoints/final, else its newest checkpoint.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such run directory or checkpoint")
+    if (p / "model.safetensors").is_file():
+        return p
+    ckpts = p / "checkpoints"
+    if ckpts.is_dir():
+        if (ckpts / "final" / "model.safetensors").is_file():
+            return ckpts / "final"
+        found = sorted((c for c in ckpts.iterdir() if (c / "model.safetensors").is_file()),
+                       key=lambda c: c.stat().st_mtime)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"{p}: not a run directory or checkpoint (no model.safetensors found)")
+
+
+def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
+    """Return (recipe, meta) of a checkpoint folder."""
+    try:
+        recipe = recipes.load(folder / "recipe.yaml")
+        meta = json.loads((folder / "meta.json").read_text())
+    except recipes.RecipeError as exc:
+        raise CheckpointError(f"{folder}: stored recipe is invalid: {exc}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{folder}: meta.json missing or corrupt ({exc.__class__.__name__})") from None
+    return recipe, meta
+
+
+def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu"
+               ) -> tuple[DEQModel, recipes.Recipe, dict]:
+    """Rebuild the model of a run or checkpoint; returns (model in eval mode, recipe, meta).
+
+    `overrides` (key=value) are applied to the stored recipe first, e.g. deq.eval.max_iter=8.
+    """
+    folder = resolve(path)
+    recipe, meta = read_meta(folder)
+    if overrides:
+        raw = recipes.apply_overrides(recipe.model_dump(mode="json"), list(overrides))
+        recipe = recipes.validate(raw, source="overrides")
+    model = build_model(recipe, meta["data_info"])
+    try:
+        state = load_file(folder / "model.safetensors", device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({exc})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: weights do not match the recipe's model "
+                              f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    return model.to(device).eval(), recipe, meta
+
+
+def load_trainer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (tensors, scalars) saved by a training checkpoint."""
+    try:
+        return (load_file(folder / "trainer.safetensors"),
+                json.loads((folder / "trainer.json").read_text()))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: trainer state missing or corrupt, cannot resume ({exc})") from None

@@ -1,0 +1,21 @@
+"""Device choice, with the reason printed so a silent CPU fallback never surprises anyone."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pick_device(setting: str) -> tuple[torch.device, str]:
+    """Return (device, reason) for runtime.device = auto | cpu | cuda | mps."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if setting == "auto":
+        if cuda:
+            return torch.device("cuda"), f"auto: CUDA available ({torch.cuda.get_device_name(0)})"
+        if mps:
+            return torch.device("mps"), "auto: Apple MPS available, no CUDA"
+        return torch.device("cpu"), f"auto: no CUDA or MPS, using CPU ({torch.get_num_threads()} threads)"
+    if setting == "cuda" and not cuda:
+        raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=auto")
+    if setting == "mps" and not mps:
+        raise RuntimeError("runtime.device=mps but MPS is not available; use runtime.device=auto")
+    return torch.device(setting), f"runtime.device={setting}"

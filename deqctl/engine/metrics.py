@@ -1,0 +1,94 @@
+"""Step statistics gathered on the device and read back once per logging interval,
+plus the metrics.jsonl sink."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models import ModelOutput
+from ..solvers import NONFINITE
+
+
+def step_stats(out: ModelOutput, loss: torch.Tensor, targets: torch.Tensor | None) -> dict[str, Any]:
+    """Per-step statistics as device tensors (no host sync) or host numbers."""
+    fwd, bwd = out.info.forward, out.info.backward
+    stats: dict[str, Any] = {
+        "loss": loss.detach().float(),
+        "n": int(fwd.sample_nfe.numel()),
+        "fwd_nfe": fwd.sample_nfe.float().mean(),
+        "fwd_nfe_max": fwd.nfe,
+        "fwd_abs_residual": fwd.abs_residual.float().mean(),
+        "fwd_rel_residual": fwd.rel_residual.float().mean(),
+        "fwd_rel_residual_max": fwd.rel_residual.float().max(),
+        "fwd_converged": fwd.converged.float().mean(),
+        "nonfinite": (fwd.status == NONFINITE).sum(),
+        "fallbacks": fwd.fallbacks.sum(),
+    }
+    if targets is not None and out.out.dim() == 2:
+        stats["correct"] = (out.out.argmax(dim=1) == targets).sum()
+    if bwd is not None:
+        stats["bwd_nfe"] = bwd.nfe
+        stats["bwd_rel_residual"] = bwd.rel_residual.float().mean()
+        stats["bwd_rel_residual_max"] = bwd.rel_residual.float().max()
+    return stats
+
+
+class Accumulator:
+    """Collects step statistics and reduces them to one metrics row with a single sync."""
+
+    MEAN = ("loss", "fwd_nfe", "fwd_abs_residual", "fwd_rel_residual", "fwd_converged",
+            "bwd_nfe", "bwd_rel_residual")
+    MAX = ("fwd_nfe_max", "fwd_rel_residual_max", "bwd_rel_residual_max")
+    SUM = ("nonfinite", "fallbacks", "correct", "n")
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.rows.append(stats)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def reduce(self) -> dict[str, Any]:
+        """Return the interval's row (means, maxima, sums) and reset. This is a sync point."""
+        keys = [k for k in self.rows[0] if all(k in r for r in self.rows)]
+        # One transfer for everything: stack all device scalars, then .tolist().
+        values = {k: [r[k] for r in self.rows] for k in keys}
+        flat = [v for k in keys for v in values[k]]
+        dev = next((v.device for v in flat if torch.is_tensor(v)), torch.device("cpu"))
+        host = torch.stack([torch.as_tensor(v, device=dev).double() for v in flat]).tolist()
+        out: dict[str, Any] = {}
+        sizes = [r["n"] for r in self.rows]
+        i = 0
+        for k in keys:
+            col = host[i:i + len(self.rows)]
+            i += len(col)
+            if k in self.MAX:
+                out[k] = max(col)
+            elif k in self.SUM:
+                out[k] = int(sum(col))
+            else:  # weighted by batch size, so a short last batch counts for what it holds
+                out[k] = sum(c * n for c, n in zip(col, sizes)) / sum(sizes)
+        if "correct" in out:
+            out["accuracy"] = out.pop("correct") / max(out["n"], 1)
+        self.rows = []
+        return out
+
+
+class JsonlSink:
+    """Appends one JSON object per line and flushes, so a crash loses no logged row."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in row.items()}
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(clean) + "\n")

@@ -1,0 +1,219 @@
+"""The training loop: recipe in, run directory out.
+
+Step events flow one way: loop -> Accumulator (device tensors, no sync) -> one reduced
+row per logging interval -> view (live table) and metrics.jsonl. The host waits for the
+device only on logging steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .. import recipe as recipes
+from ..data import build_data, iterate_batches, num_batches
+from ..models import build_model
+from . import checkpoint
+from .device import pick_device
+from .evaluate import criterion, evaluate, objective
+from .metrics import Accumulator, JsonlSink, step_stats
+from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
+                    rng_state, set_rng_state)
+
+
+class View(Protocol):
+    def log(self, row: dict) -> None: ...
+    def event(self, text: str) -> None: ...
+    def advance(self, step: int) -> None: ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; str() names the steps and the intact checkpoints."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C stopped training after a completed step; a checkpoint was saved."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final: dict[str, Any]          # the last evaluation row
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resume is bit-exact."""
+
+    step: int = 0
+    epoch: int = 0                 # epochs completed
+    pos: int = 0                   # batches done in the current epoch
+
+
+def total_steps(recipe: recipes.Recipe, batches_per_epoch: int) -> int:
+    """train.max_steps when set (it wins over epochs), else epochs x batches per epoch."""
+    return recipe.train.max_steps or recipe.train.epochs * batches_per_epoch
+
+
+class _StopOnSignal:
+    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> "_StopOnSignal":
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+        try:
+            self._old = signal.signal(signal.SIGINT, handler)
+        except ValueError:         # not the main thread: leave Ctrl-C alone
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def train(recipe: recipes.Recipe, run_dir: Path, view: View,
+          resume: Path | None = None) -> TrainResult:
+    """Train per `recipe`, writing recipe.yaml, metrics.jsonl and checkpoints into run_dir."""
+    torch.manual_seed(recipe.seed)
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    if recipe.runtime.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device, reason = pick_device(recipe.runtime.device)
+    view.event(f"device: {device} ({reason})")
+    data = build_data(recipe.data)
+    info = data.info.as_dict()
+    model = build_model(recipe, info).to(device)
+    opt = build_optimizer(model.parameters(), recipe.optim)
+    nb = num_batches(data.train, recipe.data.batch_size, drop_last=False)
+    total = total_steps(recipe, nb)
+    at = Progress()
+    if resume is not None:
+        at = _restore(resume, model, opt, device)
+        view.event(f"resumed from {resume} at step {at.step}")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipes.dump(recipe))
+    sink = JsonlSink(run_dir / "metrics.jsonl")
+    n_params = sum(p.numel() for p in model.parameters())
+    view.event(f"{recipe.model.name}: {n_params:,} parameters; {data.info.name}: "
+               f"{len(data.train)} train / {len(data.test)} test; {total} steps")
+
+    def save(name: str, final: dict | None = None) -> Path:
+        tensors, opt_json = optimizer_state(opt)
+        trainer = {"tensors": {**tensors, **rng_state()},
+                   "json": {"progress": at.__dict__, "optimizer": opt_json,
+                            "deq": {"step": model.deq.step, "last_nfe": model.deq._last_nfe}}}
+        folder = checkpoint.save(run_dir / "checkpoints" / name, model, recipe, info,
+                                 {"step": at.step, "epoch": at.step / nb, "metrics": final},
+                                 trainer)
+        view.event(f"saved checkpoint {folder}")
+        return folder
+
+    def run_eval() -> dict[str, Any]:
+        row = evaluate(model, data.test, recipe.data.eval_batch_size, device=device)
+        row = {"step": at.step, "epoch": at.step / nb, **row}
+        sink.write(row)
+        view.log(row)
+        return row
+
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16)
+           if recipe.runtime.precision == "bf16" else contextlib.nullcontext())
+    acc, last_log, last_ok = Accumulator(), time.perf_counter(), at.step
+    jac_weight = recipe.deq.jacobian_reg.weight
+    model.train()
+    with _StopOnSignal() as stop:
+        while at.step < total:
+            batches = iterate_batches(data.train, recipe.data.batch_size, shuffle=True,
+                                      seed=recipe.seed, epoch=at.epoch, start=at.pos,
+                                      augment=recipe.data.augment, device=device)
+            for x, y in batches:
+                lr = recipe.optim.lr * lr_factor(at.step, total, recipe.schedule)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with amp:
+                    out = model.run(x)
+                    loss = objective(out, y, jac_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                _drop_nonfinite_grads(model, loss)
+                if recipe.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                opt.step()
+                acc.add(step_stats(out, criterion(out.out.detach(), y), y))
+                at.step, at.pos = at.step + 1, at.pos + 1
+                epoch_done = at.pos == nb
+                if epoch_done:
+                    at.epoch, at.pos = at.epoch + 1, 0
+                view.advance(at.step)
+
+                if at.step % recipe.train.log_every == 0 or at.step == total or stop.requested:
+                    row = acc.reduce()   # sync point
+                    now = time.perf_counter()
+                    steps = at.step - last_ok
+                    row = {"step": at.step, "epoch": at.step / nb, "split": "train", "lr": lr,
+                           **row, "step_time_s": (now - last_log) / steps,
+                           "samples_per_s": row["n"] / (now - last_log)}
+                    sink.write(row)
+                    view.log(row)
+                    if not math.isfinite(row["loss"]):
+                        raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
+                    last_log, last_ok = time.perf_counter(), at.step
+                if epoch_done and recipe.train.eval_every_epoch and at.step < total:
+                    run_eval()
+                    last_log = time.perf_counter()
+                if recipe.train.save_every and at.step % recipe.train.save_every == 0:
+                    save(f"step-{at.step:06d}")
+                if stop.requested:
+                    folder = save("interrupted")
+                    raise Interrupted(f"interrupted at step {at.step}; checkpoint saved to "
+                                      f"{folder}; resume with: deqctl train --resume {folder}")
+                if at.step >= total or epoch_done:
+                    break
+    final = run_eval()
+    save("final", final)
+    return TrainResult(run_dir, at.step, final)
+
+
+def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor) -> None:
+    """Zero the gradients of a step whose loss is not finite, without a host sync, so
+    NaN never reaches the weights; the next logging step reports it and stops."""
+    finite = torch.isfinite(loss.detach())
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
+
+
+def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*") if p.is_dir()) \
+        if (run_dir / "checkpoints").is_dir() else []
+    kept = f"checkpoints kept: {', '.join(ckpts)}" if ckpts else "no checkpoint was written yet"
+    return (f"loss became non-finite between steps {last_ok + 1} and {step}; {kept}; "
+            f"try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01")
+
+
+def _restore(path: Path, model, opt, device) -> Progress:
+    folder = checkpoint.resolve(path)
+    weights, _, _ = checkpoint.load_model(folder, device=device)
+    model.load_state_dict(weights.state_dict())
+    tensors, meta = checkpoint.load_trainer(folder)
+    load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
+                               if k.startswith("optim.")}, meta["optimizer"])
+    set_rng_state(tensors)
+    model.deq.step = meta["deq"]["step"]
+    model.deq._last_nfe = meta["deq"]["last_nfe"]
+    return Progress(**meta["progress"])

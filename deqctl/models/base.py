@@ -1,0 +1,66 @@
+"""What every DEQ model shares: input injection, a weight-tied cell, a decoder, and the
+DEQ layer between them. Subclasses define `inject`, `cell`, `init_state` and `decode`;
+tools (eval, solve-trace, export) only use those four and so work for any model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..implicit import DEQ, DEQInfo
+from ..recipe import DEQSettings, SolverSettings
+
+
+@dataclass
+class ModelOutput:
+    """Everything a training step needs from one forward pass."""
+
+    out: torch.Tensor                                # logits of the fixed point
+    info: DEQInfo
+    corrections: list[tuple[float, torch.Tensor]]   # (weight, logits) of earlier solver states
+
+
+class DEQModel(nn.Module):
+    """Base class: `forward(x)` returns the model's output; `run(x)` also returns stats."""
+
+    def __init__(self, deq: DEQSettings):
+        super().__init__()
+        self.deq = DEQ(deq)
+        self.warm_start = deq.warm_start
+        self._warm: torch.Tensor | None = None
+
+    # -- the four pieces a model defines ------------------------------------------------
+    def inject(self, x: torch.Tensor) -> torch.Tensor:
+        """Input injection u, computed once per forward pass."""
+        raise NotImplementedError
+
+    def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One application of the weight-tied map f(z, u)."""
+        raise NotImplementedError
+
+    def init_state(self, u: torch.Tensor) -> torch.Tensor:
+        """The solver's starting point z0 (zeros by default)."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Map a (fixed-point) state to the model's output."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------
+    def run(self, x: torch.Tensor, solver: SolverSettings | None = None) -> ModelOutput:
+        """Forward pass with solver statistics; `solver` overrides the recipe's settings."""
+        u = self.inject(x)
+        z0 = self.init_state(u)
+        if self.training and self.warm_start and self._warm is not None \
+                and self._warm.shape == z0.shape:
+            z0 = self._warm
+        z, info = self.deq(self.cell, u, z0, solver=solver)
+        if self.training and self.warm_start:
+            self._warm = info.forward.z.detach()
+        corrections = [(w, self.decode(zk)) for w, zk in info.corrections]
+        return ModelOutput(self.decode(z), info, corrections)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x).out

@@ -1,0 +1,51 @@
+"""Fixed-point solvers behind one function, `solve`.
+
+Solvers are pure tensor code: they know nothing of models, files or terminals. Each works
+on a flattened (B, D) view of the state, so any layout of z works unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+from .anderson import anderson
+from .broyden import broyden
+from .fixed_point import fixed_point
+from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
+
+SOLVERS: dict[str, Callable] = {"fixed_point": fixed_point, "anderson": anderson,
+                                "broyden": broyden}
+
+__all__ = ["solve", "SolveResult", "SOLVERS", "CONVERGED", "MAX_ITER", "NONFINITE"]
+
+
+def solve(f: Callable, z0: torch.Tensor, method: str = "anderson", tol: float = 1e-4,
+          max_iter: int = 50, stop_mode: str = "rel", *, check_every: int | None = None,
+          compact: bool = False, trace: bool = False, snapshot_at: tuple[int, ...] = (),
+          **knobs) -> SolveResult:
+    """Find z = f(z) for every sample of the batch z0 (first dimension).
+
+    Returns a SolveResult with the lowest-residual iterate per sample and honest
+    statistics. `max_iter` bounds the number of f evaluations. With `compact=True`, f is
+    called as f(z, idx) on the unconverged samples only (idx: their positions in z0, or
+    None for all), which requires a cell without batch statistics. `trace=True` records
+    the residual of every evaluation; `snapshot_at` keeps the iterates at those
+    evaluation counts (used by fixed-point correction).
+    """
+    if method not in SOLVERS:
+        raise ValueError(f"unknown solver {method!r} (valid: {', '.join(SOLVERS)})")
+    run = SOLVERS[method]
+    allowed = [p for p in inspect.signature(run).parameters if p not in ("tr", "z")]
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise ValueError(f"solver {method!r} has no option {', '.join(unknown)} "
+                         f"(valid: {', '.join(allowed) or 'none'})")
+    with torch.no_grad():
+        tr = Tracker(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode,
+                     check_every=check_every, compact=compact, trace=trace,
+                     snapshot_at=tuple(snapshot_at))
+        run(tr, tr.z0.clone(), **knobs)
+        return tr.result()

@@ -1,0 +1,79 @@
+"""Limited-memory (good) Broyden's method on g(z) = f(z) - z.
+
+The inverse Jacobian of g is approximated as Binv = -I + sum_i u_i v_i^T with at most
+`history` rank-one terms in a ring buffer, so memory is 2 * history * B * D values however
+many iterations run (full-history Broyden keeps 2 * max_iter). Each step reuses Binv g from
+the previous one, so one update reads the buffers four times.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tracker import Tracker
+
+
+def _apply(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Binv x = -x + U^T (V x) for batched buffers U, V of shape (b, n, D)."""
+    coeff = torch.bmm(V, x.unsqueeze(-1))                 # (b, n, 1)
+    return -x + torch.bmm(U.transpose(1, 2), coeff).squeeze(-1)
+
+
+def _apply_t(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T Binv = -x + V^T (U x)."""
+    coeff = torch.bmm(U, x.unsqueeze(-1))
+    return -x + torch.bmm(V.transpose(1, 2), coeff).squeeze(-1)
+
+
+def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool = False,
+            ls_steps: int = 3) -> None:
+    """Broyden root finding on f(z) - z; results live in the tracker."""
+    b, d = z.shape
+    U = z.new_zeros(b, history, d)
+    V = z.new_zeros(b, history, d)
+    _, g = tr.evaluate(z)
+    step = g.clone()                                       # -Binv g with Binv = -I
+    k = 0
+    while not tr.finished():
+        n = min(k, history)
+        z_new, g_new = _step(tr, z, g, step, line_search, ls_steps)
+        if g_new is None:                                  # budget spent inside the search
+            return
+        dz, dg = z_new - z, g_new - g
+        binv_gnew = _apply(U[:, :n], V[:, :n], g_new)
+        binv_dg = binv_gnew + step                         # Binv g = -step
+        v = _apply_t(U[:, :n], V[:, :n], dz)
+        den = (v * dg).sum(dim=1, keepdim=True)
+        # A frozen sample has dz = 0; a tiny denominator would blow the update up.
+        usable = torch.isfinite(den) & (den.abs() > 1e-30)
+        u = torch.where(usable, (dz - binv_dg) / torch.where(usable, den, 1.0), 0.0)
+        v = torch.where(usable, v, 0.0)
+        slot = k % history
+        U[:, slot], V[:, slot] = u, v
+        step = -(binv_gnew + u * (v * g_new).sum(dim=1, keepdim=True))
+        z, g, k = z_new, g_new, k + 1
+        z, g, step, U, V = tr.compact_state(z, g, step, U, V)
+
+
+def _step(tr: Tracker, z, g, step, line_search: bool, ls_steps: int):
+    """Move along `step`; with line search, halve it per sample while ||g|| grows.
+
+    Every trial is a real f evaluation and is counted; returns (z_new, g_new), or
+    (z, None) if the evaluation budget ran out mid-search.
+    """
+    z_new = tr.freeze(z + step, z)
+    _, g_new = tr.evaluate(z_new)
+    if not line_search:
+        return z_new, g_new
+    g_norm = torch.linalg.vector_norm(g, dim=1)
+    scale = torch.ones_like(g_norm)
+    for _ in range(ls_steps):
+        worse = torch.linalg.vector_norm(g_new, dim=1) > g_norm
+        if tr.nfe >= tr.max_iter:
+            return z, None
+        scale = torch.where(worse, scale * 0.5, scale)
+        trial = tr.freeze(z + scale[:, None] * step, z)
+        _, g_trial = tr.evaluate(trial)
+        w = worse[:, None]
+        z_new, g_new = torch.where(w, trial, z_new), torch.where(w, g_trial, g_new)
+    return z_new, g_new

@@ -1,0 +1,17 @@
+"""Damped fixed-point iteration: z <- z + damping * (f(z) - z)."""
+
+from __future__ import annotations
+
+import torch
+
+from .tracker import Tracker
+
+
+def fixed_point(tr: Tracker, z: torch.Tensor, *, damping: float = 1.0) -> None:
+    """Iterate until the tracker says stop; results live in the tracker."""
+    while True:
+        _, g = tr.evaluate(z)
+        if tr.finished():
+            return
+        z = tr.freeze(z + damping * g if damping != 1.0 else z + g, z)
+        (z,) = tr.compact_state(z)

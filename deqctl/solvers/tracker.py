@@ -1,0 +1,200 @@
+"""Bookkeeping shared by every solver: counting, residuals, best iterates, early exit.
+
+Solvers see a flattened working set `z` of shape (b, D) and call `Tracker.evaluate` for
+every application of f, so the statistics are honest by construction: each f call is
+counted, each sample keeps its lowest-residual iterate, and a sample that converged (or
+hit NaN) is frozen. The host is asked whether anything is still running only every
+`check_every` evaluations; all other bookkeeping stays on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+EPS = 1e-12
+
+# per-sample status codes in SolveResult.status
+CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
+
+
+@dataclass
+class SolveResult:
+    """Outcome of a fixed-point solve; per-sample tensors have shape (B,)."""
+
+    z: torch.Tensor                 # best iterate per sample, shape and dtype of z0
+    nfe: int                        # f calls actually made (setup and line search included)
+    sample_nfe: torch.Tensor        # evaluations each sample took until it stopped
+    abs_residual: torch.Tensor      # ||f(z) - z|| of the returned iterate
+    rel_residual: torch.Tensor      # ||f(z) - z|| / (||f(z)|| + eps)
+    converged: torch.Tensor         # bool
+    status: torch.Tensor            # CONVERGED | MAX_ITER | NONFINITE
+    fallbacks: torch.Tensor         # least-squares fallbacks taken (Anderson), per sample
+    tol: float
+    stop_mode: str
+    trace_abs: torch.Tensor | None = None   # (n_evals, B); NaN once a sample has stopped
+    trace_rel: torch.Tensor | None = None
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # eval index -> iterate
+
+    @property
+    def trace(self) -> torch.Tensor | None:
+        """Per-evaluation residuals in the stop mode's measure (never padded)."""
+        return self.trace_rel if self.stop_mode == "rel" else self.trace_abs
+
+    @property
+    def stop_reason(self) -> str:
+        """'converged', 'max_iter' or 'nonfinite' for the batch as a whole (syncs the host)."""
+        worst = int(self.status.max())
+        return ("converged", "max_iter", "nonfinite")[worst]
+
+
+class Tracker:
+    """Runs f for a solver and keeps every statistic of the solve."""
+
+    def __init__(self, f: Callable, z0: torch.Tensor, *, tol: float, max_iter: int,
+                 stop_mode: str, check_every: int | None, compact: bool,
+                 trace: bool, snapshot_at: tuple[int, ...] = ()):
+        if stop_mode not in ("abs", "rel"):
+            raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+        if max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        self.f, self.shape, self.out_dtype = f, z0.shape, z0.dtype
+        self.tol, self.max_iter, self.stop_mode = float(tol), int(max_iter), stop_mode
+        self.compact = compact
+        self.check_every = check_every or (1 if z0.device.type == "cpu" else 4)
+        # Solver state is at least float32 even when f runs under bf16 autocast.
+        self.dtype = torch.promote_types(z0.dtype, torch.float32)
+        batch, dev = z0.shape[0], z0.device
+        self.z0 = z0.detach().reshape(batch, -1).to(self.dtype)
+        self.best_z = self.z0.clone()
+        self.best_res = torch.full((batch,), float("inf"), device=dev, dtype=self.dtype)
+        self.best_abs = torch.full_like(self.best_res, float("inf"))
+        self.best_rel = torch.full_like(self.best_res, float("inf"))
+        self.active = torch.ones(batch, dtype=torch.bool, device=dev)
+        self.nonfinite = torch.zeros_like(self.active)
+        self.sample_nfe = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.fallbacks = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.index: torch.Tensor | None = None   # global ids of the working set when compacted
+        self.nfe = 0
+        self._last_check = 0
+        self._pending_keep: torch.Tensor | None = None
+        self._trace: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if trace else None
+        self.snapshot_at = set(snapshot_at)
+        self.snapshots: dict[int, torch.Tensor] = {}
+
+    # -- working-set views --------------------------------------------------------------
+
+    def _ws(self, full: torch.Tensor) -> torch.Tensor:
+        return full if self.index is None else full[self.index]
+
+    def _put(self, full: torch.Tensor, value: torch.Tensor) -> None:
+        if self.index is None:
+            full.copy_(value)
+        else:
+            full[self.index] = value
+
+    @property
+    def active_ws(self) -> torch.Tensor:
+        """Which samples of the working set are still iterating."""
+        return self._ws(self.active)
+
+    # -- the one way to apply f ---------------------------------------------------------
+
+    def evaluate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply f to the working set; returns (f(z), f(z) - z), both (b, D)."""
+        b = z.shape[0]
+        zin = z.view(b, *self.shape[1:]).to(self.out_dtype)
+        fz = self.f(zin, self.index) if self.compact else self.f(zin)
+        fz = fz.reshape(b, -1).to(self.dtype)
+        self.nfe += 1
+        g = fz - z
+        abs_r = torch.linalg.vector_norm(g, dim=1)
+        rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + EPS)
+        res = rel_r if self.stop_mode == "rel" else abs_r
+        finite = torch.isfinite(res)
+
+        act = self.active_ws
+        improved = act & finite & (res < self._ws(self.best_res))
+        col = improved[:, None]
+        self._put(self.best_z, torch.where(col, z, self._ws(self.best_z)))
+        for full, new in ((self.best_res, res), (self.best_abs, abs_r), (self.best_rel, rel_r)):
+            self._put(full, torch.where(improved, new, self._ws(full)))
+        self._put(self.sample_nfe, self._ws(self.sample_nfe) + act.to(torch.int32))
+        bad = act & ~finite
+        self._put(self.nonfinite, self._ws(self.nonfinite) | bad)
+        self._put(self.active, act & finite & (res > self.tol))
+
+        if self._trace is not None:
+            self._trace.append(self._scatter_trace(abs_r, rel_r, act))
+        if self.nfe in self.snapshot_at:
+            self.snapshots[self.nfe] = self._scatter_full(z)
+        return fz, g
+
+    def _scatter_trace(self, abs_r, rel_r, act):
+        nan = torch.tensor(float("nan"), dtype=self.dtype, device=abs_r.device)
+        rows = []
+        for r in (abs_r, rel_r):
+            r = torch.where(act, r, nan)
+            if self.index is not None:
+                r = torch.full_like(self.best_res, float("nan")).index_put((self.index,), r)
+            rows.append(r)
+        return rows[0], rows[1]
+
+    def _scatter_full(self, z: torch.Tensor) -> torch.Tensor:
+        full = self.best_z.clone()
+        self._put(full, z)
+        return full.view(self.shape).to(self.out_dtype)
+
+    # -- control ------------------------------------------------------------------------
+
+    def finished(self) -> bool:
+        """True when the budget is spent or (at a check point) no sample is still running.
+
+        This is the only host sync of the loop, once every `check_every` evaluations.
+        """
+        if self.nfe >= self.max_iter:
+            return True
+        if self.nfe - self._last_check < self.check_every:
+            return False
+        self._last_check = self.nfe
+        act = self.active_ws
+        n_active = int(act.sum())  # host sync
+        if n_active == 0:
+            return True
+        if self.compact and n_active < act.numel():
+            keep = act.nonzero().squeeze(1)
+            self._pending_keep = keep
+            self.index = keep if self.index is None else self.index[keep]
+        return False
+
+    def freeze(self, z_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Keep stopped samples where they are: a converged sample stops changing."""
+        return torch.where(self.active_ws[:, None], z_next, z)
+
+    def compact_state(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Drop stopped samples from batch-first solver state after a compaction."""
+        keep, self._pending_keep = self._pending_keep, None
+        if keep is None:
+            return tensors
+        return tuple(t[keep] for t in tensors)
+
+    def count_fallback(self, mask: torch.Tensor) -> None:
+        self._put(self.fallbacks, self._ws(self.fallbacks) + (mask & self.active_ws).to(torch.int32))
+
+    def result(self) -> SolveResult:
+        converged = self.best_res <= self.tol
+        status = torch.full_like(self.sample_nfe, MAX_ITER)
+        status = torch.where(converged, CONVERGED, status)
+        status = torch.where(self.nonfinite & ~converged, NONFINITE, status)
+        trace_abs = trace_rel = None
+        if self._trace:
+            trace_abs = torch.stack([a for a, _ in self._trace])
+            trace_rel = torch.stack([r for _, r in self._trace])
+        return SolveResult(
+            z=self.best_z.view(self.shape).to(self.out_dtype), nfe=self.nfe,
+            sample_nfe=self.sample_nfe, abs_residual=self.best_abs, rel_residual=self.best_rel,
+            converged=converged, status=status, fallbacks=self.fallbacks, tol=self.tol,
+            stop_mode=self.stop_mode, trace_abs=trace_abs, trace_rel=trace_rel,
+            snapshots=self.snapshots)

@@ -1,0 +1,89 @@
+"""Residual-trace plots (PNG) and unicode sparklines for the terminal."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# Figure + the Agg canvas directly, not pyplot: no display needed, no global backend switch
+# that would surprise a user's notebook, and no pyplot figure registry to leak.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def _usable(v: float, log: bool) -> bool:
+    """Return True when ``v`` can be drawn: finite, and positive on a log scale."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(x) and (x > 0 or not log)
+
+
+def plot_traces(traces: dict[str, list[float]], path: str | Path, *, tol: float | None,
+                ylabel: str = "relative residual", title: str = "") -> Path:
+    """Plot per-iteration residuals of each solver on a log axis; return the PNG path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = 0
+    for name, values in traces.items():
+        # NaN/inf (diverged iterations) and zeros (exact fixed point) have no place on a log axis.
+        pts = [(i + 1, float(v)) for i, v in enumerate(values) if _usable(v, log=True)]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) <= 30 else None, markersize=3, label=name)
+        drawn += 1
+    if tol is not None and tol > 0:
+        ax.axhline(tol, linestyle="--", color="gray", linewidth=1, label=f"tol {tol:.0e}")
+    if drawn:
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no finite residuals to plot", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if drawn or tol:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def sparkline(values: list[float], width: int = 40, log: bool = True) -> str:
+    """Return a sparkline of ``values`` (at most ``width`` chars, ' ' where nothing is drawable).
+
+    Longer series are averaged into ``width`` buckets (in log space when ``log``), so a
+    500-iteration trace still fits one table cell.
+    """
+    if not values or width <= 0:
+        return ""
+    pts = [(math.log10(float(v)) if log else float(v)) if _usable(v, log) else None for v in values]
+    n = len(pts)
+    out_len = min(n, width)
+    buckets: list[float | None] = []
+    for i in range(out_len):
+        chunk = [p for p in pts[i * n // out_len:(i + 1) * n // out_len] if p is not None]
+        buckets.append(sum(chunk) / len(chunk) if chunk else None)
+    valid = [b for b in buckets if b is not None]
+    if not valid:
+        return " " * out_len
+    lo, hi = min(valid), max(valid)
+    span = hi - lo
+    chars = []
+    for b in buckets:
+        if b is None:
+            chars.append(" ")
+        elif span == 0:
+            chars.append(BLOCKS[len(BLOCKS) // 2])  # flat series: mid height, not "all zero"
+        else:
+            chars.append(BLOCKS[min(int((b - lo) / span * len(BLOCKS)), len(BLOCKS) - 1)])
+    return "".join(chars)
