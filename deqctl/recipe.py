@@ -128,7 +128,7 @@ class ModelSettings(Block):
     groups: int = Field(4, ge=1, description="GroupNorm groups")
     stem_stride: int = Field(2, ge=1, description="downsampling of the stem")
     norm: Literal["weight", "spectral", "none"] = "weight"
-    head_pool: int = Field(1, ge=1, description="head pools to head_pool x head_pool cells")
+    head_pool: int = Field(4, ge=1, description="head pools to head_pool x head_pool cells")
     init_std: float | None = Field(None, gt=0, description="N(0, std) init of cell convs")
     dropout: float = Field(0.0, ge=0, lt=1)
 

@@ -56,9 +56,9 @@ class ResNetDEQ(DEQModel):
         self.body = ResNetCell(ch, cfg.inner_channels, cfg.groups, cfg.norm, cfg.dropout,
                                cfg.init_std)
         self.head = nn.Sequential(
-            nn.Conv2d(ch, 2 * ch, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(cfg.head_pool), nn.Flatten(),
-            nn.Linear(2 * ch * cfg.head_pool ** 2, info["num_classes"]))
+            nn.GroupNorm(_groups(cfg.groups, ch), ch), nn.AdaptiveAvgPool2d(cfg.head_pool),
+            nn.Flatten(),
+            nn.Linear(ch * cfg.head_pool ** 2, info["num_classes"]))
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem((x - self.mean) / self.std)

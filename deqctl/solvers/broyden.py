@@ -35,6 +35,7 @@ def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool
     step = g.clone()                                       # -Binv g with Binv = -I
     k = 0
     while not tr.finished():
+        z, g, step, U, V = tr.compact_state(z, g, step, U, V)
         n = min(k, history)
         z_new, g_new = _step(tr, z, g, step, line_search, ls_steps)
         if g_new is None:                                  # budget spent inside the search
@@ -52,7 +53,6 @@ def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool
         U[:, slot], V[:, slot] = u, v
         step = -(binv_gnew + u * (v * g_new).sum(dim=1, keepdim=True))
         z, g, k = z_new, g_new, k + 1
-        z, g, step, U, V = tr.compact_state(z, g, step, U, V)
 
 
 def _step(tr: Tracker, z, g, step, line_search: bool, ls_steps: int):

@@ -115,7 +115,7 @@ class Tracker:
         res = rel_r if self.stop_mode == "rel" else abs_r
         finite = torch.isfinite(res)
 
-        act = self.active_ws
+        act = self.active_ws.clone()  # _put below overwrites self.active in place
         improved = act & finite & (res < self._ws(self.best_res))
         col = improved[:, None]
         self._put(self.best_z, torch.where(col, z, self._ws(self.best_z)))
@@ -164,9 +164,8 @@ class Tracker:
         if n_active == 0:
             return True
         if self.compact and n_active < act.numel():
-            keep = act.nonzero().squeeze(1)
-            self._pending_keep = keep
-            self.index = keep if self.index is None else self.index[keep]
+            # applied by compact_state(), once the solver has finished this iteration
+            self._pending_keep = act.nonzero().squeeze(1)
         return False
 
     def freeze(self, z_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -178,6 +177,7 @@ class Tracker:
         keep, self._pending_keep = self._pending_keep, None
         if keep is None:
             return tensors
+        self.index = keep if self.index is None else self.index[keep]
         return tuple(t[keep] for t in tensors)
 
     def count_fallback(self, mask: torch.Tensor) -> None:

@@ -1,0 +1,61 @@
+"""The safetensors export: one self-contained file holding the model's weights, with the
+resolved recipe and the data description in the safetensors header metadata.
+
+The weights are stored exactly as trained (weight norm not folded), so the file rebuilds
+the full DEQ with its solver, and `deqctl.load` returns a model equal to the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from .. import recipe as recipes
+
+FORMAT = "deqctl-model/1"
+
+
+def save_bundle(path: str | Path, model: torch.nn.Module, recipe: recipes.Recipe,
+                data_info: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Write weights + recipe + data_info to one safetensors file; returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "deqctl_version": __version__, "recipe": recipes.dump(recipe),
+            "data_info": json.dumps(data_info), "extra": json.dumps(extra or {})}
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def bundle_metadata(path: str | Path) -> dict[str, str] | None:
+    """Return the header metadata of a deqctl safetensors export, or None when the file is
+    plain safetensors (e.g. a checkpoint's model.safetensors). Raises ValueError if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    return meta if meta.get("format") == FORMAT else None
+
+
+def read_bundle(path: str | Path, overrides: list[str] = ()
+                ) -> tuple[dict[str, torch.Tensor], recipes.Recipe, dict[str, Any]]:
+    """Return (state_dict, recipe with overrides applied, data_info) of a safetensors export."""
+    meta = bundle_metadata(path)
+    if meta is None:
+        raise ValueError(f"{path}: safetensors file without deqctl metadata")
+    raw = recipes.apply_overrides(yaml_load(meta["recipe"]), list(overrides))
+    recipe = recipes.validate(raw, source=f"{path} (stored recipe)")
+    return load_file(str(path)), recipe, json.loads(meta["data_info"])
+
+
+def yaml_load(text: str) -> dict[str, Any]:
+    """Parse the stored YAML recipe (kept separate so the yaml import stays local)."""
+    import yaml
+    return yaml.safe_load(text) or {}

@@ -1,0 +1,208 @@
+"""Solver comparison on one batch: the true per-iteration residuals of each solver from the
+same starting point, forward and (optionally) for the adjoint solve of the backward pass,
+plus the local contraction at z* (spectral radius vs observed fixed-point rate).
+
+`compare_solvers` is pure tensor code (any f); `trace_model` drives it through a model's
+inject / init_state / cell / decode, so it works for every DEQModel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.nn.utils import parametrize
+
+from ..engine.evaluate import criterion
+from ..implicit import run_solver
+from ..models import DEQModel
+from ..recipe import SolverSettings
+from .spectral import linear_rate, spectral_radius
+
+
+@dataclass
+class SolverTrace:
+    """One solver's run on the batch. Per-iteration lists are over the samples still
+    iterating at that evaluation (a stopped sample's residual is NaN in the raw trace)."""
+
+    name: str
+    nfe: int                        # f evaluations made for the batch
+    converged: float                # fraction of samples at tol
+    time_s: float                   # wall time of the whole solve
+    time_to_tol_s: float | None     # = time_s when every sample reached tol, else None
+    abs_median: list[float]
+    abs_max: list[float]
+    rel_median: list[float]
+    rel_max: list[float]
+    abs_residual: float             # median over samples of the final (best) residual
+    rel_residual: float
+    z: torch.Tensor = field(repr=False)           # the solution (best iterate per sample)
+    trace_abs: torch.Tensor = field(repr=False)   # raw (n_evals, B)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form: nfe, converged, time_s, time_to_tol_s, abs/rel traces
+        (median over the batch) and their per-iteration maxima; NaN becomes null."""
+        return {"nfe": self.nfe, "converged": self.converged, "time_s": self.time_s,
+                "time_to_tol_s": self.time_to_tol_s,
+                "abs_residual": _num(self.abs_residual), "rel_residual": _num(self.rel_residual),
+                "abs_trace": _nums(self.abs_median), "rel_trace": _nums(self.rel_median),
+                "abs_trace_max": _nums(self.abs_max), "rel_trace_max": _nums(self.rel_max)}
+
+
+@dataclass
+class TraceReport:
+    """Everything `deqctl solve-trace` shows; `to_json()` is its --json file."""
+
+    batch: int
+    forward_settings: SolverSettings
+    forward: dict[str, SolverTrace]
+    spectral_radius: torch.Tensor            # (B,) at the best forward solution
+    spectral_from: str                       # which solver's z* it was measured at
+    fixed_point_rate: torch.Tensor | None    # (B,) observed, None without fixed_point
+    backward_settings: SolverSettings | None = None
+    backward: dict[str, SolverTrace] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return {"solvers": {NAME: SolverTrace.to_json()}, "spectral_radius" (max over
+        the batch), its median and per-sample values, "fixed_point_rate" (max and median),
+        the settings, and "backward" (same shape) when traced}."""
+        rho = self.spectral_radius.double()
+        out: dict[str, Any] = {
+            "batch": self.batch, "settings": _settings(self.forward_settings),
+            "solvers": {k: t.to_json() for k, t in self.forward.items()},
+            "spectral_radius": _num(rho.max()), "spectral_radius_median": _num(rho.median()),
+            "spectral_radius_per_sample": _nums(rho.tolist()), "spectral_radius_at": self.spectral_from,
+            "fixed_point_rate": None, "fixed_point_rate_median": None}
+        if self.fixed_point_rate is not None:
+            out["fixed_point_rate"], out["fixed_point_rate_median"] = _nan_stats(self.fixed_point_rate)
+        if self.backward is not None:
+            out["backward"] = {"settings": _settings(self.backward_settings),
+                               "solvers": {k: t.to_json() for k, t in self.backward.items()}}
+        return out
+
+
+def compare_solvers(f: Callable, z0: torch.Tensor, base: SolverSettings,
+                    solvers: list[str]) -> dict[str, SolverTrace]:
+    """Run each named solver on z = f(z) from the same z0 with `base`'s tol, max_iter,
+    stop mode and knobs; return {name: SolverTrace}.
+
+    Convergence is checked after every evaluation (check_every=1), so NFE and time to tol
+    are exact rather than rounded up to a check interval.
+    """
+    out = {}
+    for name in solvers:
+        s = base.model_copy(update={"solver": name, "check_every": 1})
+        _sync(z0)
+        start = time.perf_counter()
+        res = run_solver(f, z0, s, trace=True)
+        _sync(z0)
+        elapsed = time.perf_counter() - start
+        conv = float(res.converged.float().mean())
+        out[name] = SolverTrace(
+            name=name, nfe=res.nfe, converged=conv, time_s=elapsed,
+            time_to_tol_s=elapsed if conv == 1.0 else None,
+            abs_median=_nan_median(res.trace_abs), abs_max=_nan_max(res.trace_abs),
+            rel_median=_nan_median(res.trace_rel), rel_max=_nan_max(res.trace_rel),
+            abs_residual=float(res.abs_residual.double().median()),
+            rel_residual=float(res.rel_residual.double().median()),
+            z=res.z, trace_abs=res.trace_abs)
+    return out
+
+
+def trace_model(model: DEQModel, x: torch.Tensor, y: torch.Tensor, solvers: list[str],
+                forward: SolverSettings, backward: SolverSettings | None = None,
+                power_iters: int = 100) -> TraceReport:
+    """Trace `model`'s fixed-point solve on the batch (x, y) with each solver; with
+    `backward`, also the adjoint solve y = J^T y + dL/dz at z*. Returns a TraceReport."""
+    model.eval()
+    with torch.no_grad():
+        u = model.inject(x)
+        z0 = model.init_state(u)
+
+    def f(z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return model.cell(z, u if idx is None else u[idx])
+
+    # cached(): the normalised weights are computed once, not on every f call.
+    with parametrize.cached():
+        fwd = compare_solvers(f, z0, forward, solvers)
+        best = min(fwd.values(), key=lambda t: (-t.converged, _finite(t.rel_residual)))
+        z_star = best.z
+        rho = spectral_radius(lambda z: model.cell(z, u), z_star, iters=power_iters)
+        rate = None
+        if "fixed_point" in fwd:
+            rate = linear_rate(fwd["fixed_point"].trace_abs)
+        report = TraceReport(batch=x.shape[0], forward_settings=forward, forward=fwd,
+                             spectral_radius=rho.detach().cpu(), spectral_from=best.name,
+                             fixed_point_rate=rate)
+        if backward is not None:
+            report.backward_settings = backward
+            report.backward = _trace_adjoint(model, u, z_star, y, solvers, backward)
+    return report
+
+
+def _trace_adjoint(model: DEQModel, u: torch.Tensor, z_star: torch.Tensor, y: torch.Tensor,
+                   solvers: list[str], settings: SolverSettings) -> dict[str, SolverTrace]:
+    """Trace the implicit-gradient solve y = J^T y + g, g = dL/dz at z*, as the DEQ
+    layer's IFT backward does (one recorded f, vector-Jacobian products against it)."""
+    z_in = z_star.detach().clone().requires_grad_()
+    z_dec = z_star.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        z_out = model.cell(z_in, u)
+        (g,) = torch.autograd.grad(criterion(model.decode(z_dec), y), z_dec)
+
+    def adjoint(v: torch.Tensor) -> torch.Tensor:
+        (vjp,) = torch.autograd.grad(z_out, z_in, v, retain_graph=True)
+        return vjp + g
+
+    # the adjoint couples the batch through one graph: it cannot run on a subset
+    return compare_solvers(adjoint, torch.zeros_like(g), settings.model_copy(update={"compact": False}),
+                           solvers)
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+
+def _nan_median(t: torch.Tensor) -> list[float]:
+    return t.double().nanmedian(dim=1).values.tolist()
+
+
+def _nan_max(t: torch.Tensor) -> list[float]:
+    t = t.double()
+    stopped = torch.isnan(t)
+    top = torch.where(stopped, float("-inf"), t).amax(dim=1)
+    return torch.where(stopped.all(dim=1), float("nan"), top).tolist()
+
+
+def _nan_stats(t: torch.Tensor) -> tuple[float | None, float | None]:
+    """(max, median) over the finite entries, None when there are none."""
+    t = t[torch.isfinite(t)].double()
+    if t.numel() == 0:
+        return None, None
+    return float(t.max()), float(t.median())
+
+
+def _num(v: float | torch.Tensor) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _nums(values: list[float]) -> list[float | None]:
+    return [_num(v) for v in values]
+
+
+def _finite(v: float) -> float:
+    return v if math.isfinite(v) else float("inf")
+
+
+def _settings(s: SolverSettings | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    return {"max_iter": s.max_iter, "tol": s.tol, "stop_mode": s.stop_mode}
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)

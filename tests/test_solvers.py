@@ -1,0 +1,171 @@
+"""Solvers against maps with known fixed points, per-sample behaviour and safeguards."""
+
+import pytest
+import torch
+
+from deqctl.solvers import CONVERGED, MAX_ITER, NONFINITE, solve
+
+SOLVERS = ["fixed_point", "anderson", "broyden"]
+
+
+def linear_problem(batch=6, dim=40, radius=0.9, dtype=torch.float64, seed=0, symmetric=False):
+    """Per-sample contractions z = W z + b with exact solutions from linalg.solve."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(batch, dim, dim, generator=g, dtype=dtype)
+    if symmetric:
+        A = A + A.transpose(1, 2)
+    W = radius * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    b = torch.randn(batch, dim, generator=g, dtype=dtype)
+    exact = torch.linalg.solve(torch.eye(dim, dtype=dtype) - W, b)
+    return (lambda z: torch.bmm(W, z.unsqueeze(-1)).squeeze(-1) + b), exact
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-9)])
+def test_reaches_exact_fixed_point_per_sample(method, dtype, tol):
+    f, exact = linear_problem(dtype=dtype)
+    res = solve(f, torch.zeros_like(exact), method, tol=tol, max_iter=400, stop_mode="rel")
+    assert res.converged.all() and res.stop_reason == "converged"
+    assert (res.rel_residual <= tol).all()
+    # ||z - z*|| <= ||f(z) - z|| / (1 - rho) for a contraction of rate rho = 0.9
+    err = torch.linalg.vector_norm(res.z - exact, dim=1)
+    assert (err <= 10 * res.abs_residual * 1.01 + 1e-12).all()
+    assert res.z.dtype == dtype and res.z.shape == exact.shape
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_nonlinear_map_with_known_solution(method):
+    # f(z) = 0.5 * tanh(z - c) + c has the fixed point z = c exactly.
+    c = torch.linspace(-1, 1, 24, dtype=torch.float64).view(3, 8)
+    res = solve(lambda z: 0.5 * torch.tanh(z - c) + c, torch.zeros_like(c), method,
+                tol=1e-10, max_iter=200, stop_mode="abs")
+    assert torch.allclose(res.z, c, atol=1e-9)
+
+
+def test_anderson_beats_fixed_point_on_ill_conditioned_contraction():
+    f, exact = linear_problem(radius=0.99, symmetric=True, dim=60)
+    z0 = torch.zeros_like(exact)
+    fp = solve(f, z0, "fixed_point", tol=1e-6, max_iter=3000)
+    aa = solve(f, z0, "anderson", tol=1e-6, max_iter=3000, m=6)
+    assert fp.converged.all() and aa.converged.all()
+    assert aa.nfe * 3 < fp.nfe
+
+
+def test_nfe_is_honest_and_trace_not_padded():
+    f, exact = linear_problem()
+    calls = []
+    res = solve(lambda z: calls.append(1) or f(z), torch.zeros_like(exact), "anderson",
+                tol=1e-8, max_iter=200, trace=True)
+    assert res.nfe == len(calls)
+    assert res.trace.shape == (res.nfe, exact.shape[0])
+    assert int(res.sample_nfe.max()) == res.nfe
+    # once a sample stops, its later trace entries are NaN, never a repeated value
+    for i, n in enumerate(res.sample_nfe.tolist()):
+        assert torch.isfinite(res.trace[:n, i]).all() and torch.isnan(res.trace[n:, i]).all()
+
+
+def test_broyden_line_search_evaluations_are_counted():
+    f, exact = linear_problem()
+    calls = []
+    res = solve(lambda z: calls.append(1) or f(z), torch.zeros_like(exact), "broyden",
+                tol=1e-8, max_iter=100, line_search=True)
+    assert res.nfe == len(calls) and res.converged.all()
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_converged_samples_stop_changing(method):
+    # sample 0 starts at its fixed point; its iterate must never move
+    f, exact = linear_problem()
+    z0 = torch.zeros_like(exact)
+    z0[0] = exact[0]
+    seen = []
+    res = solve(lambda z: seen.append(z[0].clone()) or f(z), z0, method, tol=1e-8, max_iter=300)
+    assert all(torch.equal(s, exact[0]) for s in seen)
+    assert res.sample_nfe[0] == 1 and res.converged.all()
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_compact_evaluates_only_unconverged_samples(method):
+    f_full, exact = linear_problem()
+    batch_sizes = []
+
+    def f(z, idx):
+        batch_sizes.append(z.shape[0])
+        full = torch.zeros_like(exact) if idx is None else torch.zeros(len(exact), z.shape[1], dtype=z.dtype)
+        if idx is None:
+            return f_full(z)
+        full[idx] = z
+        return f_full(full)[idx]
+
+    z0 = torch.zeros_like(exact)
+    z0[:3] = exact[:3]       # half the batch is already converged
+    res = solve(f, z0, method, tol=1e-9, max_iter=300, compact=True)
+    ref = solve(f_full, z0, method, tol=1e-9, max_iter=300)
+    assert res.converged.all()
+    assert batch_sizes[:2] == [6, 3]                      # converged half dropped at once
+    assert batch_sizes == sorted(batch_sizes, reverse=True)  # and the rest as they finish
+    assert torch.allclose(res.z, ref.z, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_nonfinite_sample_keeps_best_iterate_and_is_flagged(method):
+    f, exact = linear_problem()
+
+    def poisoned(z):
+        out = f(z)
+        if len(poisoned.calls) >= 3:
+            out[2] = float("nan")
+        poisoned.calls.append(1)
+        return out
+    poisoned.calls = []
+    res = solve(poisoned, torch.zeros_like(exact), method, tol=1e-8, max_iter=300)
+    assert res.status[2] == NONFINITE and not res.converged[2]
+    assert torch.isfinite(res.z).all() and torch.isfinite(res.abs_residual[2])
+    others = torch.arange(6) != 2
+    assert (res.status[others] == CONVERGED).all()
+    assert res.stop_reason == "nonfinite"
+
+
+def test_anderson_least_squares_failure_falls_back():
+    # a map whose f(z) - z is identical for every iterate makes the Gram matrix rank one
+    # (singular without ridge): Anderson must fall back, not crash
+    b = torch.ones(2, 5, dtype=torch.float64)
+    res = solve(lambda z: z + b, torch.zeros_like(b), "anderson", tol=1e-6, max_iter=10, lam=0.0)
+    assert res.nfe == 10 and (res.status == MAX_ITER).all()
+    assert (res.fallbacks > 0).all()
+    assert torch.isfinite(res.z).all()
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_no_improvement_returns_start(method):
+    # f(z0) is NaN everywhere: nothing ever improves on z0, and z0 comes back
+    z0 = torch.randn(3, 4)
+    res = solve(lambda z: z * float("nan"), z0, method, tol=1e-6, max_iter=5)
+    assert torch.equal(res.z, z0) and (res.status == NONFINITE).all() and res.nfe == 1
+
+
+def test_check_every_limits_host_reads_but_not_results():
+    f, exact = linear_problem()
+    a = solve(f, torch.zeros_like(exact), "anderson", tol=1e-8, max_iter=200, check_every=5)
+    b = solve(f, torch.zeros_like(exact), "anderson", tol=1e-8, max_iter=200, check_every=1)
+    assert a.nfe % 5 == 0 and a.nfe >= b.nfe
+    assert torch.equal(a.z, b.z)        # frozen samples: extra evaluations change nothing
+
+
+def test_any_layout_and_unknown_options():
+    z0 = torch.zeros(2, 3, 4, 5)
+    res = solve(lambda z: 0.5 * z + 1, z0, "broyden", tol=1e-8, max_iter=50)
+    assert res.z.shape == z0.shape and torch.allclose(res.z, torch.full_like(z0, 2.0))
+    with pytest.raises(ValueError, match="valid: damping"):
+        solve(lambda z: z, z0, "fixed_point", m=5)
+    with pytest.raises(ValueError, match="valid: fixed_point, anderson, broyden"):
+        solve(lambda z: z, z0, "newton")
+
+
+def test_snapshots_are_the_iterates_fed_to_f():
+    f, exact = linear_problem()
+    fed = []
+    res = solve(lambda z: fed.append(z.clone()) or f(z), torch.zeros_like(exact), "fixed_point",
+                tol=1e-12, max_iter=8, snapshot_at=(2, 5))
+    assert set(res.snapshots) == {2, 5}
+    assert torch.equal(res.snapshots[5], fed[4])
