@@ -1,0 +1,141 @@
+"""Gradients of the DEQ layer against finite differences and an unrolled reference."""
+
+import pytest
+import torch
+
+from deqctl.implicit import DEQ, hutchinson_jacobian_sq
+from deqctl.recipe import BackwardSettings, DEQSettings, SolverSettings
+
+DT = torch.float64
+
+
+def small_problem(seed=0, dim=6, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    W = (0.4 * torch.randn(dim, dim, generator=g, dtype=DT)).requires_grad_()
+    x = torch.randn(batch, dim, generator=g, dtype=DT).requires_grad_()
+    target = torch.randn(batch, dim, generator=g, dtype=DT)
+
+    def cell(z, u):
+        return torch.tanh(z @ W.T + u)
+    return W, x, target, cell
+
+
+def deq_layer(mode="ift", solver="anderson", **bwd):
+    return DEQ(DEQSettings(
+        forward=SolverSettings(solver="anderson", tol=1e-13, max_iter=300),
+        backward=BackwardSettings(mode=mode, solver=solver, tol=1e-11, max_iter=300, **bwd),
+    )).train()
+
+
+def loss_of(z, target):
+    return ((z - target) ** 2).sum()
+
+
+def deq_loss(layer, cell, x, target):
+    z, info = layer(cell, x, torch.zeros_like(x))
+    return loss_of(z, target), info
+
+
+def unrolled_grads(W, x, target, cell, steps=400):
+    z = torch.zeros_like(x)
+    for _ in range(steps):
+        z = cell(z, x)
+    return torch.autograd.grad(loss_of(z, target), (W, x))
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_ift_matches_unrolled_reference(solver):
+    W, x, target, cell = small_problem()
+    loss, info = deq_loss(deq_layer("ift", solver), cell, x, target)
+    gW, gx = torch.autograd.grad(loss, (W, x))
+    rW, rx = unrolled_grads(W, x, target, cell)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(gW.flatten(), rW.flatten(), dim=0) >= 0.999
+    assert cos(gx.flatten(), rx.flatten(), dim=0) >= 0.999
+    assert torch.allclose(gW, rW, rtol=1e-7, atol=1e-9)
+    assert info.backward is not None and info.backward.converged.all()
+
+
+def test_ift_matches_finite_differences():
+    W, x, target, cell = small_problem(seed=1)
+    layer = deq_layer("ift")
+    loss, _ = deq_loss(layer, cell, x, target)
+    (gW,) = torch.autograd.grad(loss, W)
+    eps = 1e-6
+    fd = torch.zeros_like(W)
+    with torch.no_grad():
+        for i in range(W.shape[0]):
+            for j in range(W.shape[1]):
+                W[i, j] += eps
+                up = deq_loss(layer, cell, x, target)[0]
+                W[i, j] -= 2 * eps
+                down = deq_loss(layer, cell, x, target)[0]
+                W[i, j] += eps
+                fd[i, j] = (up - down) / (2 * eps)
+    rel = (gW - fd).norm() / fd.norm()
+    assert rel <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["phantom", "jfb"])
+def test_inexact_gradients_are_finite_and_descend(mode):
+    W, x, target, cell = small_problem(seed=2)
+    layer = deq_layer(mode, phantom_steps=5, phantom_tau=0.5) if mode == "phantom" else deq_layer(mode)
+    loss, _ = deq_loss(layer, cell, x, target)
+    gW, = torch.autograd.grad(loss, W)
+    exact, _ = unrolled_grads(W, x, target, cell)
+    assert torch.isfinite(gW).all()
+    assert torch.dot(gW.flatten(), exact.flatten()) > 0          # a descent direction
+    with torch.no_grad():
+        W -= 1e-3 * gW / gW.norm()
+        after, _ = deq_loss(layer, cell, x, target)
+    assert after < loss
+
+
+def test_eval_mode_output_still_differentiable():
+    W, x, target, cell = small_problem()
+    layer = deq_layer("ift").eval()
+    z, _ = layer(cell, x, torch.zeros_like(x))
+    assert z.requires_grad
+    with torch.no_grad():
+        z2, info = layer(cell, x, torch.zeros_like(x))
+    assert not z2.requires_grad and info.backward is None
+
+
+def test_hutchinson_estimate_is_unbiased():
+    torch.manual_seed(0)
+    dim = 5
+    J = torch.randn(dim, dim, dtype=DT)
+    z = torch.randn(3, dim, dtype=DT, requires_grad=True)
+    out = z @ J.T
+    est = hutchinson_jacobian_sq(out, z, samples=4000, create_graph=False)
+    exact = (J ** 2).sum()
+    # per-sample estimator variance is 2||J^T J||_F^2 / n: allow 4 standard errors
+    se = (2 * (J.T @ J).pow(2).sum() / 4000).sqrt()
+    assert ((est - exact).abs() <= 4 * se).all()
+
+
+def test_fixed_point_correction_and_jacobian_loss_are_produced():
+    W, x, target, cell = small_problem()
+    settings = DEQSettings(
+        forward=SolverSettings(solver="fixed_point", tol=1e-12, max_iter=30),
+        fp_correction={"states": 2, "gamma": 0.8}, jacobian_reg={"weight": 1.0})
+    layer = DEQ(settings).train()
+    z, info = layer(cell, x, torch.zeros_like(x))
+    assert len(info.corrections) == 2
+    assert [w for w, _ in info.corrections] == pytest.approx([0.8 ** 2, 0.8])
+    assert info.jac_loss is not None and info.jac_loss.requires_grad
+    (gW,) = torch.autograd.grad(info.jac_loss, W)
+    assert torch.isfinite(gW).all() and gW.abs().sum() > 0
+
+
+def test_gradient_checker_reports():
+    from deqctl.implicit.gradcheck import compare_to_unrolled, ift_vs_finite_differences
+    W, x, _, cell = small_problem(seed=3)
+    settings = DEQSettings(forward=SolverSettings(solver="anderson", tol=1e-13, max_iter=300),
+                           backward=BackwardSettings(solver="anderson", tol=1e-12, max_iter=300))
+    reports = compare_to_unrolled(cell, x, torch.zeros_like(x), [W, x], settings)
+    assert reports["ift"].cosine >= 0.999 and reports["ift"].rel_error < 1e-4
+    assert 0 < reports["jfb"].cosine < reports["ift"].cosine
+    assert reports["phantom"].cosine > 0
+    fd = ift_vs_finite_differences(cell, x, torch.zeros_like(x), [W], settings)
+    assert fd.rel_error <= 1e-5
