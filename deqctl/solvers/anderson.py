@@ -1,11 +1,12 @@
 """Anderson acceleration with an incrementally updated Gram matrix.
 
-With history X = [z_i] and G = [f(z_i) - z_i], each step picks weights alpha minimising
+With history F = [f(z_i)] and G = [f(z_i) - z_i], each step picks weights alpha minimising
 ||G^T alpha||^2 + lam ||alpha||^2 subject to sum(alpha) = 1, which is
 alpha = w / sum(w) with (G G^T + lam * s I) w = 1 (s: mean of diag(G G^T)), and moves to
-z = X^T alpha + beta G^T alpha. Only the new row of G G^T is computed per step (m dot
-products, not m^2), and the SPD system goes through a no-sync Cholesky, so nothing here
-waits for the host.
+z = X^T alpha + beta G^T alpha = F^T alpha - (1 - beta) G^T alpha (one pass over the
+history when beta = 1, which is why F is stored rather than X). Only the new row of G G^T
+is computed per step (m dot products, not m^2), and the SPD system goes through a no-sync
+Cholesky, so nothing here waits for the host.
 """
 
 from __future__ import annotations
@@ -31,28 +32,29 @@ def anderson(tr: Tracker, z: torch.Tensor, *, m: int = 5, lam: float = 1e-4,
              beta: float = 1.0) -> None:
     """Anderson-accelerated fixed-point iteration; results live in the tracker."""
     b, d = z.shape
-    X = z.new_zeros(b, m, d)
+    F = z.new_zeros(b, m, d)
     G = z.new_zeros(b, m, d)
     gram = z.new_zeros(b, m, m)
     k = 0
     while True:
-        _, g = tr.evaluate(z)
+        fz, g = tr.evaluate(z)
         if tr.finished():
             return
         slot, n = k % m, min(k + 1, m)
-        X[:, slot], G[:, slot] = z, g
+        F[:, slot], G[:, slot] = fz, g
         row = torch.bmm(G[:, :n], g.unsqueeze(-1)).squeeze(-1)          # (b, n)
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
         if n == 1:
-            z_next = z + beta * g
+            z_next = fz if beta == 1.0 else z + beta * g
         else:
-            alpha = _mix_weights(tr, gram[:, :n, :n], lam, slot)
-            a = alpha.unsqueeze(1)
-            z_next = torch.bmm(a, X[:, :n]).squeeze(1) + beta * torch.bmm(a, G[:, :n]).squeeze(1)
+            a = _mix_weights(tr, gram[:, :n, :n], lam, slot).unsqueeze(1)
+            z_next = torch.bmm(a, F[:, :n]).squeeze(1)
+            if beta != 1.0:
+                z_next = z_next - (1 - beta) * torch.bmm(a, G[:, :n]).squeeze(1)
         z = tr.freeze(z_next, z)
         k += 1
-        z, X, G, gram = tr.compact_state(z, X, G, gram)
+        z, F, G, gram = tr.compact_state(z, F, G, gram)
 
 
 def _mix_weights(tr: Tracker, gram: torch.Tensor, lam: float, newest: int) -> torch.Tensor:

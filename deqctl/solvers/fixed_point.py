@@ -10,8 +10,8 @@ from .tracker import Tracker
 def fixed_point(tr: Tracker, z: torch.Tensor, *, damping: float = 1.0) -> None:
     """Iterate until the tracker says stop; results live in the tracker."""
     while True:
-        _, g = tr.evaluate(z)
+        fz, g = tr.evaluate(z)
         if tr.finished():
             return
-        z = tr.freeze(z + damping * g if damping != 1.0 else z + g, z)
+        z = tr.freeze(fz if damping == 1.0 else z + damping * g, z)
         (z,) = tr.compact_state(z)

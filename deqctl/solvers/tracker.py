@@ -79,6 +79,7 @@ class Tracker:
         self.index: torch.Tensor | None = None   # global ids of the working set when compacted
         self.nfe = 0
         self._last_check = 0
+        self._all_active = False   # true only right after a check that found every sample running
         self._pending_keep: torch.Tensor | None = None
         self._trace: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if trace else None
         self.snapshot_at = set(snapshot_at)
@@ -118,7 +119,10 @@ class Tracker:
         act = self.active_ws.clone()  # _put below overwrites self.active in place
         improved = act & finite & (res < self._ws(self.best_res))
         col = improved[:, None]
-        self._put(self.best_z, torch.where(col, z, self._ws(self.best_z)))
+        if self.index is None:   # in place: this is the one full-state pass of bookkeeping
+            torch.where(col, z, self.best_z, out=self.best_z)
+        else:
+            self.best_z[self.index] = torch.where(col, z, self.best_z[self.index])
         for full, new in ((self.best_res, res), (self.best_abs, abs_r), (self.best_rel, rel_r)):
             self._put(full, torch.where(improved, new, self._ws(full)))
         self._put(self.sample_nfe, self._ws(self.sample_nfe) + act.to(torch.int32))
@@ -154,6 +158,7 @@ class Tracker:
 
         This is the only host sync of the loop, once every `check_every` evaluations.
         """
+        self._all_active = False
         if self.nfe >= self.max_iter:
             return True
         if self.nfe - self._last_check < self.check_every:
@@ -163,6 +168,7 @@ class Tracker:
         n_active = int(act.sum())  # host sync
         if n_active == 0:
             return True
+        self._all_active = n_active == act.numel()
         if self.compact and n_active < act.numel():
             # applied by compact_state(), once the solver has finished this iteration
             self._pending_keep = act.nonzero().squeeze(1)
@@ -170,6 +176,8 @@ class Tracker:
 
     def freeze(self, z_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Keep stopped samples where they are: a converged sample stops changing."""
+        if self._all_active:     # known from this iteration's check: nothing to hold back
+            return z_next
         return torch.where(self.active_ws[:, None], z_next, z)
 
     def compact_state(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
