@@ -42,7 +42,7 @@ def test_plain_one_line_per_log_with_numbers_and_no_ansi():
     assert len(lines) == 3  # 2 logs + 1 event, no progress bar, no wrapping at width 80
     assert not ANSI.search(out)
     first = lines[0]
-    assert first.startswith("step 120 ep 1 ")
+    assert first.startswith("step 120 ep 1.00 ")
     for piece in ["loss 0.3412", "acc 91.2%", "lr 1.9e-03", "fwd nfe 9.4/14",
                   "rel 3.1e-04/9.8e-04", "conv 100%", "bwd nfe 8.0 rel 6.2e-05",
                   "41 ms/step", "1561 samp/s", "stop conv"]:
@@ -59,7 +59,7 @@ def test_plain_auto_when_not_terminal_and_eval_prefix():
         view.log(dict(step=10, epoch=2, split="test", loss=0.25, accuracy=0.9, fwd_nfe=11.0,
                       fwd_rel_residual=2e-4, fwd_converged=0.9996))
     line = buf.getvalue().strip()
-    assert line.startswith("test step 10 ep 2 loss 0.25 acc 90.0%")
+    assert line.startswith("test step 10 ep 2.00 loss 0.25 acc 90.0%")
     # 0.9996 converged must not round up to a clean-looking 100%.
     assert "conv 99.9%" in line
     assert " lr " not in line and "bwd" not in line  # eval rows have no training-only groups

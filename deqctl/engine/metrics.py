@@ -75,6 +75,9 @@ class Accumulator:
                 out[k] = int(sum(col))
             else:  # weighted by batch size, so a short last batch counts for what it holds
                 out[k] = sum(c * n for c, n in zip(col, sizes)) / sum(sizes)
+        if "fwd_converged" in out:   # the interval's worst stop reason, as the table shows it
+            out["fwd_stop"] = ("nonfinite" if out.get("nonfinite") else
+                               "conv" if out["fwd_converged"] >= 1 else "max_iter")
         if "correct" in out:
             out["accuracy"] = out.pop("correct") / max(out["n"], 1)
         self.rows = []

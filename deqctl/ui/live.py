@@ -198,7 +198,7 @@ def row_cells(row: Row, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel
     loss = _num(row.get("loss"))
     cells = [
         Text(_step_label(row)),
-        Text(fmt_int(row.get("epoch"))),
+        Text(fmt_fixed(row.get("epoch"), 2)),
         Text(fmt_float(row.get("loss")), style=STYLE_BAD if loss is not None and _nonfinite(loss) else ""),
         Text(fmt_pct(row.get("accuracy")) if metric == "acc" else fmt_float(row.get("bpc"))),
         Text(fmt_sci(row.get("lr"))),
@@ -251,7 +251,7 @@ def plain_line(row: Row, stop_mode: str = "rel") -> str:
     res_keys = ("fwd_abs_residual", "fwd_abs_residual_max") if label == "abs" else (
         "fwd_rel_residual", "fwd_rel_residual_max")
     parts = [f"{row['split']} " if _is_eval(row) else ""]
-    parts[0] += f"step {fmt_int(row.get('step'))} ep {fmt_int(row.get('epoch'))}"
+    parts[0] += f"step {fmt_int(row.get('step'))} ep {fmt_fixed(row.get('epoch'), 2)}"
     if present("loss"):
         parts.append(f"loss {fmt_float(row.get('loss'))}")
     if present("accuracy"):
