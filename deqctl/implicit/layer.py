@@ -83,23 +83,24 @@ class DEQ(nn.Module):
             return res.z, info
 
         z_star = res.z.detach()
-        mode = s.backward.mode
-        if mode == "phantom":
+        bwd = s.backward
+        if bwd.mode == "phantom":
             z_out = z_star
-            for _ in range(s.backward.phantom_steps):
-                z_out = (1 - s.backward.phantom_tau) * z_out + s.backward.phantom_tau * cell(z_out, u)
+            for _ in range(bwd.phantom_steps):
+                z_out = (1 - bwd.phantom_tau) * z_out + bwd.phantom_tau * cell(z_out, u)
         else:
             z_in = z_star.requires_grad_()
             z_out = cell(z_in, u)
-            if mode == "ift":
+            if bwd.mode == "ift":
                 self._attach_ift(z_out, z_in, info)
-            if self.training and self._jac_due():
-                info.jac_loss = hutchinson_jacobian_sq(
-                    z_out, z_in, s.jacobian_reg.samples).mean() / z_out[0].numel()
-        if self.training and mode == "phantom" and self._jac_due():
-            z_in = z_star.clone().requires_grad_()
+        if self.training and self._jac_due():
+            if bwd.mode == "phantom":   # needs one application of f recorded at z*
+                z_in = z_star.clone().requires_grad_()
+                f_in = cell(z_in, u)
+            else:
+                f_in = z_out
             info.jac_loss = hutchinson_jacobian_sq(
-                cell(z_in, u), z_in, s.jacobian_reg.samples).mean() / z_in[0].numel()
+                f_in, z_in, s.jacobian_reg.samples).mean() / z_in[0].numel()
         if self.training:
             gamma, k = s.fp_correction.gamma, len(res.snapshots)
             for i, (_, z_k) in enumerate(sorted(res.snapshots.items())):
