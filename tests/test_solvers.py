@@ -169,3 +169,16 @@ def test_snapshots_are_the_iterates_fed_to_f():
                 tol=1e-12, max_iter=8, snapshot_at=(2, 5))
     assert set(res.snapshots) == {2, 5}
     assert torch.equal(res.snapshots[5], fed[4])
+
+
+def test_state_stays_float32_under_bf16():
+    f, exact = linear_problem(dtype=torch.float32)
+    seen = []
+
+    def f_bf16(z):                   # what a cell under bf16 autocast hands back
+        seen.append(z.dtype)
+        return f(z.float()).to(torch.bfloat16)
+    res = solve(f_bf16, torch.zeros_like(exact, dtype=torch.bfloat16), "anderson",
+                tol=1e-2, max_iter=100)
+    assert res.z.dtype == torch.bfloat16 and res.rel_residual.dtype == torch.float32
+    assert res.converged.all() and set(seen) == {torch.bfloat16}

@@ -110,6 +110,7 @@ class Tracker:
         fz = self.f(zin, self.index) if self.compact else self.f(zin)
         fz = fz.reshape(b, -1).to(self.dtype)
         self.nfe += 1
+        self._all_active = False    # samples may converge in this evaluation
         g = fz - z
         abs_r = torch.linalg.vector_norm(g, dim=1)
         rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + EPS)
