@@ -37,10 +37,15 @@ class ResNetCell(nn.Module):
 
 
 def make_problem(batch: int, device: str, seed: int = 0):
-    """Return (cell, u, z0): a seeded cell, an input injection and a zero initial state."""
+    """Return (cell, u, z0, target): a seeded cell, an input injection, a zero initial
+    state and a fixed random tensor for the train-step loss mean(z * target).
+
+    (A loss such as mean(z**2) would be useless here: the cell ends in GroupNorm, so
+    sum(z**2) per group is constant and its gradient vanishes at the fixed point.)"""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     cell = ResNetCell().to(device)
     u = torch.randn(batch, CHANNELS, SIZE, SIZE, generator=g).to(device)
+    target = torch.randn(batch, CHANNELS, SIZE, SIZE, generator=g).to(device)
     z0 = torch.zeros(batch, CHANNELS, SIZE, SIZE, device=device)
-    return cell, u, z0
+    return cell, u, z0, target

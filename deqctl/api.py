@@ -14,7 +14,6 @@ import torch
 from . import recipe as recipes
 from .engine import checkpoint
 from .engine.checkpoint import CheckpointError
-from .export.bundle import bundle_metadata, read_bundle
 from .models import DEQModel, build_model
 
 
@@ -27,6 +26,9 @@ def load_with_recipe(path: str | Path, overrides: list[str] = (),
 
     Raises CheckpointError (one line) for anything else.
     """
+    # imported here: deqctl.export builds on deqctl.inspect, which builds on this module
+    from .export.bundle import bundle_metadata, read_bundle
+
     p = Path(path)
     if p.is_file():
         if p.suffix in (".pt2", ".onnx"):

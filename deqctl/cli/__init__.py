@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import typer
 
+from . import eval as _eval
+from . import export as _export
+from . import solve_trace as _solve_trace
 from . import train as _train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -17,6 +20,9 @@ def _root() -> None:
 
 
 app.command("train", no_args_is_help=True)(_train.train)
+app.command("eval", no_args_is_help=True)(_eval.eval_command)
+app.command("solve-trace", no_args_is_help=True)(_solve_trace.solve_trace)
+app.command("export", no_args_is_help=True)(_export.export)
 
 
 def main() -> None:

@@ -46,3 +46,11 @@ def predictions(out: torch.Tensor) -> torch.Tensor:
 def input_name(data_info: dict[str, Any]) -> str:
     """Return the name exported graphs give their input ("images" or "tokens")."""
     return "images" if data_info.get("kind", "image") == "image" else "tokens"
+
+
+def input_description(data_info: dict[str, Any]) -> str:
+    """Return what the model (and every exported artefact) takes as input, for messages."""
+    if data_info.get("kind", "image") == "image":
+        return (f"float32 in [0, 1] shaped (N, {data_info['channels']}, {data_info['height']}, "
+                f"{data_info['width']})")
+    return "int64 token ids shaped (N, L)"

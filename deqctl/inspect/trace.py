@@ -92,6 +92,8 @@ def compare_solvers(f: Callable, z0: torch.Tensor, base: SolverSettings,
     Convergence is checked after every evaluation (check_every=1), so NFE and time to tol
     are exact rather than rounded up to a check interval.
     """
+    with torch.no_grad():
+        f(z0)   # warm-up (first-call allocations, cached weights) outside every timing
     out = {}
     for name in solvers:
         s = base.model_copy(update={"solver": name, "check_every": 1})

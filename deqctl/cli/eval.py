@@ -1,0 +1,156 @@
+"""`deqctl eval RUN_OR_CHECKPOINT [key=value ...] [--split] [--sweep-iters] [--json]`"""
+
+from __future__ import annotations
+
+import json
+import math
+from enum import Enum
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..engine.evaluate import evaluate
+from ..inspect import Source, open_source, quality_metrics, quality_names
+from ..recipe import SolverSettings
+from ..ui.live import fmt_float, fmt_pct, fmt_sci
+from .common import USAGE, fail, split_args, user_errors
+
+SOLVER_KEYS = ("fwd_nfe", "fwd_nfe_max", "fwd_abs_residual", "fwd_rel_residual",
+               "fwd_rel_residual_max", "fwd_converged")
+
+
+class SplitName(str, Enum):
+    test = "test"
+    val = "val"
+
+
+@user_errors
+def eval_command(
+    args: Optional[List[str]] = typer.Argument(
+        None, help="RUN_OR_CHECKPOINT, then overrides of data.*, deq.eval.*, runtime.* "
+                   "(e.g. deq.eval.solver=fixed_point deq.eval.tol=1e-4)"),
+    split: SplitName = typer.Option(SplitName.test, "--split", help="which split to evaluate"),
+    sweep_iters: Optional[str] = typer.Option(
+        None, "--sweep-iters", help="re-solve with each max_iter, e.g. 1,2,4,8,16,32 "
+                                    "(tol stays the eval tol): metric against NFE"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout, nothing else"),
+) -> None:
+    """Evaluate a trained DEQ with any test-time solver settings (loss, accuracy, NFE, residuals)."""
+    path, overrides = split_args(args)
+    if path is None:
+        fail("missing RUN_OR_CHECKPOINT (e.g. deqctl eval runs/mnist-deq)", USAGE)
+    iters = _parse_iters(sweep_iters) if sweep_iters is not None else None
+    src = open_source(path, overrides)
+    data = src.split(split.value)
+    solver = src.recipe.deq.eval_settings()
+    err = Console(stderr=True)
+    out = Console()
+    if not as_json:
+        typer.echo(f"{src.label}: {split.value} split, {len(data)} samples; "
+                   f"eval solver {_describe(solver)}; device {src.device} ({src.device_reason})")
+    runs = [solver] if iters is None else [solver.model_copy(update={"max_iter": k}) for k in iters]
+    rows = []
+    with _progress(err) as progress:
+        task = progress.add_task("eval", total=len(runs))
+        for i, s in enumerate(runs):
+            progress.update(task, description=f"eval max_iter={s.max_iter}")
+            row = evaluate(src.model, data, src.recipe.data.eval_batch_size, device=src.device,
+                           solver=s, split_name=split.value,
+                           on_batch=_advance(progress, task, i))
+            rows.append(_result_row(row, src))
+    if iters is None:
+        result = {"split": split.value, "source": src.label, "solver": _settings(solver), **rows[0]}
+    else:
+        result = {"split": split.value, "source": src.label, "solver": _settings(solver),
+                  "sweep": [{"max_iter": s.max_iter, **r} for s, r in zip(runs, rows)]}
+    if as_json:
+        typer.echo(json.dumps(_clean(result), allow_nan=False))
+    elif iters is None:
+        out.print(_summary_table(rows[0], src, solver))
+    else:
+        out.print(_sweep_table(result["sweep"], src, solver))
+
+
+def _parse_iters(text: str) -> list[int]:
+    """Return the --sweep-iters values, or exit 2 naming the bad entry."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            fail(f"--sweep-iters: expected comma-separated positive integers like 1,2,4,8 "
+                 f"(got {part!r})", USAGE)
+        values.append(int(part))
+    return values
+
+
+def _result_row(row: dict[str, Any], src: Source) -> dict[str, Any]:
+    """The reported subset of an evaluate() row: loss, task metrics, solver statistics."""
+    return {"n": row["n"], "loss": row["loss"], **quality_metrics(row, src.data_info),
+            **{k: row[k] for k in SOLVER_KEYS}, "samples_per_s": row["samples_per_s"]}
+
+
+def _summary_table(row: dict[str, Any], src: Source, s: SolverSettings) -> Table:
+    table = Table(title="evaluation", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("samples", str(row["n"]))
+    table.add_row("loss", fmt_float(row["loss"]))
+    for name in quality_names(src.data_info):
+        table.add_row(name, fmt_pct(row[name]) if name == "accuracy" else fmt_float(row[name]))
+    table.add_row("fwd NFE mean / max", f"{fmt_float(row['fwd_nfe'], 3)} / {row['fwd_nfe_max']:.0f}")
+    table.add_row("fwd abs residual (mean)", fmt_sci(row["fwd_abs_residual"]))
+    table.add_row("fwd rel residual mean / max",
+                  f"{fmt_sci(row['fwd_rel_residual'])} / {fmt_sci(row['fwd_rel_residual_max'])}")
+    table.add_row(f"converged (tol {s.tol:g} {s.stop_mode})", fmt_pct(row["fwd_converged"]))
+    table.add_row("samples/s", f"{row['samples_per_s']:.0f}")
+    return table
+
+
+def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolverSettings) -> Table:
+    names = quality_names(src.data_info)
+    table = Table(title=f"anytime inference: {s.solver}, tol {s.tol:g} {s.stop_mode}")
+    short = {"accuracy": "acc"}
+    for col in ("max_iter", "NFE", "NFE max", f"{s.stop_mode} res", "conv", "loss",
+                *(short.get(n, n) for n in names), "samp/s"):
+        table.add_column(col, justify="right")
+    for r in sweep:
+        quality = [fmt_pct(r[n]) if n == "accuracy" else fmt_float(r[n]) for n in names]
+        table.add_row(str(r["max_iter"]), fmt_float(r["fwd_nfe"], 3), f"{r['fwd_nfe_max']:.0f}",
+                      fmt_sci(r[f"fwd_{s.stop_mode}_residual"]), fmt_pct(r["fwd_converged"]),
+                      fmt_float(r["loss"]), *quality, f"{r['samples_per_s']:.0f}")
+    return table
+
+
+def _describe(s: SolverSettings) -> str:
+    return f"{s.solver} (max_iter {s.max_iter}, tol {s.tol:g} {s.stop_mode})"
+
+
+def _settings(s: SolverSettings) -> dict[str, Any]:
+    return {"solver": s.solver, "max_iter": s.max_iter, "tol": s.tol, "stop_mode": s.stop_mode}
+
+
+def _progress(console: Console) -> Progress:
+    """A transient bar on stderr; off when stderr is not a terminal (logs, pipes, tests)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
+
+
+def _advance(progress: Progress, task: Any, run: int) -> Callable[[int, int], None]:
+    def on_batch(done: int, total: int) -> None:
+        progress.update(task, completed=run + done / total)
+    return on_batch
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> null, so the output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj

@@ -1,0 +1,132 @@
+"""`deqctl export RUN_OR_CHECKPOINT --format safetensors|pt2|onnx --out PATH [--iters N]`"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import typer
+
+from ..api import load as load_model
+from ..export import (ExportFailed, MissingDependency, UNROLLABLE, Unrolled, calibrate_iters,
+                      compare, fold_norms, require_onnx, save_bundle, write_onnx, write_pt2)
+from ..inspect import input_description, input_name, open_source
+from ..recipe import SolverSettings
+from .common import FAILED, USAGE, fail, split_args, user_errors
+
+
+class Format(str, Enum):
+    safetensors = "safetensors"
+    pt2 = "pt2"
+    onnx = "onnx"
+
+
+class Solver(str, Enum):
+    fixed_point = "fixed_point"
+    anderson = "anderson"
+
+
+@user_errors
+def export(
+    args: Optional[List[str]] = typer.Argument(
+        None, help="RUN_OR_CHECKPOINT, then overrides of data.*, deq.eval.*, runtime.*"),
+    fmt: Format = typer.Option(..., "--format", help="safetensors (weights + recipe), "
+                               "pt2 (torch.export) or onnx"),
+    out: Path = typer.Option(..., "--out", help="file to write"),
+    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="unrolled solver iterations "
+                                        "(default: what the eval settings need to reach tol)"),
+    solver: Optional[Solver] = typer.Option(None, "--solver", help="unrolled solver "
+                                            "(default: the eval solver; anderson for broyden)"),
+    batch: int = typer.Option(64, "--batch", min=1, help="samples for calibration and parity"),
+    max_diff: Optional[float] = typer.Option(None, "--max-diff", min=0.0,
+                                             help="fail if max |output diff| vs eager exceeds this"),
+    min_agree: float = typer.Option(0.99, "--min-agree", min=0.0, max=1.0,
+                                    help="fail if fewer predictions agree with the eager model"),
+) -> None:
+    """Export a trained DEQ with its solver unrolled to fixed iterations; check parity on a real batch."""
+    path, overrides = split_args(args)
+    if path is None:
+        fail("missing RUN_OR_CHECKPOINT (e.g. deqctl export runs/mnist-deq --format onnx --out m.onnx)",
+             USAGE)
+    if fmt is Format.safetensors and (iters is not None or solver is not None):
+        fail("--iters and --solver apply to pt2 and onnx; a safetensors export keeps the "
+             "solver and its eval settings", USAGE)
+    try:
+        if fmt is Format.onnx:
+            require_onnx()   # before any work: a missing extra should fail in a second
+        _export(path, overrides, fmt, out, iters, solver, batch, max_diff, min_agree)
+    except MissingDependency as exc:
+        fail(str(exc), USAGE)
+    except ExportFailed as exc:
+        fail(str(exc), FAILED)
+
+
+def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int | None,
+            solver: Solver | None, batch: int, max_diff: float | None, min_agree: float) -> None:
+    say = typer.echo
+    src = open_source(path, overrides)
+    # Artefacts are written for and checked on the CPU, where they will be loaded first.
+    model = src.model.cpu().eval()
+    s = src.recipe.deq.eval_settings()
+    x_cal, _ = src.batch("train", batch)
+    x, _ = src.batch("test", batch)
+    x_cal, x = x_cal.cpu(), x.cpu()
+    with torch.no_grad():
+        eager = model.run(x, solver=s).out
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    if fmt is Format.safetensors:
+        save_bundle(out, model, src.recipe, src.data_info, extra={"source": src.label})
+        with torch.no_grad():
+            candidate = load_model(out)(x)
+        parity = compare(eager, candidate)
+        say(f"wrote {out}: weights, resolved recipe and data description (eval solver {_solver(s)}); "
+            f"load with deqctl.load({str(out)!r})")
+        hint = "the stored weights do not reproduce the model"
+    else:
+        name = solver.value if solver else (s.solver if s.solver in UNROLLABLE else "anderson")
+        us = s.model_copy(update={"solver": name})
+        needed, conv = calibrate_iters(model, x_cal, us)
+        target = f"tol {s.tol:g} ({s.stop_mode}) on {x_cal.shape[0]} training samples"
+        if conv == 1.0:
+            say(f"calibration: {name} needs {needed} iterations to reach {target}")
+        else:
+            say(f"calibration: {name} does not reach {target} within max_iter {s.max_iter} "
+                f"({conv:.0%} do); taking {needed}")
+        n = iters or needed
+        unrolled = Unrolled.from_settings(fold_norms(model), n, us).eval()
+        if fmt is Format.pt2:
+            run = write_pt2(unrolled, x, out)
+        else:
+            run = write_onnx(unrolled, x, out, input_name(src.data_info))
+        with torch.no_grad():
+            reference = unrolled(x)
+        parity = compare(eager, run(x), reference)
+        say(f"wrote {out}: {fmt.value}, {name} unrolled to {n} iterations, normalisations folded; "
+            f"input {input_name(src.data_info)} {input_description(src.data_info)}, dynamic batch")
+        hint = _unroll_hint(n, needed, conv)
+    say(f"parity on {parity.n} test samples vs the eager DEQ ({_solver(s)}): "
+        f"max |diff| {parity.max_abs_diff:.3g}, predictions agree {parity.agreement:.2%}"
+        + (f", exporter error {parity.export_error:.2g}" if fmt is not Format.safetensors else ""))
+    problems = parity.problems(max_diff, min_agree)
+    if problems:
+        fail(f"parity check failed: {'; '.join(problems)}. {out} was written but does not "
+             f"match the eager model; {hint}", FAILED)
+    say("parity ok")
+
+
+def _unroll_hint(n: int, needed: int, converged: float) -> str:
+    """What to change when an unrolled export misses parity."""
+    if n < needed:
+        return f"raise --iters (the eval settings need {needed})"
+    if converged < 1.0:
+        return "the solver does not reach tol within deq.eval.max_iter: raise it, or --iters"
+    return (f"try --iters above {n}, a tighter deq.eval.tol (eager and unrolled both stop "
+            f"within tol of z*, not at it), or looser --max-diff / --min-agree")
+
+
+def _solver(s: SolverSettings) -> str:
+    return f"{s.solver}, tol {s.tol:g} {s.stop_mode}, max_iter {s.max_iter}"
+

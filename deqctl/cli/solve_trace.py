@@ -1,0 +1,149 @@
+"""`deqctl solve-trace RUN_OR_CHECKPOINT_OR_RECIPE [key=value ...] [--solvers ...] [--backward]`"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..inspect import SolverTrace, TraceReport, is_recipe, open_source, trace_model
+from ..recipe import SolverSettings
+from ..solvers import SOLVERS
+from ..ui import plot_traces, sparkline
+from ..ui.live import fmt_ms, fmt_pct, fmt_sci
+from .common import USAGE, fail, split_args, user_errors
+
+
+@user_errors
+def solve_trace(
+    args: Optional[List[str]] = typer.Argument(
+        None, help="RUN_OR_CHECKPOINT or RECIPE.yaml (untrained model), then overrides "
+                   "key=value (for a trained model: data.*, deq.eval.*, runtime.*)"),
+    solvers: str = typer.Option("anderson,broyden,fixed_point", "--solvers",
+                                help="comma-separated solvers to compare"),
+    batch: int = typer.Option(32, "--batch", min=1, help="test samples in the batch"),
+    max_iter: Optional[int] = typer.Option(None, "--max-iter", min=1,
+                                           help="evaluation budget (default: eval / backward settings)"),
+    tol: Optional[float] = typer.Option(None, "--tol", min=0.0,
+                                        help="tolerance (default: eval / backward settings)"),
+    backward: bool = typer.Option(False, "--backward", help="also trace the adjoint (IFT) solve"),
+    power_iters: int = typer.Option(100, "--power-iters", min=4,
+                                    help="power-iteration steps for the spectral radius"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of residual vs iteration"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the traces as JSON"),
+) -> None:
+    """Compare solvers on a real batch: true residual per iteration, NFE and time to tol,
+    spectral radius of df/dz at z* next to fixed-point iteration's observed rate."""
+    path, overrides = split_args(args)
+    if path is None:
+        fail("missing RUN_OR_CHECKPOINT or RECIPE.yaml", USAGE)
+    names = [s.strip() for s in solvers.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SOLVERS]
+    if unknown or not names:
+        fail(f"--solvers: unknown solver {', '.join(unknown) or '(none given)'} "
+             f"(valid: {', '.join(SOLVERS)})", USAGE)
+    if tol is not None and tol <= 0:
+        fail("--tol must be > 0", USAGE)
+    src = open_source(path, overrides, allow_recipe=True)
+    x, y = src.batch("test", batch)
+    update = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    fwd = src.recipe.deq.eval_settings().model_copy(update=update)
+    bwd = src.recipe.deq.backward.model_copy(update=update) if backward else None
+    console = Console()
+    typer.echo(f"{src.label}: {x.shape[0]} test samples, device {src.device} ({src.device_reason})")
+    report = trace_model(src.model, x, y, names, fwd, bwd, power_iters=power_iters)
+
+    console.print(_solver_table("forward", report.forward, fwd))
+    console.print(_iteration_table(report.forward, fwd))
+    if report.backward is not None:
+        console.print(_solver_table("backward (adjoint)", report.backward, bwd))
+    typer.echo(_contraction_line(report))
+    if plot is not None:
+        written = [plot_traces({k: t.rel_median if fwd.stop_mode == "rel" else t.abs_median
+                                for k, t in report.forward.items()}, plot, tol=fwd.tol,
+                               ylabel=f"{fwd.stop_mode} residual (median over batch)",
+                               title=f"forward solve, {x.shape[0]} samples")]
+        if report.backward is not None:
+            bpath = plot.with_name(f"{plot.stem}-backward{plot.suffix or '.png'}")
+            written.append(plot_traces(
+                {k: t.rel_median if bwd.stop_mode == "rel" else t.abs_median
+                 for k, t in report.backward.items()}, bpath, tol=bwd.tol,
+                ylabel=f"{bwd.stop_mode} residual (median over batch)", title="adjoint solve"))
+        typer.echo(f"plot: {', '.join(map(str, written))}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"source": src.label, "untrained": is_recipe(path), **report.to_json()}
+        json_path.write_text(json.dumps(data, indent=1, allow_nan=False))
+        typer.echo(f"json: {json_path}")
+
+
+def _residuals(t: SolverTrace, s: SolverSettings) -> tuple[list[float], list[float]]:
+    return (t.rel_median, t.rel_max) if s.stop_mode == "rel" else (t.abs_median, t.abs_max)
+
+
+def _solver_table(title: str, traces: dict[str, SolverTrace], s: SolverSettings) -> Table:
+    table = Table(title=f"{title}: {s.stop_mode} residual, tol {s.tol:g}, max_iter "
+                        f"{s.max_iter}; times in ms")
+    # sized to fit an 80-column terminal (or log file) without truncation
+    table.add_column("solver", no_wrap=True, min_width=11)
+    for col, width in (("NFE", 3), ("conv", 5), ("final", 7), ("ms", 4), ("to tol", 6)):
+        table.add_column(col, justify="right", no_wrap=True, min_width=width)
+    table.add_column("median by iter (log)", no_wrap=True, min_width=20)
+    for name, t in traces.items():
+        median, _ = _residuals(t, s)
+        final = t.rel_residual if s.stop_mode == "rel" else t.abs_residual
+        table.add_row(name, str(t.nfe), fmt_pct(t.converged), fmt_sci(final), fmt_ms(t.time_s),
+                      fmt_ms(t.time_to_tol_s), sparkline(median, width=20))
+    return table
+
+
+def _iteration_table(traces: dict[str, SolverTrace], s: SolverSettings) -> Table:
+    """Median / max residual at roughly log-spaced iterations (1, 2, 3, 4, 6, 8, 12, ...)."""
+    longest = max(len(t.rel_median) for t in traces.values())
+    table = Table(title=f"{s.stop_mode} residual by iteration (median / max over the batch; "
+                        f"- once every sample has stopped)")
+    table.add_column("iter", justify="right")
+    for name in traces:
+        table.add_column(name, justify="right")
+    for i in _thin(longest):
+        cells = []
+        for t in traces.values():
+            median, mx = _residuals(t, s)
+            cells.append(f"{fmt_sci(median[i])} / {fmt_sci(mx[i])}" if i < len(median)
+                         and not math.isnan(median[i]) else "-")
+        table.add_row(str(i + 1), *cells)
+    return table
+
+
+def _thin(n: int) -> list[int]:
+    """0-based iteration indices to show: 1, 2, 3, 4, 6, 8, 12, 16, ... and the last."""
+    shown, k = [], 1
+    while k <= n:
+        shown.append(k)
+        k = k + 1 if k < 4 else (k * 3 // 2 if k & (k - 1) == 0 else k * 4 // 3)
+    if n not in shown:
+        shown.append(n)
+    return [i - 1 for i in shown]
+
+
+def _contraction_line(report: TraceReport) -> str:
+    rho = report.spectral_radius.double()
+    text = (f"spectral radius of df/dz at z* ({report.spectral_from}): max {rho.max():.4f}, "
+            f"median {rho.median():.4f} over {rho.numel()} samples")
+    if report.fixed_point_rate is not None:
+        rate = report.fixed_point_rate[torch.isfinite(report.fixed_point_rate)]
+        if rate.numel():
+            text += (f"\nfixed_point observed linear rate (tail of its trace): max {rate.max():.4f}, "
+                     f"median {rate.median():.4f} over {rate.numel()} samples")
+        else:
+            text += "\nfixed_point observed linear rate: trace too short to measure"
+    if float(rho.max()) >= 1.0:
+        text += "\nrho >= 1: plain fixed-point iteration does not contract at z* for some samples"
+    return text
+

@@ -1,0 +1,124 @@
+"""A DEQ unrolled to a fixed number of solver iterations: a plain feed-forward module that
+torch.export and the ONNX exporter can trace (no data-dependent loop, no host sync).
+
+Both solvers use only ops every exporter handles: Anderson's small least-squares system
+is solved by an unrolled Cholesky factorisation written with elementwise ops instead of
+torch.linalg, which the ONNX exporter cannot translate.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..implicit import run_solver
+from ..models import DEQModel
+from ..recipe import SolverSettings
+
+UNROLLABLE = ("fixed_point", "anderson")
+
+
+class Unrolled(nn.Module):
+    """x -> decode(z_N), z_N after `iters` applications of the cell from init_state.
+
+    `model` should have its normalisations folded (see fold_norms). Knobs mirror the
+    recipe's: damping for fixed_point; m, lam, beta for anderson.
+    """
+
+    def __init__(self, model: DEQModel, iters: int,
+                 solver: Literal["fixed_point", "anderson"] = "fixed_point", *,
+                 damping: float = 1.0, m: int = 5, lam: float = 1e-4, beta: float = 1.0):
+        super().__init__()
+        if solver not in UNROLLABLE:
+            raise ValueError(f"cannot unroll solver {solver!r} (valid: {', '.join(UNROLLABLE)})")
+        if iters < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
+        self.model, self.iters, self.solver = model, int(iters), solver
+        self.damping, self.m, self.lam, self.beta = float(damping), int(m), float(lam), float(beta)
+
+    @classmethod
+    def from_settings(cls, model: DEQModel, iters: int, s: SolverSettings) -> "Unrolled":
+        """Return the unrolled model for solver settings `s` (its solver and knobs)."""
+        if s.solver == "anderson":
+            k = s.anderson
+            return cls(model, iters, "anderson", m=k.m, lam=k.lam, beta=k.beta)
+        return cls(model, iters, s.solver, damping=s.fixed_point.damping)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.model.inject(x)
+        z = self.model.init_state(u)
+        if self.solver == "fixed_point":
+            for _ in range(self.iters):
+                fz = self.model.cell(z, u)
+                z = fz if self.damping == 1.0 else z + self.damping * (fz - z)
+        else:
+            z = self._anderson(z, u)
+        return self.model.decode(z)
+
+    def _anderson(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The steps of deqctl.solvers.anderson, without early stopping: keep the last m
+        f-values F and residuals G, move to F^T alpha - (1 - beta) G^T alpha."""
+        shape = z.shape
+        zf = z.flatten(1)
+        fs: list[torch.Tensor] = []
+        gs: list[torch.Tensor] = []
+        for _ in range(self.iters):
+            fz = self.model.cell(zf.reshape(shape), u).flatten(1)
+            g = fz - zf
+            fs, gs = (fs + [fz])[-self.m:], (gs + [g])[-self.m:]
+            if len(gs) == 1:
+                zf = fz if self.beta == 1.0 else zf + self.beta * g
+                continue
+            F, G = torch.stack(fs, 1), torch.stack(gs, 1)                 # (B, n, D)
+            a = _mix_weights(torch.bmm(G, G.transpose(1, 2)), self.lam).unsqueeze(1)
+            zf = torch.bmm(a, F).squeeze(1)
+            if self.beta != 1.0:
+                zf = zf - (1.0 - self.beta) * torch.bmm(a, G).squeeze(1)
+        return zf.reshape(shape)
+
+
+def _mix_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """Anderson weights: alpha = w / sum(w), (gram + lam * s I) w = 1, s the mean of
+    diag(gram) (as in the library), falling back per sample to a plain step (weight 1 on
+    the newest iterate) when the system is singular. The library retries a singular
+    system with a larger ridge first; that second solve is left out here, since it would
+    double the exported graph for a case that the ridge already makes rare."""
+    n = gram.shape[-1]
+    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1) + 1e-30
+    system = gram + (lam * scale)[:, None, None] * eye
+    w = _solve_spd(system, torch.ones_like(gram[:, :, :1])).squeeze(-1)
+    alpha = w / w.sum(dim=1, keepdim=True)
+    plain = eye[-1].expand_as(alpha)
+    return torch.where(torch.isfinite(alpha).all(dim=1, keepdim=True), alpha, plain)
+
+
+def _solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve a x = b for a batch of small SPD matrices a (B, n, n), b (B, n, k) by
+    Gauss-Jordan elimination without pivoting (stable for SPD matrices), unrolled over
+    the n pivots with whole-matrix ops only: torch.linalg has no ONNX translation, and
+    elementwise-unrolled factorisations make graphs too large to export quickly.
+    A zero pivot gives inf/NaN, which the caller checks."""
+    n = a.shape[-1]
+    m = torch.cat([a, b], dim=2)                                     # augmented (B, n, n+k)
+    eye = torch.eye(n, dtype=a.dtype, device=a.device)
+    for k in range(n):
+        row = m[:, k:k + 1, :] / m[:, k:k + 1, k:k + 1]              # pivot row, scaled
+        # one rank-1 update clears column k elsewhere and puts the scaled row at k
+        m = m - (m[:, :, k:k + 1] - eye[:, k:k + 1]) * row
+    return m[:, :, n:]
+
+
+@torch.no_grad()
+def calibrate_iters(model: DEQModel, x: torch.Tensor, s: SolverSettings) -> tuple[int, float]:
+    """Return (evaluations the solver in `s` needs to reach its tol on every sample of x
+    (max_iter when some never do), fraction of samples converged)."""
+    model.eval()
+    u = model.inject(x)
+    z0 = model.init_state(u)
+    # check every evaluation, whole batch: the count must be exact, not rounded up
+    exact = s.model_copy(update={"check_every": 1, "compact": False})
+    res = run_solver(lambda z: model.cell(z, u), z0, exact)
+    return res.nfe, float(res.converged.float().mean())

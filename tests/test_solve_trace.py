@@ -1,0 +1,184 @@
+"""`deqctl solve-trace` and deqctl.inspect: solver traces, spectral radius of df/dz by power
+iteration against exact eigenvalues, observed linear rate, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deqctl.cli import app
+from deqctl.inspect import compare_solvers, linear_rate, spectral_radius
+from deqctl.recipe import SolverSettings
+
+ROOT = Path(__file__).parents[1]
+RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
+TINY = ["train.max_steps=2", "data.limit_train=64", "data.limit_eval=64", "data.batch_size=32",
+        "data.eval_batch_size=64", "train.log_every=1", "model.channels=8",
+        "model.inner_channels=16", "runtime.threads=1"]
+PNG = b"\x89PNG\r\n\x1a\n"
+runner = CliRunner()
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step run, trained once per test session (the base temp dir is shared by every
+    test file, so whichever file runs first trains it)."""
+    out = tmp_path_factory.getbasetemp() / "deqctl-tiny-run"
+    if not (out / "checkpoints" / "final" / "model.safetensors").is_file():
+        threads = torch.get_num_threads()
+        try:
+            result = runner.invoke(app, ["train", RECIPE, *TINY, "--out", str(out), "--plain"])
+        finally:
+            torch.set_num_threads(threads)     # runtime.threads is process-wide
+        assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run as fast on one thread, and a second one only spins against other
+    processes when the machine is shared; the run's runtime.threads=1 sets the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+def linear_map(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A non-normal real matrix Q diag(eigenvalues) Q^-1 (or with 2x2 rotation blocks
+    for complex pairs passed as (r, theta) rows), float32."""
+    g = torch.Generator().manual_seed(seed)
+    d = eigenvalues.shape[0]
+    q = torch.randn(d, d, generator=g, dtype=torch.float64)
+    return (q @ torch.diag(eigenvalues.double()) @ torch.linalg.inv(q)).float()
+
+
+def exact_radius(w: torch.Tensor) -> float:
+    return float(torch.linalg.eigvals(w.double()).abs().max())
+
+
+# --- spectral radius and rate on linear cells f(z) = W z + u -----------------------------
+
+
+@pytest.mark.parametrize("mode", ["vjp", "jvp"])
+def test_spectral_radius_of_linear_cell_within_5_percent(mode):
+    lam = torch.tensor([0.9, -0.62, 0.5, 0.41, 0.33, -0.3, 0.2, 0.1, 0.05, -0.02, 0.0, 0.15])
+    w = linear_map(lam)
+    u = torch.randn(4, 12, generator=torch.Generator().manual_seed(0))
+    rho = spectral_radius(lambda z: z @ w.T + u, torch.zeros(4, 12), mode=mode)
+    assert rho.shape == (4,)
+    exact = exact_radius(w)
+    assert exact == pytest.approx(0.9, rel=1e-6)
+    assert torch.allclose(rho, torch.full((4,), exact), rtol=0.05)
+    assert torch.allclose(rho, torch.full((4,), exact), rtol=1e-3)  # in fact much closer
+
+
+def test_spectral_radius_with_complex_dominant_pair():
+    # rotation-scaling block: eigenvalues 0.85 e^{+-0.7i}, so power-iteration factors oscillate
+    r, th = 0.85, 0.7
+    block = torch.tensor([[r * torch.cos(torch.tensor(th)), -r * torch.sin(torch.tensor(th))],
+                          [r * torch.sin(torch.tensor(th)), r * torch.cos(torch.tensor(th))]])
+    d = torch.block_diag(block, torch.diag(torch.tensor([0.5, -0.4, 0.3, 0.2, 0.1, 0.0])))
+    q = torch.randn(8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = (q @ d.double() @ torch.linalg.inv(q)).float()
+    rho = spectral_radius(lambda z: z @ w.T, torch.zeros(3, 8))
+    assert torch.allclose(rho, torch.full((3,), exact_radius(w)), rtol=0.01)
+
+
+def test_spectral_radius_is_per_sample():
+    # a per-sample cell: sample b is scaled by s_b, so its Jacobian is s_b * W
+    w = linear_map(torch.tensor([0.8, 0.5, -0.3, 0.2, 0.1, 0.0]))
+    scale = torch.tensor([1.0, 0.5, 0.25])[:, None]
+    rho = spectral_radius(lambda z: scale * (z @ w.T), torch.zeros(3, 6))
+    assert torch.allclose(rho, 0.8 * scale.squeeze(1), rtol=0.01)
+
+
+def test_fixed_point_rate_matches_spectral_radius_and_traces_fall():
+    # float64: near tol, float32 rounding of f(z) - z would blur the tail's rate
+    w = linear_map(torch.tensor([0.8, -0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]), seed=3).double()
+    u = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = lambda z: z @ w.T + u                                             # noqa: E731
+    base = SolverSettings(max_iter=200, tol=1e-6, stop_mode="abs")
+    z0 = torch.zeros(5, 8, dtype=torch.float64)
+    traces = compare_solvers(f, z0, base, ["fixed_point", "anderson", "broyden"])
+    assert traces["broyden"].nfe == len(traces["broyden"].abs_median)
+    # (broyden is left out below: its limited-memory variant stalls near 1e-5 on some
+    # samples of this problem, a solver matter, not the tracer's)
+    for name, t in ((k, traces[k]) for k in ("fixed_point", "anderson")):
+        assert t.converged == 1.0, name
+        assert t.nfe == len(t.abs_median) == len(t.rel_max)
+        assert t.abs_max[-1] <= 1e-6 < t.abs_max[0], name
+        assert t.time_to_tol_s == t.time_s > 0
+    # Anderson on a linear map is GMRES-like: far fewer evaluations than plain iteration
+    assert traces["anderson"].nfe < traces["fixed_point"].nfe / 2
+    rate = linear_rate(traces["fixed_point"].trace_abs)
+    assert torch.allclose(rate, torch.full((5,), 0.8, dtype=rate.dtype), rtol=0.05)
+
+
+def test_linear_rate_ignores_stopped_samples_and_short_traces():
+    trace = torch.tensor([[1.0, 1.0], [0.5, 0.1], [0.25, float("nan")], [0.125, float("nan")],
+                          [0.0625, float("nan")]])
+    rate = linear_rate(trace)
+    assert rate[0] == pytest.approx(0.5) and torch.isnan(rate[1])
+
+
+# --- the command -------------------------------------------------------------------------
+
+
+def test_solve_trace_json_plot_and_backward(run, tmp_path):
+    out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
+    result = runner.invoke(app, ["solve-trace", str(run), "--batch", "16", "--tol", "1e-5",
+                                 "--max-iter", "60", "--backward", "--json", str(out_json),
+                                 "--plot", str(out_png)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out_json.read_text())
+    assert set(got["solvers"]) == {"anderson", "broyden", "fixed_point"}
+    for name, s in got["solvers"].items():
+        assert {"nfe", "converged", "time_s", "abs_trace", "rel_trace"} <= set(s), name
+        assert len(s["abs_trace"]) == len(s["rel_trace"]) == s["nfe"] <= 60
+        assert 0.0 <= s["converged"] <= 1.0 and s["time_s"] > 0
+        assert s["rel_trace"][0] == pytest.approx(1.0)       # z0 = 0: f(0) - 0 = f(0)
+        assert s["rel_trace"][9] < 0.1 * s["rel_trace"][0]  # a contractive model: residuals fall
+    fp = got["solvers"]["fixed_point"]["rel_trace_max"]
+    # the worst sample's residual falls by about rho per step: a factor ~1e-1 per 20 steps
+    assert all(fp[i + 10] < 0.5 * fp[i] for i in range(0, len(fp) - 10, 10)), fp
+    assert got["solvers"]["anderson"]["converged"] == 1.0
+    # the local contraction factor explains fixed-point iteration's observed rate
+    rho, rate = got["spectral_radius"], got["fixed_point_rate"]
+    assert 0 < rho < 1 and len(got["spectral_radius_per_sample"]) == 16
+    assert rate == pytest.approx(rho, rel=0.05)
+    assert set(got["backward"]["solvers"]) == set(got["solvers"])
+    assert got["backward"]["solvers"]["anderson"]["converged"] == 1.0
+    assert out_png.read_bytes()[:8] == PNG
+    assert (tmp_path / "t-backward.png").read_bytes()[:8] == PNG
+    for text in ("forward", "backward (adjoint)", "spectral radius", "observed linear rate"):
+        assert text in result.stdout, text
+
+
+def test_solve_trace_on_an_untrained_recipe(tmp_path):
+    out_json = tmp_path / "t.json"
+    result = runner.invoke(app, ["solve-trace", RECIPE, "model.channels=4", "model.inner_channels=8",
+                                 "--batch", "4", "--solvers", "fixed_point,anderson",
+                                 "--json", str(out_json)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(out_json.read_text())
+    assert got["untrained"] is True and list(got["solvers"]) == ["fixed_point", "anderson"]
+    assert got["spectral_radius"] > 0 and "backward" not in got
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--solvers", "anderson,newton"], "newton"),
+    (["model.channels=4"], "model.channels"),
+])
+def test_bad_input_exits_2(run, args, needle):
+    result = runner.invoke(app, ["solve-trace", str(run), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and "Traceback" not in result.output
