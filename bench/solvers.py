@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cell import CHANNELS, INNER, SIZE, make_problem  # noqa: E402
 
 try:
-    import torchdeq  # noqa: F401
     from torchdeq import get_deq
     from torchdeq.solver import (anderson_solver, broyden_solver, fixed_point_iter,
                                  register_solver)

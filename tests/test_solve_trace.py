@@ -14,42 +14,12 @@ from deqctl.cli import app
 from deqctl.inspect import compare_solvers, linear_rate, spectral_radius
 from deqctl.recipe import SolverSettings
 
-ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
-TINY = ["train.max_steps=2", "data.limit_train=64", "data.limit_eval=64", "data.batch_size=32",
-        "data.eval_batch_size=64", "train.log_every=1", "model.channels=8",
-        "model.inner_channels=16", "runtime.threads=1"]
+RECIPE = str(Path(__file__).parents[1] / "configs" / "mnist-deq.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"
 runner = CliRunner()
 
 
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-step run, trained once per test session (the base temp dir is shared by every
-    test file, so whichever file runs first trains it)."""
-    out = tmp_path_factory.getbasetemp() / "deqctl-tiny-run"
-    if not (out / "checkpoints" / "final" / "model.safetensors").is_file():
-        threads = torch.get_num_threads()
-        try:
-            result = runner.invoke(app, ["train", RECIPE, *TINY, "--out", str(out), "--plain"])
-        finally:
-            torch.set_num_threads(threads)     # runtime.threads is process-wide
-        assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run as fast on one thread, and a second one only spins against other
-    processes when the machine is shared; the run's runtime.threads=1 sets the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def linear_map(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:

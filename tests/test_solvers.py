@@ -51,6 +51,15 @@ def test_anderson_beats_fixed_point_on_ill_conditioned_contraction():
     assert aa.nfe * 3 < fp.nfe
 
 
+@pytest.mark.parametrize("history", [3, 8])
+def test_broyden_limited_memory_outlasts_its_history(history):
+    # Needs several times `history` iterations: the memory must restart cleanly when full.
+    f, exact = linear_problem(radius=0.95, symmetric=True, dim=60)
+    res = solve(f, torch.zeros_like(exact), "broyden", tol=1e-8, max_iter=400, history=history)
+    assert res.converged.all() and res.nfe > 3 * history
+    assert torch.allclose(res.z, exact, atol=1e-6)
+
+
 def test_nfe_is_honest_and_trace_not_padded():
     f, exact = linear_problem()
     calls = []

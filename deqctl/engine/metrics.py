@@ -31,6 +31,8 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, targets: torch.Tensor | Non
     }
     if targets is not None and out.out.dim() == 2:
         stats["correct"] = (out.out.argmax(dim=1) == targets).sum()
+    if out.info.jac_loss is not None:   # ||df/dz||_F^2 / dim, on the steps that estimate it
+        stats["jac_loss"] = out.info.jac_loss.detach().float()
     if bwd is not None:
         stats["bwd_nfe"] = bwd.nfe
         stats["bwd_rel_residual"] = bwd.rel_residual.float().mean()
@@ -41,8 +43,6 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, targets: torch.Tensor | Non
 class Accumulator:
     """Collects step statistics and reduces them to one metrics row with a single sync."""
 
-    MEAN = ("loss", "fwd_nfe", "fwd_abs_residual", "fwd_rel_residual", "fwd_converged",
-            "bwd_nfe", "bwd_rel_residual")
     MAX = ("fwd_nfe_max", "fwd_rel_residual_max", "bwd_rel_residual_max")
     SUM = ("nonfinite", "fallbacks", "correct", "n")
 
@@ -57,17 +57,18 @@ class Accumulator:
 
     def reduce(self) -> dict[str, Any]:
         """Return the interval's row (means, maxima, sums) and reset. This is a sync point."""
-        keys = [k for k in self.rows[0] if all(k in r for r in self.rows)]
+        # A key missing from some steps (e.g. jac_loss with jacobian_reg.every > 1) is
+        # reduced over the steps that have it.
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        cols = {k: [r for r in self.rows if k in r] for k in keys}
         # One transfer for everything: stack all device scalars, then .tolist().
-        values = {k: [r[k] for r in self.rows] for k in keys}
-        flat = [v for k in keys for v in values[k]]
+        flat = [r[k] for k in keys for r in cols[k]]
         dev = next((v.device for v in flat if torch.is_tensor(v)), torch.device("cpu"))
         host = torch.stack([torch.as_tensor(v, device=dev).double() for v in flat]).tolist()
         out: dict[str, Any] = {}
-        sizes = [r["n"] for r in self.rows]
         i = 0
         for k in keys:
-            col = host[i:i + len(self.rows)]
+            col, sizes = host[i:i + len(cols[k])], [r["n"] for r in cols[k]]
             i += len(col)
             if k in self.MAX:
                 out[k] = max(col)

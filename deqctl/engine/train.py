@@ -174,8 +174,9 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                         raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
                     last_log, last_ok = time.perf_counter(), at.step
                 if epoch_done and recipe.train.eval_every_epoch and at.step < total:
+                    paused = time.perf_counter()
                     run_eval()
-                    last_log = time.perf_counter()
+                    last_log += time.perf_counter() - paused   # ms/step counts training only
                 if recipe.train.save_every and at.step % recipe.train.save_every == 0:
                     save(f"step-{at.step:06d}")
                 if stop.requested:

@@ -37,12 +37,13 @@ def anderson(tr: Tracker, z: torch.Tensor, *, m: int = 5, lam: float = 1e-4,
     gram = z.new_zeros(b, m, m)
     k = 0
     while True:
-        fz, g = tr.evaluate(z)
+        slot, n = k % m, min(k + 1, m)
+        fz, g = tr.evaluate(z, g_out=G[:, slot])
         if tr.finished():
             return
-        slot, n = k % m, min(k + 1, m)
-        F[:, slot], G[:, slot] = fz, g
-        row = torch.bmm(G[:, :n], g.unsqueeze(-1)).squeeze(-1)          # (b, n)
+        F[:, slot] = fz
+        # (1, D) @ (D, n) rather than (n, D) @ (D, 1): ~4x faster on CPU (see broyden._apply)
+        row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1)   # (b, n)
         gram[:, slot, :n] = row
         gram[:, :n, slot] = row
         if n == 1:

@@ -103,15 +103,17 @@ class Tracker:
 
     # -- the one way to apply f ---------------------------------------------------------
 
-    def evaluate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply f to the working set; returns (f(z), f(z) - z), both (b, D)."""
+    def evaluate(self, z: torch.Tensor, g_out: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply f to the working set; returns (f(z), f(z) - z), both (b, D). `g_out`, if
+        given, receives f(z) - z (a solver's history slot: saves a copy of the state)."""
         b = z.shape[0]
         zin = z.view(b, *self.shape[1:]).to(self.out_dtype)
         fz = self.f(zin, self.index) if self.compact else self.f(zin)
         fz = fz.reshape(b, -1).to(self.dtype)
         self.nfe += 1
         self._all_active = False    # samples may converge in this evaluation
-        g = fz - z
+        g = torch.sub(fz, z, out=g_out)
         abs_r = torch.linalg.vector_norm(g, dim=1)
         rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + EPS)
         res = rel_r if self.stop_mode == "rel" else abs_r

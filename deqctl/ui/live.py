@@ -57,36 +57,32 @@ def _nonfinite(x: float) -> str | None:
     return None
 
 
-def fmt_int(v: Any) -> str:
-    """Return ``v`` as an integer string ("120"), or "-" when missing."""
+def _fmt(v: Any, spec: str) -> str:
+    """Return ``v`` formatted with ``spec``, "inf"/"nan" as words, or "-" when missing."""
     x = _num(v)
     if x is None:
         return MISSING
-    return _nonfinite(x) or f"{int(round(x))}"
+    return _nonfinite(x) or format(x, spec)
+
+
+def fmt_int(v: Any) -> str:
+    """Return ``v`` rounded to an integer ("120"), or "-"."""
+    return _fmt(v, ".0f")
 
 
 def fmt_float(v: Any, digits: int = 4) -> str:
     """Return ``v`` with ``digits`` significant digits ("0.3412"), or "-"."""
-    x = _num(v)
-    if x is None:
-        return MISSING
-    return _nonfinite(x) or f"{x:.{digits}g}"
+    return _fmt(v, f".{digits}g")
 
 
 def fmt_fixed(v: Any, decimals: int = 1) -> str:
     """Return ``v`` with a fixed number of decimals ("9.4"), or "-"."""
-    x = _num(v)
-    if x is None:
-        return MISSING
-    return _nonfinite(x) or f"{x:.{decimals}f}"
+    return _fmt(v, f".{decimals}f")
 
 
 def fmt_sci(v: Any, digits: int = 1) -> str:
     """Return ``v`` in scientific notation ("3.1e-04"), or "-"."""
-    x = _num(v)
-    if x is None:
-        return MISSING
-    return _nonfinite(x) or f"{x:.{digits}e}"
+    return _fmt(v, f".{digits}e")
 
 
 def fmt_pct(v: Any) -> str:
