@@ -14,7 +14,7 @@ import torch
 from . import recipe as recipes
 from .engine import checkpoint
 from .engine.checkpoint import CheckpointError
-from .models import DEQModel, build_model
+from .models import DEQModel
 
 
 def load_with_recipe(path: str | Path, overrides: list[str] = (),
@@ -42,12 +42,7 @@ def load_with_recipe(path: str | Path, overrides: list[str] = (),
         if not is_bundle:        # a checkpoint's own model.safetensors: load its folder
             return load_with_recipe(p.parent, overrides, device)
         state, recipe, data_info = read_bundle(p, overrides)
-        model = build_model(recipe, data_info)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f"{p}: weights do not match the stored recipe's model "
-                                  f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
-        return model.to(device).eval(), recipe, data_info
+        return checkpoint.rebuild(recipe, data_info, state, p, device), recipe, data_info
     model, recipe, meta = checkpoint.load_model(p, list(overrides), device=device)
     return model, recipe, meta["data_info"]
 

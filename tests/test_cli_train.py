@@ -112,3 +112,15 @@ def test_console_script_runs_as_module():
     done = subprocess.run([sys.executable, "-m", "deqctl", "train", "--help"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "RECIPE" in done.stdout
+
+
+@pytest.mark.parametrize("mode,steps", [("phantom", 3), ("jfb", 1)])
+def test_inexact_gradient_rows_report_their_backward_cost(tmp_path, mode, steps):
+    out = tmp_path / mode
+    result = train(RECIPE, *TINY, f"deq.backward.mode={mode}", "deq.backward.phantom_steps=3",
+                   "deq.jacobian_reg.weight=0.1", "train.max_steps=1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    row = rows(out)[0]
+    assert REQUIRED <= set(row), REQUIRED - set(row)
+    assert row["bwd_nfe"] == steps and row["bwd_rel_residual"] is None   # nothing was solved
+    assert row["jac_loss"] > 0

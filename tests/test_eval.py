@@ -110,3 +110,14 @@ def test_task_metrics_branch_on_the_data_kind():
     assert quality_names(text) == ("bpc", "ppl")
     got = quality_metrics({"loss": 1.2}, text)
     assert got["bpc"] == pytest.approx(1.2 / math.log(2)) and got["ppl"] == pytest.approx(math.exp(1.2))
+
+
+def test_data_that_does_not_fit_the_model_is_refused():
+    from deqctl.data import DataError
+    from deqctl.inspect.source import _check_fits
+    mnist = {"name": "mnist", "kind": "image", "channels": 1, "height": 28, "width": 28,
+             "num_classes": 10}
+    _check_fits({**mnist, "name": "fashion-mnist"}, mnist)
+    cifar = {**mnist, "name": "cifar10", "channels": 3, "height": 32, "width": 32}
+    with pytest.raises(DataError, match="channels 3 vs 1.*height 32 vs 28"):
+        _check_fits(cifar, mnist)

@@ -128,6 +128,22 @@ def test_fixed_point_correction_and_jacobian_loss_are_produced():
     assert torch.isfinite(gW).all() and gW.abs().sum() > 0
 
 
+def test_jacobian_reg_leaves_the_ift_gradient_of_the_task_loss_alone():
+    W, x, target, cell = small_problem(seed=1)
+    plain = deq_layer()
+    regularised = DEQ(DEQSettings(**{**plain.settings.model_dump(),
+                                     "jacobian_reg": {"weight": 1.0}})).train()
+    loss, _ = deq_loss(plain, cell, x, target)
+    (expected,) = torch.autograd.grad(loss, W)
+    loss, info = deq_loss(regularised, cell, x, target)
+    assert info.jac_loss is not None and info.backward is None   # no solve before backward
+    (got,) = torch.autograd.grad(loss, W, retain_graph=True)
+    assert torch.allclose(got, expected, rtol=1e-8, atol=1e-10)
+    assert info.backward is not None and info.backward.converged.all()
+    (total,) = torch.autograd.grad(loss + info.jac_loss, W)   # both terms reach the weights
+    assert not torch.allclose(total, expected)
+
+
 def test_gradient_checker_reports():
     from deqctl.implicit.gradcheck import compare_to_unrolled, ift_vs_finite_differences
     W, x, _, cell = small_problem(seed=3)
@@ -139,3 +155,30 @@ def test_gradient_checker_reports():
     assert reports["phantom"].cosine > 0
     fd = ift_vs_finite_differences(cell, x, torch.zeros_like(x), [W], settings)
     assert fd.rel_error <= 1e-5
+
+
+def test_dropout_mask_is_fixed_within_a_forward_pass():
+    from deqctl import recipe as recipes
+    from deqctl.models import ModelError, build_model
+    info = {"name": "t", "kind": "image", "channels": 1, "height": 8, "width": 8,
+            "num_classes": 3, "mean": [0.5], "std": [0.5]}
+    r = recipes.validate({"model": {"channels": 4, "inner_channels": 8, "dropout": 0.5,
+                                    "stem_stride": 1, "head_pool": 2, "init_std": 0.01},
+                          "deq": {"forward": {"solver": "fixed_point", "max_iter": 40,
+                                              "tol": 1e-5}}})
+    torch.manual_seed(0)
+    model = build_model(r, info).train()
+    x = torch.rand(2, 1, 8, 8)
+    out = model.run(x)
+    # the same map on every call: the solve converges as it would without dropout
+    assert out.info.forward.converged.all()
+    mask = model.body.mask
+    assert mask is not None and set(mask.unique().tolist()) <= {0.0, 2.0}
+    model.run(x)
+    assert not torch.equal(mask, model.body.mask)      # a new mask for the next pass
+    model.eval()
+    model.run(x)
+    assert model.body.mask is None
+    r.deq.forward.compact = True
+    with pytest.raises(ModelError, match="compact"):
+        build_model(r, info)

@@ -79,6 +79,9 @@ def test_broyden_line_search_evaluations_are_counted():
     res = solve(lambda z: calls.append(1) or f(z), torch.zeros_like(exact), "broyden",
                 tol=1e-8, max_iter=100, line_search=True)
     assert res.nfe == len(calls) and res.converged.all()
+    # trials are spent only where a residual grew, not ls_steps times every iteration
+    plain = solve(f, torch.zeros_like(exact), "broyden", tol=1e-8, max_iter=100)
+    assert res.nfe < 2 * plain.nfe
 
 
 @pytest.mark.parametrize("method", SOLVERS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Callable
 
@@ -10,13 +11,15 @@ import typer
 
 from ..data import DataError
 from ..engine.checkpoint import CheckpointError
+from ..engine.device import DeviceError
 from ..models import ModelError
 from ..recipe import RecipeError
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
 
 # errors in what the user asked for: usage, exit 2
-INPUT_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, FileNotFoundError)
+INPUT_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, DeviceError,
+                FileNotFoundError)
 
 
 def fail(message: str, code: int) -> None:
@@ -34,13 +37,17 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except INPUT_ERRORS as exc:
             fail(str(exc), USAGE)
-        except RuntimeError as exc:
-            if "CUDA" in str(exc) or "MPS" in str(exc) or "runtime.device" in str(exc):
-                fail(str(exc).splitlines()[0], USAGE)
+        except typer.Exit:
             raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             sys.exit(INTERRUPTED)
+        except Exception as exc:   # anything else: one line, the traceback on request
+            if os.environ.get("DEQCTL_TRACEBACK"):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            fail(f"{type(exc).__name__}: {first} (DEQCTL_TRACEBACK=1 shows the traceback)",
+                 FAILED)
 
     return wrapper
 

@@ -61,11 +61,11 @@ def eval_command(
                            solver=s, split_name=split.value,
                            on_batch=_advance(progress, task, i))
             rows.append(_result_row(row, src))
+    result = {"split": split.value, "source": src.label, "solver": _settings(solver)}
     if iters is None:
-        result = {"split": split.value, "source": src.label, "solver": _settings(solver), **rows[0]}
+        result.update(rows[0])
     else:
-        result = {"split": split.value, "source": src.label, "solver": _settings(solver),
-                  "sweep": [{"max_iter": s.max_iter, **r} for s, r in zip(runs, rows)]}
+        result["sweep"] = [{"max_iter": s.max_iter, **r} for s, r in zip(runs, rows)]
     if as_json:
         typer.echo(json.dumps(_clean(result), allow_nan=False))
     elif iters is None:

@@ -65,15 +65,14 @@ def solve_trace(
         console.print(_solver_table("backward (adjoint)", report.backward, bwd))
     typer.echo(_contraction_line(report))
     if plot is not None:
-        written = [plot_traces({k: t.rel_median if fwd.stop_mode == "rel" else t.abs_median
-                                for k, t in report.forward.items()}, plot, tol=fwd.tol,
+        written = [plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()},
+                               plot, tol=fwd.tol,
                                ylabel=f"{fwd.stop_mode} residual (median over batch)",
                                title=f"forward solve, {x.shape[0]} samples")]
         if report.backward is not None:
             bpath = plot.with_name(f"{plot.stem}-backward{plot.suffix or '.png'}")
             written.append(plot_traces(
-                {k: t.rel_median if bwd.stop_mode == "rel" else t.abs_median
-                 for k, t in report.backward.items()}, bpath, tol=bwd.tol,
+                {k: _residuals(t, bwd)[0] for k, t in report.backward.items()}, bpath, tol=bwd.tol,
                 ylabel=f"{bwd.stop_mode} residual (median over batch)", title="adjoint solve"))
         typer.echo(f"plot: {', '.join(map(str, written))}")
     if json_path is not None:

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from .. import recipe as recipes
 from ..engine import checkpoint
-from ..engine.train import Interrupted, TrainingDiverged, total_steps, train as run_training
+from ..engine.train import Interrupted, TrainingDiverged, train as run_training
 from ..ui import TrainView
 from .common import FAILED, INTERRUPTED, USAGE, fail, split_args, user_errors
 
@@ -46,7 +46,7 @@ def train(
         folder = None
 
     console = Console()
-    view = TrainView(_planned_steps(recipe), fwd_tol=recipe.deq.forward.tol,
+    view = TrainView(None, fwd_tol=recipe.deq.forward.tol,
                      bwd_tol=recipe.deq.backward.tol, stop_mode=recipe.deq.forward.stop_mode,
                      title=f"deqctl train: {recipe.name} -> {run_dir}", console=console,
                      plain=plain)
@@ -62,11 +62,3 @@ def train(
     console.print(f"done: {result.steps} steps, test loss {final['loss']:.4f}{acc}; "
                   f"run saved in {run_dir}", markup=False)
 
-
-def _planned_steps(recipe: recipes.Recipe) -> int:
-    """Steps for the progress bar, known before the data is loaded only via max_steps."""
-    if recipe.train.max_steps:
-        return recipe.train.max_steps
-    from ..data import build_data, num_batches  # cheap for in-memory sets
-    data = build_data(recipe.data)
-    return total_steps(recipe, num_batches(data.train, recipe.data.batch_size, drop_last=False))

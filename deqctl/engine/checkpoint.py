@@ -55,25 +55,32 @@ def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
     return folder
 
 
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint folders of a run, oldest first. A save in progress or cut
+    off by a crash (NAME.tmp, NAME.old) is skipped."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    done = [c for c in folder.iterdir() if c.suffix not in (".tmp", ".old")
+            and (c / "model.safetensors").is_file() and (c / "meta.json").is_file()]
+    return sorted(done, key=lambda c: c.stat().st_mtime)
+
+
 def resolve(path: str | Path) -> Path:
     """Map a run directory or a checkpoint folder to the checkpoint folder to load.
 
-    A run directory resolves to checkpoints/final, else its newest checkpoint.
+    A run directory resolves to checkpoints/final, else its newest complete checkpoint.
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such run directory or checkpoint")
     if (p / "model.safetensors").is_file():
         return p
-    ckpts = p / "checkpoints"
-    if ckpts.is_dir():
-        if (ckpts / "final" / "model.safetensors").is_file():
-            return ckpts / "final"
-        found = sorted((c for c in ckpts.iterdir() if (c / "model.safetensors").is_file()),
-                       key=lambda c: c.stat().st_mtime)
-        if found:
-            return found[-1]
-    raise CheckpointError(f"{p}: not a run directory or checkpoint (no model.safetensors found)")
+    found = checkpoints(p)
+    final = [c for c in found if c.name == "final"]
+    if final or found:
+        return (final or found)[-1]
+    raise CheckpointError(f"{p}: not a run directory or checkpoint (no complete checkpoint found)")
 
 
 def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
@@ -99,16 +106,23 @@ def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.
     if overrides:
         raw = recipes.apply_overrides(recipe.model_dump(mode="json"), list(overrides))
         recipe = recipes.validate(raw, source="overrides")
-    model = build_model(recipe, meta["data_info"])
     try:
         state = load_file(folder / "model.safetensors", device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({exc})") from None
+    return rebuild(recipe, meta["data_info"], state, folder, device), recipe, meta
+
+
+def rebuild(recipe: recipes.Recipe, data_info: dict, state: dict[str, torch.Tensor],
+            where: Path, device: str | torch.device = "cpu") -> DEQModel:
+    """Build the recipe's model and load `state` into it (eval mode, on `device`);
+    CheckpointError naming `where` when the weights do not fit the model."""
+    model = build_model(recipe, data_info)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match the recipe's model "
+        raise CheckpointError(f"{where}: weights do not match the recipe's model "
                               f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
-    return model.to(device).eval(), recipe, meta
+    return model.to(device).eval()
 
 
 def load_trainer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 
+class DeviceError(RuntimeError):
+    """runtime.device names a device this machine does not have."""
+
+
 def pick_device(setting: str) -> tuple[torch.device, str]:
     """Return (device, reason) for runtime.device = auto | cpu | cuda | mps."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
@@ -15,7 +19,7 @@ def pick_device(setting: str) -> tuple[torch.device, str]:
             return torch.device("mps"), "auto: Apple MPS available, no CUDA"
         return torch.device("cpu"), f"auto: no CUDA or MPS, using CPU ({torch.get_num_threads()} threads)"
     if setting == "cuda" and not cuda:
-        raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=auto")
+        raise DeviceError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=auto")
     if setting == "mps" and not mps:
-        raise RuntimeError("runtime.device=mps but MPS is not available; use runtime.device=auto")
+        raise DeviceError("runtime.device=mps but MPS is not available; use runtime.device=auto")
     return torch.device(setting), f"runtime.device={setting}"

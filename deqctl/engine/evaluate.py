@@ -21,14 +21,17 @@ def criterion(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets)
 
 
-def objective(out: ModelOutput, targets: torch.Tensor, jac_weight: float) -> torch.Tensor:
-    """Training loss: task loss + fixed-point corrections + Jacobian regularisation."""
-    loss = criterion(out.out, targets)
+def objective(out: ModelOutput, targets: torch.Tensor, jac_weight: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (training loss, task loss): the task loss plus fixed-point corrections and
+    Jacobian regularisation, and the task loss alone (what the metrics report)."""
+    task = criterion(out.out, targets)
+    loss = task
     for weight, logits in out.corrections:
         loss = loss + weight * criterion(logits, targets)
     if out.info.jac_loss is not None:
         loss = loss + jac_weight * out.info.jac_loss
-    return loss
+    return loss, task
 
 
 @torch.inference_mode()

@@ -37,6 +37,9 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, targets: torch.Tensor | Non
         stats["bwd_nfe"] = bwd.nfe
         stats["bwd_rel_residual"] = bwd.rel_residual.float().mean()
         stats["bwd_rel_residual_max"] = bwd.rel_residual.float().max()
+    elif out.info.backward_steps is not None:   # phantom / jfb: no equation solved, no residual
+        stats["bwd_nfe"] = out.info.backward_steps
+        stats["bwd_rel_residual"] = stats["bwd_rel_residual_max"] = math.nan
     return stats
 
 

@@ -22,7 +22,7 @@ from ..data import build_data, iterate_batches, num_batches
 from ..models import build_model
 from . import checkpoint
 from .device import pick_device
-from .evaluate import criterion, evaluate, objective
+from .evaluate import evaluate, objective
 from .metrics import Accumulator, JsonlSink, step_stats
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
@@ -31,6 +31,7 @@ from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_
 class View(Protocol):
     def log(self, row: dict) -> None: ...
     def event(self, text: str) -> None: ...
+    def set_total(self, total_steps: int) -> None: ...
     def advance(self, step: int) -> None: ...
 
 
@@ -101,6 +102,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     opt = build_optimizer(model.parameters(), recipe.optim)
     nb = num_batches(data.train, recipe.data.batch_size, drop_last=False)
     total = total_steps(recipe, nb)
+    view.set_total(total)
     at = Progress()
     if resume is not None:
         at = _restore(resume, model, opt, device)
@@ -147,14 +149,14 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                     group["lr"] = lr
                 with amp:
                     out = model.run(x)
-                    loss = objective(out, y, jac_weight)
+                    loss, task_loss = objective(out, y, jac_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 _drop_nonfinite_grads(model, loss)
                 if recipe.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 opt.step()
-                acc.add(step_stats(out, criterion(out.out.detach(), y), y))
+                acc.add(step_stats(out, task_loss, y))
                 at.step, at.pos = at.step + 1, at.pos + 1
                 epoch_done = at.pos == nb
                 if epoch_done:
@@ -200,8 +202,7 @@ def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor) -> None:
 
 
 def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*") if p.is_dir()) \
-        if (run_dir / "checkpoints").is_dir() else []
+    ckpts = [c.name for c in checkpoint.checkpoints(run_dir)]
     kept = f"checkpoints kept: {', '.join(ckpts)}" if ckpts else "no checkpoint was written yet"
     return (f"loss became non-finite between steps {last_ok + 1} and {step}; {kept}; "
             f"try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01")

@@ -28,12 +28,38 @@ class DEQInfo:
     backward: SolveResult | None = None
     corrections: list[tuple[float, torch.Tensor]] = field(default_factory=list)
     jac_loss: torch.Tensor | None = None
+    backward_steps: int | None = None    # phantom / jfb: the fixed cost of their backward
 
 
 def run_solver(f: Callable, z0: torch.Tensor, s: SolverSettings, **extra) -> SolveResult:
     """Solve with the settings of one recipe block (forward, backward or eval)."""
     return solve(f, z0, s.solver, tol=s.tol, max_iter=s.max_iter, stop_mode=s.stop_mode,
                  **s.knobs(), **extra)
+
+
+def cell_map(cell: Cell, u: torch.Tensor) -> Callable:
+    """The map the solvers iterate, f(z, idx) = cell(z, u[idx]): with `compact`, idx
+    holds the positions of the samples still running."""
+    def f(z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        return cell(z, u if idx is None else u[idx])
+    return f
+
+
+def adjoint_map(z_out: torch.Tensor, z_in: torch.Tensor, grad: torch.Tensor) -> Callable:
+    """y -> J^T y + grad, J = df/dz at z*: the IFT adjoint fixed-point map, by vector-Jacobian
+    products against the one recorded application z_out = f(z_in). The products couple the
+    batch through one graph, so its solve cannot be compacted to a subset of samples."""
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        (vjp,) = torch.autograd.grad(z_out, z_in, y, retain_graph=True)
+        return vjp + grad
+    return adjoint
+
+
+def adjoint_solve(z_out: torch.Tensor, z_in: torch.Tensor, grad: torch.Tensor,
+                  s: SolverSettings) -> SolveResult:
+    """Solve y = J^T y + grad with the backward settings `s`."""
+    # Start at grad, where the first step from y = 0 would land: saves one VJP.
+    return run_solver(adjoint_map(z_out, z_in, grad), grad, s.model_copy(update={"compact": False}))
 
 
 def hutchinson_jacobian_sq(f_out: torch.Tensor, z_in: torch.Tensor, samples: int = 1,
@@ -69,9 +95,7 @@ class DEQ(nn.Module):
         fwd = solver or (s.forward if self.training else s.eval_settings())
         snapshots = self._snapshot_points(fwd) if self.training else ()
 
-        def f(z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-            return cell(z, u if idx is None else u[idx])
-
+        f = cell_map(cell, u)
         # cached(): weight/spectral norm are computed once per solve, not once per f call,
         # and spectral norm's power iteration cannot change f halfway through a solve.
         with torch.no_grad(), parametrize.cached():
@@ -84,23 +108,28 @@ class DEQ(nn.Module):
 
         z_star = res.z.detach()
         bwd = s.backward
+        jac_due = self.training and self._jac_due()
+        if bwd.mode != "ift":
+            info.backward_steps = bwd.phantom_steps if bwd.mode == "phantom" else 1
         if bwd.mode == "phantom":
             z_out = z_star
             for _ in range(bwd.phantom_steps):
                 z_out = (1 - bwd.phantom_tau) * z_out + bwd.phantom_tau * cell(z_out, u)
-        else:
-            z_in = z_star.requires_grad_()
+        else:   # one application of f recorded at z* (z* itself needs a gradient for ift)
+            z_in = z_star.requires_grad_(bwd.mode == "ift" or jac_due)
             z_out = cell(z_in, u)
-            if bwd.mode == "ift":
-                self._attach_ift(z_out, z_in, info)
-        if self.training and self._jac_due():
-            if bwd.mode == "phantom":   # needs one application of f recorded at z*
+        if jac_due:
+            if bwd.mode == "phantom":
                 z_in = z_star.clone().requires_grad_()
                 f_in = cell(z_in, u)
             else:
                 f_in = z_out
+            # Before the IFT hook exists: the hook fires on any gradient through z_out,
+            # including these probe products.
             info.jac_loss = hutchinson_jacobian_sq(
                 f_in, z_in, s.jacobian_reg.samples).mean() / z_in[0].numel()
+        if bwd.mode == "ift":
+            self._attach_ift(z_out, z_in, info)
         if self.training:
             gamma, k = s.fp_correction.gamma, len(res.snapshots)
             for i, (_, z_k) in enumerate(sorted(res.snapshots.items())):
@@ -128,14 +157,7 @@ class DEQ(nn.Module):
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
             handle.remove()  # the vector-Jacobian products below must not re-enter this hook
-
-            def adjoint(y: torch.Tensor) -> torch.Tensor:
-                (vjp,) = torch.autograd.grad(z_out, z_in, y, retain_graph=True)
-                return vjp + grad
-
-            # Start at g, where the first step from y = 0 would land: saves one VJP.
-            info.backward = run_solver(adjoint, grad,
-                                       bwd.model_copy(update={"compact": False}))
+            info.backward = adjoint_solve(z_out, z_in, grad, bwd)
             return info.backward.z
 
         handle = z_out.register_hook(hook)

@@ -37,7 +37,9 @@ class Source:
         """Return the recipe's data (built on first call: a trained model may be
         inspected without ever touching its dataset)."""
         if self._data is None:
-            self._data = build_data(self.recipe.data)
+            data = build_data(self.recipe.data)
+            _check_fits(data.info.as_dict(), self.data_info)
+            self._data = data
         return self._data
 
     def split(self, name: str) -> Split:
@@ -52,6 +54,15 @@ class Source:
         """Return the first `n` samples of a split as (inputs, targets) on the device."""
         return next(iter(iterate_batches(self.split(split), n, shuffle=False,
                                          device=self.device)))
+
+
+def _check_fits(new: dict[str, Any], trained: dict[str, Any]) -> None:
+    """Raise DataError unless data of shape `new` can feed a model trained on `trained`."""
+    keys = ("kind", "channels", "height", "width", "num_classes", "vocab_size")
+    diff = [f"{k} {new.get(k)} vs {trained.get(k)}" for k in keys if new.get(k) != trained.get(k)]
+    if diff:
+        raise DataError(f"data {new['name']} does not fit a model trained on {trained['name']} "
+                        f"({', '.join(diff)})")
 
 
 def check_overrides(overrides: list[str], allowed: tuple[str, ...] = EVAL_OVERRIDES) -> None:

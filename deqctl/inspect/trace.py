@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..engine.evaluate import criterion
-from ..implicit import run_solver
+from ..implicit import adjoint_map, cell_map, run_solver
 from ..models import DEQModel
 from ..recipe import SolverSettings
 from .spectral import linear_rate, spectral_radius
@@ -124,9 +124,7 @@ def trace_model(model: DEQModel, x: torch.Tensor, y: torch.Tensor, solvers: list
         u = model.inject(x)
         z0 = model.init_state(u)
 
-    def f(z: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        return model.cell(z, u if idx is None else u[idx])
-
+    f = cell_map(model.cell, u)
     # cached(): the normalised weights are computed once, not on every f call.
     with parametrize.cached():
         fwd = compare_solvers(f, z0, forward, solvers)
@@ -155,13 +153,9 @@ def _trace_adjoint(model: DEQModel, u: torch.Tensor, z_star: torch.Tensor, y: to
         z_out = model.cell(z_in, u)
         (g,) = torch.autograd.grad(criterion(model.decode(z_dec), y), z_dec)
 
-    def adjoint(v: torch.Tensor) -> torch.Tensor:
-        (vjp,) = torch.autograd.grad(z_out, z_in, v, retain_graph=True)
-        return vjp + g
-
-    # the adjoint couples the batch through one graph: it cannot run on a subset
-    return compare_solvers(adjoint, torch.zeros_like(g), settings.model_copy(update={"compact": False}),
-                           solvers)
+    # from where the layer's adjoint solve starts (implicit.adjoint_solve), never compacted
+    return compare_solvers(adjoint_map(z_out, z_in, g), g,
+                           settings.model_copy(update={"compact": False}), solvers)
 
 
 # --- small helpers ---------------------------------------------------------------------

@@ -21,6 +21,9 @@ def build_model(recipe: Recipe, data_info: dict) -> DEQModel:
     name = recipe.model.name
     if name not in MODELS:
         raise ModelError(f"model.name: unknown model {name!r} (valid: {', '.join(MODELS)})")
+    if recipe.model.dropout and recipe.deq.forward.compact:
+        raise ModelError("model.dropout > 0 draws one mask for the whole batch per forward pass; "
+                         "it cannot be combined with deq.forward.compact=true")
     return MODELS[name](recipe.model, data_info, recipe.deq)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..implicit import DEQ, DEQInfo
 from ..recipe import DEQSettings, SolverSettings
@@ -51,6 +52,17 @@ class DEQModel(nn.Module):
     # -- shared -------------------------------------------------------------------------
     def run(self, x: torch.Tensor, solver: SolverSettings | None = None) -> ModelOutput:
         """Forward pass with solver statistics; `solver` overrides the recipe's settings."""
+        # One set of normalised weights per pass, made with their graph before the no-grad
+        # solve reads them: the map differentiated is then exactly the map solved (spectral
+        # norm would otherwise take a power-iteration step on every later cell call).
+        with parametrize.cached():
+            if torch.is_grad_enabled():
+                for module in self.modules():
+                    for name in getattr(module, "parametrizations", {}):
+                        getattr(module, name)
+            return self._run(x, solver)
+
+    def _run(self, x: torch.Tensor, solver: SolverSettings | None) -> ModelOutput:
         u = self.inject(x)
         z0 = self.init_state(u)
         if self.training and self.warm_start and self._warm is not None \

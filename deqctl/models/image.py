@@ -30,11 +30,25 @@ class ResNetCell(nn.Module):
         self.norm1 = nn.GroupNorm(_groups(groups, inner), inner, affine=False)
         self.norm2 = nn.GroupNorm(_groups(groups, channels), channels, affine=False)
         self.norm3 = nn.GroupNorm(_groups(groups, channels), channels, affine=False)
-        self.drop = nn.Dropout2d(dropout) if dropout else nn.Identity()
+        self.inner, self.dropout = inner, dropout
+        self.mask: torch.Tensor | None = None
+
+    def draw_mask(self, u: torch.Tensor, training: bool) -> None:
+        """Variational dropout: one channel mask per forward pass, shared by every f call
+        of the solve and its backward, so the solver iterates one fixed map (a fresh mask
+        per call, as nn.Dropout2d would draw, moves the fixed point under the solver)."""
+        if not (training and self.dropout):
+            self.mask = None
+            return
+        keep = 1.0 - self.dropout
+        shape = (u.shape[0], self.inner, 1, 1)
+        self.mask = torch.bernoulli(torch.full(shape, keep, dtype=u.dtype, device=u.device)) / keep
 
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         y = self.norm1(F.relu(self.conv1(z)))
-        return self.norm3(F.relu(z + self.norm2(u + self.conv2(self.drop(y)))))
+        if self.mask is not None:
+            y = y * self.mask
+        return self.norm3(F.relu(z + self.norm2(u + self.conv2(y))))
 
 
 def _groups(groups: int, channels: int) -> int:
@@ -61,7 +75,9 @@ class ResNetDEQ(DEQModel):
             nn.Linear(ch * cfg.head_pool ** 2, info["num_classes"]))
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem((x - self.mean) / self.std)
+        u = self.stem((x - self.mean) / self.std)
+        self.body.draw_mask(u, self.training)     # once per forward pass, like u itself
+        return u
 
     def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.body(z, u)

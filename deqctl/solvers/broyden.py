@@ -65,7 +65,8 @@ def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool
 
 
 def _step(tr: Tracker, z, g, step, line_search: bool, ls_steps: int):
-    """Move along `step`; with line search, halve it per sample while ||g|| grows.
+    """Move along `step`; with line search, halve it per sample while ||g|| grows
+    (at most `ls_steps` times, and only while some sample's residual grew).
 
     Every trial is a real f evaluation and is counted; returns (z_new, g_new), or
     (z, None) if the evaluation budget ran out mid-search.
@@ -78,6 +79,8 @@ def _step(tr: Tracker, z, g, step, line_search: bool, ls_steps: int):
     scale = torch.ones_like(g_norm)
     for _ in range(ls_steps):
         worse = torch.linalg.vector_norm(g_new, dim=1) > g_norm
+        if not bool(worse.any()):   # host sync, only with line search: skips useless trials
+            break
         if tr.nfe >= tr.max_iter:
             return z, None
         scale = torch.where(worse, scale * 0.5, scale)

@@ -292,7 +292,7 @@ class _Display:
 class TrainView:
     """Context manager that shows training progress: Rich Live on a terminal, plain lines otherwise."""
 
-    def __init__(self, total_steps: int, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel",
+    def __init__(self, total_steps: int | None, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel",
                  title: str = "", console: Console | None = None, plain: bool | None = None,
                  max_rows: int = 12) -> None:
         self.console = console if console is not None else Console()
@@ -345,6 +345,11 @@ class TrainView:
             self._live.console.print(text, markup=False)  # paths may contain "[...]"
         else:
             self.console.print(text, markup=False)
+
+    def set_total(self, total_steps: int) -> None:
+        """Set the number of steps, once the data (and so the epoch length) is known."""
+        self.total_steps = total_steps
+        self._progress.update(self._task, total=total_steps)
 
     def advance(self, step: int) -> None:
         """Move the progress bar to ``step`` steps done; cheap, drawn on the next refresh."""
