@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cell import CHANNELS, INNER, SIZE, make_problem  # noqa: E402
+from _memory import peak_growth_mb  # noqa: E402
+from _timing import Timed, sync, time_f_alone  # noqa: E402
 
 try:
     from torchdeq import get_deq
@@ -51,7 +53,7 @@ TARGETS_RATIO = {"fixed_point": 0.95, "anderson": 0.80, "broyden": 0.50}
 TARGET_TRAIN, TARGET_MEM_FLAT, TARGET_MEM_UNROLL = 0.80, 1.05, 0.50
 
 
-# ---------------------------------------------------------------------------- timing
+# ---------------------------------------------------------------------------- progress, residuals
 
 
 T0 = time.perf_counter()
@@ -59,46 +61,6 @@ T0 = time.perf_counter()
 
 def progress(msg: str) -> None:
     print(f"  [{time.perf_counter() - T0:5.0f} s] {msg}", file=sys.stderr, flush=True)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-class Timed:
-    """Wraps f: counts calls and, with `clock`, adds up the wall time spent inside it.
-
-    Clocked on CPU only: on CUDA a timer inside f would have to synchronise and so change
-    what it measures; there the time in f is estimated as calls x (one f, timed alone).
-    """
-
-    def __init__(self, fn, clock: bool):
-        self.fn, self.clock = fn, clock
-        self.calls, self.time = 0, 0.0
-
-    def __call__(self, *args):
-        self.calls += 1
-        if not self.clock:
-            return self.fn(*args)
-        t = time.perf_counter()
-        out = self.fn(*args)
-        self.time += time.perf_counter() - t
-        return out
-
-
-def time_f_alone(f, z: torch.Tensor, device: str, n: int = 5) -> float:
-    """Median seconds of one f call, measured in a tight loop."""
-    with torch.no_grad():
-        f(z)
-        times = []
-        for _ in range(n):
-            sync(device)
-            t = time.perf_counter()
-            f(z)
-            sync(device)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def worst_rel_residual(f, z: torch.Tensor) -> float:
@@ -255,21 +217,8 @@ def bench_train(cell, u, z0, target, device: str, repeats: int):
 # ---------------------------------------------------------------------------- memory
 
 
-def _rss_kb(field_name: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
 def memory_child(spec: str, device: str, batch: int) -> None:
-    """Run one train step in this fresh process and print its peak memory growth as JSON.
-
-    CPU: peak RSS (VmHWM) during the step minus RSS before it; the high-water mark is reset
-    just before the step (/proc/self/clear_refs), falling back to HWM before/after.
-    CUDA: torch.cuda.max_memory_allocated growth.
-    """
+    """Run one train step in this fresh process and print its peak memory growth as JSON."""
     lib, iters = spec.split(":")
     iters = int(iters)
     cell, u, z0, target = make_problem(batch, device)
@@ -279,33 +228,17 @@ def memory_child(spec: str, device: str, batch: int) -> None:
     cell(z0[:1].clone().requires_grad_(), u[:1]).sum().backward()
     cell.zero_grad(set_to_none=True)
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")   # reset VmHWM to the current RSS
-            how = "VmHWM after clear_refs"
-        except OSError:
-            how = "VmHWM before/after"
-        before_rss, before_hwm = _rss_kb("VmRSS"), _rss_kb("VmHWM")
-    if lib == "unrolled":
+
+    def step():
+        if lib != "unrolled":
+            return train_step(lib, ours if lib == "deqctl" else theirs, cell, u, z0, target)
         z = z0
         for _ in range(iters):
             z = cell(z, u)
         (z * target).mean().backward()
-        calls = (iters, 0)
-    else:
-        calls = train_step(lib, ours if lib == "deqctl" else theirs, cell, u, z0, target)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        growth = (torch.cuda.max_memory_allocated() - before) / 2**20
-        how = "cuda max_memory_allocated"
-    else:
-        base = before_rss if how.endswith("clear_refs") else before_hwm
-        growth = (_rss_kb("VmHWM") - base) / 1024
+        return iters, 0
+
+    growth, how, calls = peak_growth_mb(step, device)
     print(json.dumps({"spec": spec, "mb": growth, "how": how, "calls": calls}))
 
 

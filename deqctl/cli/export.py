@@ -23,9 +23,8 @@ class Format(str, Enum):
     onnx = "onnx"
 
 
-class Solver(str, Enum):
-    fixed_point = "fixed_point"
-    anderson = "anderson"
+# the solvers an export can unroll, as a CLI choice (one list: export.UNROLLABLE)
+Solver = Enum("Solver", {name: name for name in UNROLLABLE}, type=str)
 
 
 @user_errors
