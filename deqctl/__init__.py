@@ -2,13 +2,16 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "__version__"]
+__all__ = ["DEQ", "SolveSpec", "load", "__version__"]
 
 
 def __getattr__(name: str):
-    # `deqctl.load` is imported on first use: it pulls in torch and the model zoo, which
-    # `import deqctl.recipe` (schema checks, CLI start-up) should not pay for.
+    # Imported on first use: they pull in torch, which `import deqctl.recipe` (schema
+    # checks, CLI start-up) should not pay for.
     if name == "load":
         from .api import load
         return load
+    if name in ("DEQ", "SolveSpec"):
+        from . import implicit
+        return getattr(implicit, name)
     raise AttributeError(f"module 'deqctl' has no attribute {name!r}")

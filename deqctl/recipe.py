@@ -7,10 +7,13 @@ its dotted key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .implicit.spec import SolveSpec
 
 SolverName = Literal["fixed_point", "anderson", "broyden"]
 StopMode = Literal["abs", "rel"]
@@ -57,10 +60,15 @@ class SolverSettings(Block):
     anderson: AndersonKnobs = AndersonKnobs()
     broyden: BroydenKnobs = BroydenKnobs()
 
-    def knobs(self) -> dict[str, Any]:
-        """Keyword arguments for `deqctl.solvers.solve` (the chosen solver's own knobs)."""
-        return {**getattr(self, self.solver).model_dump(),
-                "check_every": self.check_every, "compact": self.compact}
+    def options(self) -> dict[str, Any]:
+        """The chosen solver's own knobs (e.g. Anderson's m, lam, beta)."""
+        return getattr(self, self.solver).model_dump()
+
+    def spec(self) -> "SolveSpec":
+        """These settings as the DEQ layer's SolveSpec."""
+        from .implicit.spec import SolveSpec   # torch: not imported for a schema check
+        return SolveSpec(self.solver, self.max_iter, self.tol, self.stop_mode,
+                         self.options(), self.check_every, self.compact)
 
 
 class BackwardSettings(SolverSettings):
@@ -106,23 +114,163 @@ class DEQSettings(Block):
         overrides = {k: v for k, v in self.eval.model_dump().items() if v is not None}
         return self.forward.model_copy(update=overrides)
 
+    def layer_kwargs(self) -> dict[str, Any]:
+        """This block as keyword arguments of `deqctl.DEQ` (the recipe is one adapter onto
+        the layer, which knows nothing of recipes)."""
+        f, b, e = self.forward, self.backward, self.eval_settings()
+        return dict(
+            solver=f.solver, max_iter=f.max_iter, tol=f.tol, stop_mode=f.stop_mode,
+            solver_options=f.options(), check_every=f.check_every, compact=f.compact,
+            backward=b.mode, backward_solver=b.solver, backward_max_iter=b.max_iter,
+            backward_tol=b.tol, backward_stop_mode=b.stop_mode, backward_options=b.options(),
+            phantom_steps=b.phantom_steps, phantom_tau=b.phantom_tau,
+            eval_solver=e.solver, eval_max_iter=e.max_iter, eval_tol=e.tol,
+            eval_stop_mode=e.stop_mode, eval_options=e.options(),
+            jacobian_reg=self.jacobian_reg.weight, jacobian_every=self.jacobian_reg.every,
+            jacobian_samples=self.jacobian_reg.samples, fp_correction=self.fp_correction.states,
+            fp_gamma=self.fp_correction.gamma)
 
-# --- the rest of the recipe ----------------------------------------------------------
+
+# --- data: one block per source, chosen by data.name ----------------------------------
 
 
-class DataSettings(Block):
-    name: str = "mnist-5k"
-    root: str | None = Field(None, description="where torchvision/HF data lives")
-    download: bool = False
+class DataBase(Block):
+    """Keys every data source takes."""
+
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(500, ge=1)
-    augment: bool = Field(False, description="random crop (+ flip for natural images)")
     limit_train: int | None = Field(None, ge=1, description="use only the first N training samples")
     limit_eval: int | None = Field(None, ge=1, description="use only the first N eval samples")
 
 
-class ModelSettings(Block):
-    name: str = "resnet_deq"
+class Augmentable(DataBase):
+    augment: bool = Field(False, description="random shifts (+ flips for natural images)")
+
+
+class Mnist5kData(Augmentable):
+    """The embedded 4000/1000-digit MNIST subset (offline)."""
+
+    name: Literal["mnist-5k"]
+
+
+class SequentialMnistData(Augmentable):
+    """The embedded MNIST subset read as 28 rows of 28 pixels: a sequence classification task."""
+
+    name: Literal["sequential-mnist"]
+
+
+class TorchvisionData(Augmentable):
+    name: Literal["mnist", "fashion-mnist", "cifar10"]
+    root: str | None = Field(None, description="where the files live (default ~/.cache/deqctl/data)")
+    download: bool = False
+
+
+class ImageFolderData(Augmentable):
+    """root/train/<class>/*.png|jpg, root/test/<class>/..., optional root/val/."""
+
+    name: Literal["imagefolder"]
+    root: str | None = None
+    image_size: int | None = Field(None, ge=4, description="resize to this square size "
+                                   "(needed when image sizes differ)")
+
+
+class TextTokens(DataBase):
+    tokenizer: Literal["char", "byte"] = "char"
+    seq_len: int = Field(128, ge=2, description="tokens per training sequence (context length)")
+
+
+class ShakespeareData(TextTokens):
+    """The embedded Shakespeare corpus (train / valid / test plays), char level."""
+
+    name: Literal["shakespeare"]
+
+
+class TextFiles(Block):
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+
+class TextData(TextTokens):
+    """Local UTF-8 text files, read through Hugging Face datasets' "text" builder."""
+
+    name: Literal["text"]
+    files: TextFiles = TextFiles()
+    root: str | None = Field(None, description="datasets cache directory")
+
+
+class NpzData(Augmentable):
+    """data.path: arrays x, y, x_test, y_test (optional x_val, y_val)."""
+
+    name: Literal["npz"]
+    path: str | None = None
+    layout: Literal["auto", "sequence", "image"] = Field(
+        "auto", description="how to read a 3-d float x: (N, L, C) sequences (auto) or "
+        "(N, H, W) images")
+
+
+class Forecasting(DataBase):
+    window: int = Field(104, ge=2, description="past steps the model sees")
+    horizon: int = Field(52, ge=1, description="future steps it predicts")
+    season: int = Field(52, ge=1, description="period of the seasonal-naive baseline")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="chronological, before test")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="the last part of the series")
+
+
+class Co2Data(Forecasting):
+    """The embedded weekly Mauna Loa CO2 series, 1958-2001 (real gaps)."""
+
+    name: Literal["co2"]
+
+
+class CsvData(Forecasting):
+    name: Literal["csv"]
+    path: str | None = None
+    time_column: str | None = Field(None, description="dates or plain numbers (rows are "
+                                    "sorted by it); None keeps the file's row order")
+    columns: list[str] = Field(default_factory=list, description="target columns to forecast")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _one_column(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v   # data.columns=co2 on the command line
+
+
+class HfSource(Block):
+    path: str | None = Field(None, description="hub name (e.g. wikitext) or a folder "
+                             "written by save_to_disk")
+    config: str | None = None
+    train_split: str = "train"
+    val_split: str | None = None
+    test_split: str = "test"
+    text_column: str | None = Field(None, description="a text dataset: its column")
+    image_column: str | None = Field(None, description="an image dataset: its columns")
+    label_column: str | None = None
+
+
+class HfData(TextTokens):
+    """Any Hugging Face dataset: text (language modelling) or image + label (classification)."""
+
+    name: Literal["hf"]
+    hf: HfSource = HfSource()
+    root: str | None = Field(None, description="datasets cache directory")
+    image_size: int | None = Field(None, ge=4)
+    augment: bool = False
+
+
+DataSettings = Annotated[
+    Union[Mnist5kData, SequentialMnistData, TorchvisionData, ImageFolderData,
+          ShakespeareData, TextData, NpzData, Co2Data, CsvData, HfData],
+    Field(discriminator="name")]
+
+
+# --- models: one block per architecture, chosen by model.name --------------------------
+
+
+class ResNetDEQSettings(Block):
+    """DEQ-ResNet image classifier (stem -> one residual cell solved to equilibrium -> head)."""
+
+    name: Literal["resnet_deq"]
     channels: int = Field(32, ge=1)
     inner_channels: int = Field(64, ge=1)
     groups: int = Field(4, ge=1, description="GroupNorm groups")
@@ -131,6 +279,48 @@ class ModelSettings(Block):
     head_pool: int = Field(4, ge=1, description="head pools to head_pool x head_pool cells")
     init_std: float | None = Field(None, gt=0, description="N(0, std) init of cell convs")
     dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class SequenceHead(Block):
+    pool: Literal["mean", "last"] = Field("mean", description="classify: how the sequence "
+                                          "becomes one vector")
+    from_last: bool = Field(True, description="forecast: predict the change from the last "
+                            "observed value of each target channel")
+
+
+class TransformerDEQSettings(Block):
+    """DEQ-Transformer: self-attention + feed-forward cell with input injection."""
+
+    name: Literal["transformer_deq"]
+    d_model: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    d_ff: int = Field(256, ge=8, description="feed-forward hidden width")
+    norm_placement: Literal["pre", "post"] = "post"
+    causal: bool | None = Field(None, description="None: causal for lm and forecast, "
+                                "bidirectional for classify")
+    norm: Literal["weight", "spectral", "none"] = "weight"
+    init_std: float | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    head: SequenceHead = SequenceHead()
+
+
+class TcnDEQSettings(Block):
+    """TrellisNet-style DEQ: a weight-tied causal temporal convolution with LSTM gating."""
+
+    name: Literal["tcn_deq"]
+    channels: int = Field(128, ge=4, description="hidden channels (the state holds h and c)")
+    kernel_size: int = Field(2, ge=1, description="causal kernel over time")
+    norm: Literal["weight", "spectral", "none"] = "weight"
+    init_std: float | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    head: SequenceHead = SequenceHead()
+
+
+ModelSettings = Annotated[Union[ResNetDEQSettings, TransformerDEQSettings, TcnDEQSettings],
+                          Field(discriminator="name")]
+
+
+# --- the rest of the recipe ----------------------------------------------------------
 
 
 class OptimSettings(Block):
@@ -163,40 +353,103 @@ class RuntimeSettings(Block):
     deterministic: bool = False
 
 
+# defaults of the two blocks chosen by name, applied when a recipe leaves `name` out
+DEFAULT_NAMES = {"data": "mnist-5k", "model": "resnet_deq"}
+
+
 class Recipe(Block):
     name: str = "deq"
     seed: int = 0
-    data: DataSettings = DataSettings()
-    model: ModelSettings = ModelSettings()
+    data: DataSettings = Mnist5kData(name="mnist-5k")
+    model: ModelSettings = ResNetDEQSettings(name="resnet_deq")
     deq: DEQSettings = DEQSettings()
     optim: OptimSettings = OptimSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     train: TrainSettings = TrainSettings()
     runtime: RuntimeSettings = RuntimeSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_names(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            for section, name in DEFAULT_NAMES.items():
+                block = raw.get(section)
+                if isinstance(block, dict) and "name" not in block:
+                    raw = {**raw, section: {"name": name, **block}}
+        return raw
+
 
 # --- loading, overrides, dumping -----------------------------------------------------
 
 
 def _describe(err: dict, model: type[BaseModel]) -> str:
-    key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        parent = _block_at(model, err["loc"][:-1])
-        valid = ", ".join(parent.model_fields) if parent else "?"
-        return f"{key}: unknown key (valid here: {valid})"
+    """One line for one pydantic error: the dotted key as the user wrote it (a union's tag
+    left out) and what was expected there."""
+    extra = err["type"] == "extra_forbidden"
+    parts, block, tag = _walk(model, err["loc"][:-1] if extra else err["loc"])
+    if extra:
+        parts.append(str(err["loc"][-1]))
+    key = ".".join(parts)
+    if extra:
+        valid = ", ".join(_ordered(block.model_fields)) if block else "?"
+        where = f"for {'.'.join(parts[:-1] + ['name'])}={tag}" if tag else "here"
+        return f"{key}: unknown key (valid {where}: {valid})"
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = err.get("ctx") or {}
+        got = f"unknown {ctx['tag']!r}" if "tag" in ctx else "missing"
+        return f"{key}.name: {got} (valid: {ctx.get('expected_tags') or _tags(block)})"
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{key}: {err['msg']}{shown}"
 
 
-def _block_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    for part in loc:
-        field = model.model_fields.get(str(part))
+def _ordered(keys: Any) -> list[str]:
+    """Keys with `name` first: blocks chosen by name inherit their shared keys, which
+    pydantic lists before the block's own."""
+    keys = list(keys)
+    return (["name"] if "name" in keys else []) + [k for k in keys if k != "name"]
+
+
+def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """{tag: block} of a union discriminated on `name`; empty for any other annotation."""
+    members = {}
+    for arg in get_args(annotation):
+        for cls in get_args(arg) or (arg,):
+            name = getattr(cls, "model_fields", {}).get("name")
+            for tag in get_args(getattr(name, "annotation", None)):
+                members[tag] = cls
+    return members
+
+
+def _tags(block: Any) -> str:
+    return ", ".join(repr(t) for t in _union_members(block)) if block else "?"
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any, str | None]:
+    """Follow an error location through the schema; returns (the key's parts without union
+    tags, the block reached or None, the union tag of the innermost block or None)."""
+    parts: list[str] = []
+    block: Any = model
+    tag = None
+    i = 0
+    while i < len(loc):
+        part = str(loc[i])
+        parts.append(part)
+        field = getattr(block, "model_fields", {}).get(part)
         ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
+        members = _union_members(ann) if field is not None else {}
+        if members and i + 1 < len(loc) and str(loc[i + 1]) in members:
+            tag = str(loc[i + 1])
+            block, i = members[tag], i + 2
+            continue
+        if members:
+            block = ann           # a union (its tag is the error)
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            block, tag = ann, None
+        else:
+            block = None
+        i += 1
+    return parts, block, tag
 
 
 def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -257,5 +510,10 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def dump(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML (every default written out)."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved recipe as YAML (every default written out, `name` first in
+    each block)."""
+    def order(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: order(node[k]) for k in _ordered(node)}
+        return node
+    return yaml.safe_dump(order(recipe.model_dump(mode="json")), sort_keys=False)

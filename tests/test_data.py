@@ -10,11 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from deqctl.data import (DATASETS, DataError, DataInfo, Split, augment_batch, build_data,
+from deqctl import recipe as recipes
+from deqctl.data import (SOURCES, DataError, DataInfo, Split, augment_batch, build_data,
                          channel_stats, iterate_batches, num_batches)
 from deqctl.data.batches import _generator, padding_for
 from deqctl.data.idx import encode_idx, parse_idx, read_idx
-from deqctl.recipe import DataSettings
+
+
+def DataSettings(**kw):
+    """The validated data block of a recipe (defaults: the embedded MNIST subset)."""
+    return recipes.validate({"data": kw}).data
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +37,8 @@ def _concat(batches):
 
 def test_mnist5k_shapes_counts_and_balance(mnist5k):
     info = mnist5k.info
-    assert (info.name, info.kind, info.channels, info.height, info.width, info.num_classes) \
-        == ("mnist-5k", "image", 1, 28, 28, 10)
+    assert (info.name, info.task, info.inputs, info.shape, info.num_classes) \
+        == ("mnist-5k", "classify", "image", (1, 28, 28), 10)
     assert mnist5k.train.inputs.shape == (4000, 1, 28, 28)
     assert mnist5k.test.inputs.shape == (1000, 1, 28, 28)
     assert mnist5k.train.inputs.dtype == torch.uint8
@@ -43,13 +48,19 @@ def test_mnist5k_shapes_counts_and_balance(mnist5k):
     assert mnist5k.test.targets.bincount().tolist() == [100] * 10
     # real digits: mostly black background with bright strokes, like full MNIST
     assert 0.10 < info.mean[0] < 0.16 and 0.28 < info.std[0] < 0.34
-    assert mnist5k.train.inputs.max() == 255 and not mnist5k.train.natural
+    assert mnist5k.train.inputs.max() == 255 and mnist5k.train.augment == "shift"
 
 
 def test_info_as_dict_is_json_and_round_trips(mnist5k):
     d = json.loads(json.dumps(mnist5k.info.as_dict()))
-    assert d["channels"] == 1 and d["mean"] == list(mnist5k.info.mean)
+    assert d["shape"] == [1, 28, 28] and d["mean"] == list(mnist5k.info.mean)
     assert DataInfo.from_dict(d) == mnist5k.info
+
+
+def test_image_descriptions_of_older_checkpoints_still_read(mnist5k):
+    old = {"name": "mnist-5k", "kind": "image", "channels": 1, "height": 28, "width": 28,
+           "num_classes": 10, "mean": list(mnist5k.info.mean), "std": list(mnist5k.info.std)}
+    assert DataInfo.from_dict(old) == mnist5k.info
 
 
 def test_limits_take_the_first_samples(mnist5k):
@@ -64,12 +75,12 @@ def test_limits_take_the_first_samples(mnist5k):
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(DataError) as err:
-        build_data(DataSettings(name="imagenet"))
-    msg = str(err.value)
-    assert "imagenet" in msg and "\n" not in msg
-    for name in DATASETS:
-        assert name in msg
+    with pytest.raises(recipes.RecipeError) as err:
+        DataSettings(name="imagenet")
+    msg = str(err.value).splitlines()[1]
+    assert "data.name: unknown 'imagenet'" in msg
+    for name in SOURCES:
+        assert repr(name) in msg
 
 
 # --- batching ------------------------------------------------------------------------
@@ -164,15 +175,17 @@ def test_augment_flips_natural_images_only_when_asked():
     same = augment_batch(x, pad=0, flip=False, generator=torch.Generator().manual_seed(0))
     assert torch.equal(same, x)
     natural = Split(torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
-                    torch.zeros(1, dtype=torch.int64), natural=True)
+                    torch.zeros(1, dtype=torch.int64), augment="shift+flip")
     assert padding_for(natural) == 4
 
 
 def test_split_rejects_wrong_layouts():
     with pytest.raises(ValueError, match="uint8"):
-        Split(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
+        Split(torch.zeros(2, 1, 4, 4, dtype=torch.float16), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="int64"):
         Split(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64"):
+        Split(torch.zeros(2, 4, dtype=torch.int64), torch.zeros(2, dtype=torch.int32))
 
 
 def test_channel_stats_exact():
@@ -180,6 +193,9 @@ def test_channel_stats_exact():
     x[:2, 0] = 255  # channel 0: half ones -> mean 0.5, std 0.5
     mean, std = channel_stats(x, chunk=3)
     assert mean == (0.5, 0.0) and std == (0.5, 0.001)
+    values = torch.tensor([[[1.0, 10.0], [3.0, 30.0]]])          # (N=1, L=2, C=2)
+    mean, std = channel_stats(values, dim=2)
+    assert mean == (2.0, 20.0) and std == (1.0, 10.0)
 
 
 # --- IDX -----------------------------------------------------------------------------
@@ -219,11 +235,11 @@ def test_torchvision_mnist_family_reads_files(tmp_path, name, folder):
     sets = _write_fake_mnist(tmp_path / folder / "raw", np.random.default_rng(1))
     bundle = build_data(DataSettings(name=name, root=str(tmp_path), limit_eval=5))
     assert bundle.info.name == name and bundle.info.num_classes == 10
-    assert (bundle.info.channels, bundle.info.height, bundle.info.width) == (1, 28, 28)
+    assert bundle.info.shape == (1, 28, 28)
     images, labels = sets["train"]
     assert torch.equal(bundle.train.inputs[:, 0], torch.from_numpy(images))
     assert bundle.train.targets.tolist() == labels.tolist()
-    assert len(bundle.test) == 5 and bundle.val is None and not bundle.train.natural
+    assert len(bundle.test) == 5 and bundle.val is None and bundle.train.augment == "shift"
     assert bundle.info.mean[0] == pytest.approx(images.mean() / 255, abs=1e-4)
 
 
@@ -247,12 +263,12 @@ def test_cifar10_reads_files(tmp_path, monkeypatch):
 
     bundle = build_data(DataSettings(name="cifar10", root=str(tmp_path)))
     info = bundle.info
-    assert (info.channels, info.height, info.width, info.num_classes) == (3, 32, 32, 10)
+    assert (info.shape, info.num_classes) == ((3, 32, 32), 10)
     assert len(info.mean) == 3 and len(bundle.train) == 20 and len(bundle.test) == 4
     data, labels = written["data_batch_1"]
     assert torch.equal(bundle.train.inputs[:4], torch.from_numpy(data).view(4, 3, 32, 32))
     assert bundle.train.targets[:4].tolist() == labels
-    assert bundle.train.natural and padding_for(bundle.train) == 4
+    assert bundle.train.augment == "shift+flip" and padding_for(bundle.train) == 4
     x, _ = next(iterate_batches(bundle.train, 8, shuffle=True, augment=True))
     assert x.shape == (8, 3, 32, 32)
 
@@ -269,5 +285,5 @@ def test_missing_data_is_one_line_naming_the_fix(tmp_path, name):
 
 def test_default_root_is_expanded_cache_dir():
     from deqctl.data.images import data_root
-    assert str(data_root(DataSettings())) == os.path.expanduser("~/.cache/deqctl/data")
-    assert str(data_root(DataSettings(root="~/x"))) == os.path.expanduser("~/x")
+    assert str(data_root(DataSettings(name="mnist"))) == os.path.expanduser("~/.cache/deqctl/data")
+    assert str(data_root(DataSettings(name="mnist", root="~/x"))) == os.path.expanduser("~/x")

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deqctl.cli import app
-from deqctl.inspect import check_overrides, quality_metrics, quality_names
+from deqctl.inspect import check_overrides
 from deqctl.recipe import RecipeError
 
 JSON_KEYS = {"split", "loss", "accuracy", "fwd_nfe", "fwd_nfe_max", "fwd_abs_residual",
@@ -102,22 +102,8 @@ def test_override_policy():
         check_overrides(["dataset=x"])
 
 
-def test_task_metrics_branch_on_the_data_kind():
-    image = {"kind": "image"}
-    assert quality_names(image) == ("accuracy",)
-    assert quality_metrics({"loss": 0.5, "accuracy": 0.9}, image) == {"accuracy": 0.9}
-    text = {"kind": "text"}
-    assert quality_names(text) == ("bpc", "ppl")
-    got = quality_metrics({"loss": 1.2}, text)
-    assert got["bpc"] == pytest.approx(1.2 / math.log(2)) and got["ppl"] == pytest.approx(math.exp(1.2))
-
-
-def test_data_that_does_not_fit_the_model_is_refused():
-    from deqctl.data import DataError
-    from deqctl.inspect.source import _check_fits
-    mnist = {"name": "mnist", "kind": "image", "channels": 1, "height": 28, "width": 28,
-             "num_classes": 10}
-    _check_fits({**mnist, "name": "fashion-mnist"}, mnist)
-    cifar = {**mnist, "name": "cifar10", "channels": 3, "height": 32, "width": 32}
-    with pytest.raises(DataError, match="channels 3 vs 1.*height 32 vs 28"):
-        _check_fits(cifar, mnist)
+def test_data_that_does_not_fit_the_model_is_refused(run):
+    result = runner.invoke(app, ["eval", str(run), "data.name=sequential-mnist"])
+    assert result.exit_code == 2
+    assert "does not fit a model trained on mnist-5k" in result.stderr
+    assert "inputs 'sequence' vs 'image'" in result.stderr

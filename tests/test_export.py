@@ -18,7 +18,7 @@ from deqctl.data import build_data, iterate_batches
 from deqctl.engine.checkpoint import CheckpointError, load_model
 from deqctl.export import Unrolled, calibrate_iters, compare, fold_norms
 from deqctl.export.unroll import _solve_spd
-from deqctl.implicit import run_solver
+from deqctl.tasks import task_for
 
 runner = CliRunner()
 
@@ -60,13 +60,14 @@ def test_fold_norms_keeps_outputs_and_leaves_the_original_intact(loaded):
 @pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
 def test_unrolled_solver_matches_the_library_solver(loaded, solver):
     model, recipe, x = loaded
-    s = recipe.deq.eval_settings().model_copy(update={"solver": solver, "tol": 1e-12, "max_iter": 9})
-    unrolled = Unrolled.from_settings(fold_norms(model), 8, s).eval()
+    s = recipe.deq.eval_settings().model_copy(
+        update={"solver": solver, "tol": 1e-12, "max_iter": 9}).spec()
+    unrolled = Unrolled.from_spec(fold_norms(model), 8, s).eval()
     with torch.no_grad():
         u = model.inject(x)
         # after 8 evaluations with no early stop, the library's next iterate is z_8
-        res = run_solver(lambda z: model.cell(z, u), model.init_state(u), s)
-        want = model.decode(res.z)
+        res = s.run(lambda z: model.cell(z, u), model.init_state(u))
+        want = model.decode(res.z, x)
         assert torch.allclose(unrolled(x), want, atol=1e-4), (unrolled(x) - want).abs().max()
 
 
@@ -79,23 +80,24 @@ def test_spd_solve_uses_no_linalg_and_matches_it():
 
 def test_calibration_counts_evaluations_to_tol(loaded):
     model, recipe, x = loaded
-    s = recipe.deq.eval_settings()
+    s = recipe.deq.eval_settings().spec()
     n, conv = calibrate_iters(model, x, s)
     assert conv == 1.0 and 1 < n < s.max_iter
-    n_loose, _ = calibrate_iters(model, x, s.model_copy(update={"tol": 1e-1}))
+    n_loose, _ = calibrate_iters(model, x, s.but(tol=1e-1))
     assert n_loose < n
-    n_capped, conv_capped = calibrate_iters(model, x, s.model_copy(update={"max_iter": 2}))
+    n_capped, conv_capped = calibrate_iters(model, x, s.but(max_iter=2))
     assert n_capped == 1 and conv_capped == 0.0       # 2 evaluations: z0 measured, z1 returned
 
 
-def test_parity_problems():
+def test_parity_problems(loaded):
+    task = task_for(loaded[0].info)
     eager = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    close = compare(eager, eager + 1e-3, eager + 1e-3)
+    close = compare(task, eager, eager + 1e-3, eager + 1e-3)
     assert close.problems(max_diff=1e-2, min_agree=1.0) == []
     assert "--max-diff" in close.problems(max_diff=1e-4, min_agree=None)[0]
-    flipped = compare(eager, eager.flip(1), eager.flip(1))
+    flipped = compare(task, eager, eager.flip(1), eager.flip(1))
     assert flipped.agreement == 0.0 and "--min-agree" in flipped.problems(None, 0.5)[0]
-    broken = compare(eager, eager + 1.0, eager)        # exported graph != traced module
+    broken = compare(task, eager, eager + 1.0, eager)        # exported graph != traced module
     assert any("exporter" in p for p in broken.problems(None, None))
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from deqctl.implicit import DEQ, hutchinson_jacobian_sq
-from deqctl.recipe import BackwardSettings, DEQSettings, SolverSettings
 
 DT = torch.float64
 
@@ -20,11 +19,12 @@ def small_problem(seed=0, dim=6, batch=4):
     return W, x, target, cell
 
 
-def deq_layer(mode="ift", solver="anderson", **bwd):
-    return DEQ(DEQSettings(
-        forward=SolverSettings(solver="anderson", tol=1e-13, max_iter=300),
-        backward=BackwardSettings(mode=mode, solver=solver, tol=1e-11, max_iter=300, **bwd),
-    )).train()
+EXACT = dict(solver="anderson", tol=1e-13, max_iter=300, backward_tol=1e-11,
+             backward_max_iter=300)
+
+
+def deq_layer(mode="ift", solver="anderson", **kw):
+    return DEQ(**{**EXACT, "backward": mode, "backward_solver": solver, **kw}).train()
 
 
 def loss_of(z, target):
@@ -116,10 +116,8 @@ def test_hutchinson_estimate_is_unbiased():
 
 def test_fixed_point_correction_and_jacobian_loss_are_produced():
     W, x, target, cell = small_problem()
-    settings = DEQSettings(
-        forward=SolverSettings(solver="fixed_point", tol=1e-12, max_iter=30),
-        fp_correction={"states": 2, "gamma": 0.8}, jacobian_reg={"weight": 1.0})
-    layer = DEQ(settings).train()
+    layer = DEQ(solver="fixed_point", tol=1e-12, max_iter=30, fp_correction=2, fp_gamma=0.8,
+                jacobian_reg=1.0).train()
     z, info = layer(cell, x, torch.zeros_like(x))
     assert len(info.corrections) == 2
     assert [w for w, _ in info.corrections] == pytest.approx([0.8 ** 2, 0.8])
@@ -131,8 +129,7 @@ def test_fixed_point_correction_and_jacobian_loss_are_produced():
 def test_jacobian_reg_leaves_the_ift_gradient_of_the_task_loss_alone():
     W, x, target, cell = small_problem(seed=1)
     plain = deq_layer()
-    regularised = DEQ(DEQSettings(**{**plain.settings.model_dump(),
-                                     "jacobian_reg": {"weight": 1.0}})).train()
+    regularised = deq_layer(jacobian_reg=1.0)
     loss, _ = deq_loss(plain, cell, x, target)
     (expected,) = torch.autograd.grad(loss, W)
     loss, info = deq_loss(regularised, cell, x, target)
@@ -147,8 +144,8 @@ def test_jacobian_reg_leaves_the_ift_gradient_of_the_task_loss_alone():
 def test_gradient_checker_reports():
     from deqctl.implicit.gradcheck import compare_to_unrolled, ift_vs_finite_differences
     W, x, _, cell = small_problem(seed=3)
-    settings = DEQSettings(forward=SolverSettings(solver="anderson", tol=1e-13, max_iter=300),
-                           backward=BackwardSettings(solver="anderson", tol=1e-12, max_iter=300))
+    settings = dict(solver="anderson", tol=1e-13, max_iter=300, backward_solver="anderson",
+                    backward_tol=1e-12, backward_max_iter=300)
     reports = compare_to_unrolled(cell, x, torch.zeros_like(x), [W, x], settings)
     assert reports["ift"].cosine >= 0.999 and reports["ift"].rel_error < 1e-4
     assert 0 < reports["jfb"].cosine < reports["ift"].cosine
@@ -160,8 +157,9 @@ def test_gradient_checker_reports():
 def test_dropout_mask_is_fixed_within_a_forward_pass():
     from deqctl import recipe as recipes
     from deqctl.models import ModelError, build_model
-    info = {"name": "t", "kind": "image", "channels": 1, "height": 8, "width": 8,
-            "num_classes": 3, "mean": [0.5], "std": [0.5]}
+    from deqctl.data import DataInfo
+    info = DataInfo(name="t", task="classify", inputs="image", shape=(1, 8, 8), num_classes=3,
+                    mean=(0.5,), std=(0.5,))
     r = recipes.validate({"model": {"channels": 4, "inner_channels": 8, "dropout": 0.5,
                                     "stem_stride": 1, "head_pool": 2, "init_std": 0.01},
                           "deq": {"forward": {"solver": "fixed_point", "max_iter": 40,

@@ -8,9 +8,9 @@ from deqctl.engine.metrics import Accumulator
 
 def test_reduce_weights_means_by_batch_and_keeps_partial_keys():
     acc = Accumulator()
-    acc.add({"n": 30, "loss": torch.tensor(1.0), "fwd_nfe_max": 7, "correct": torch.tensor(15),
+    acc.add({"n": 30, "loss": torch.tensor(1.0), "fwd_nfe_max": 7, "accuracy": torch.tensor(0.5),
              "fwd_converged": torch.tensor(1.0), "jac_loss": torch.tensor(0.5)})
-    acc.add({"n": 10, "loss": torch.tensor(3.0), "fwd_nfe_max": 12, "correct": torch.tensor(10),
+    acc.add({"n": 10, "loss": torch.tensor(3.0), "fwd_nfe_max": 12, "accuracy": torch.tensor(1.0),
              "fwd_converged": torch.tensor(0.5)})
     row = acc.reduce()
     assert row["loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)

@@ -20,14 +20,16 @@ def test_every_error_is_reported_at_once_with_its_dotted_key():
     text = str(err.value)
     assert "4 error(s)" in text
     assert "data.batch_size:" in text
-    assert "data.bogus: unknown key (valid here: name, root" in text
+    assert ("data.bogus: unknown key (valid for data.name=mnist-5k: name, batch_size, "
+            "eval_batch_size, limit_train, limit_eval, augment)") in text
     assert "deq.forward.solver:" in text and "'fixed_point', 'anderson' or 'broyden'" in text
     assert "extra: unknown key" in text
 
 
 def test_overrides_split_on_first_equals_and_coerce_yaml_scalars():
     raw = recipes.apply_overrides({}, ["optim.lr=1e-3", "deq.forward.max_iter=12",
-                                       "name=a=b", "data.root=null", "deq.eval.tol=1.0e-4"])
+                                       "name=a=b", "data.name=cifar10", "data.root=null",
+                                       "deq.eval.tol=1.0e-4"])
     r = recipes.validate(raw)
     assert r.optim.lr == pytest.approx(1e-3)        # PyYAML reads 1e-3 as a string
     assert r.deq.forward.max_iter == 12 and r.name == "a=b" and r.data.root is None
@@ -43,8 +45,10 @@ def test_bad_overrides(bad):
 def test_solver_knobs_are_per_solver_blocks():
     r = recipes.validate({"deq": {"forward": {"solver": "broyden", "broyden": {"history": 4},
                                               "anderson": {"m": 3}}}})
-    assert r.deq.forward.knobs() == {"history": 4, "line_search": False, "ls_steps": 3,
-                                     "check_every": None, "compact": False}
+    assert r.deq.forward.options() == {"history": 4, "line_search": False, "ls_steps": 3}
+    spec = r.deq.forward.spec()
+    assert (spec.solver, spec.options) == ("broyden", {"history": 4, "line_search": False,
+                                                       "ls_steps": 3})
     with pytest.raises(recipes.RecipeError, match="deq.forward.anderson.mm: unknown key"):
         recipes.validate({"deq": {"forward": {"anderson": {"mm": 3}}}})
 
@@ -77,3 +81,49 @@ def test_shipped_configs_are_valid():
         recipes.load(path)
         assert path.read_text().startswith("#"), f"{path} lacks its header comment"
         assert "deqctl " in path.read_text().splitlines()[1] + path.read_text().splitlines()[0]
+
+
+def test_data_and_model_blocks_are_chosen_by_name_and_checked_as_their_own():
+    r = recipes.validate({"data": {"name": "csv", "path": "x.csv", "columns": "co2"},
+                          "model": {"name": "tcn_deq", "channels": 16}})
+    assert r.data.columns == ["co2"] and r.model.kernel_size == 2   # a single column reads as a list
+    with pytest.raises(recipes.RecipeError) as err:
+        recipes.validate({"data": {"name": "co2", "path": "x"},
+                          "model": {"name": "transformer_deq", "channels": 3},
+                          "deq": {"forward": {"max_iter": 0}}})
+    lines = [line.strip() for line in str(err.value).splitlines()[1:]]
+    assert lines[0].startswith("data.path: unknown key (valid for data.name=co2: name, batch_size")
+    assert lines[1].startswith("model.channels: unknown key (valid for "
+                               "model.name=transformer_deq: name, d_model")
+    assert lines[2].startswith("deq.forward.max_iter:")
+    with pytest.raises(recipes.RecipeError, match=r"model.name: unknown 'mlp' \(valid: "
+                                                  r"'resnet_deq', 'transformer_deq', 'tcn_deq'\)"):
+        recipes.validate({"model": {"name": "mlp"}})
+
+
+def test_a_stored_recipe_moves_to_other_data_of_its_kind_by_overrides_alone():
+    # what `deqctl eval RUN data.name=text data.files.test=OTHER.txt` does to a stored recipe
+    stored = recipes.validate({"data": {"name": "shakespeare", "seq_len": 64}})
+    raw = recipes.apply_overrides(stored.model_dump(mode="json"),
+                                  ["data.name=text", "data.files.test=other.txt"])
+    r = recipes.validate(raw)
+    assert (r.data.name, r.data.seq_len, r.data.files.test) == ("text", 64, "other.txt")
+    co2 = recipes.validate({"data": {"name": "co2"}}).model_dump(mode="json")
+    r = recipes.validate(recipes.apply_overrides(co2, ["data.name=csv", "data.path=m.csv",
+                                                      "data.columns=[a,b]"]))
+    assert (r.data.window, r.data.columns) == (104, ["a", "b"])
+
+
+def test_the_deq_block_is_an_adapter_onto_the_plain_layer():
+    from deqctl import DEQ
+    r = recipes.validate({"deq": {"forward": {"solver": "broyden", "max_iter": 12},
+                                  "eval": {"solver": "anderson", "max_iter": 40},
+                                  "backward": {"mode": "phantom", "phantom_steps": 3},
+                                  "jacobian_reg": {"weight": 0.5, "every": 2}}})
+    layer = DEQ(**r.deq.layer_kwargs())
+    assert (layer.fwd_spec.solver, layer.fwd_spec.max_iter) == ("broyden", 12)
+    assert layer.fwd_spec.options == {"history": 8, "line_search": False, "ls_steps": 3}
+    assert (layer.eval_spec.solver, layer.eval_spec.max_iter, layer.eval_spec.options) == \
+        ("anderson", 40, {"m": 5, "lam": 1e-4, "beta": 1.0})
+    assert (layer.backward_mode, layer.phantom_steps) == ("phantom", 3)
+    assert (layer.jacobian_reg, layer.jacobian_every) == (0.5, 2)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from deqctl.cli import app
 from deqctl.inspect import compare_solvers, linear_rate, spectral_radius
-from deqctl.recipe import SolverSettings
+from deqctl.implicit import SolveSpec
 
 RECIPE = str(Path(__file__).parents[1] / "configs" / "mnist-deq.yaml")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -76,9 +76,10 @@ def test_fixed_point_rate_matches_spectral_radius_and_traces_fall():
     w = linear_map(torch.tensor([0.8, -0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1]), seed=3).double()
     u = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     f = lambda z: z @ w.T + u                                             # noqa: E731
-    base = SolverSettings(max_iter=200, tol=1e-6, stop_mode="abs")
+    specs = [SolveSpec(name, max_iter=200, tol=1e-6, stop_mode="abs")
+             for name in ("fixed_point", "anderson", "broyden")]
     z0 = torch.zeros(5, 8, dtype=torch.float64)
-    traces = compare_solvers(f, z0, base, ["fixed_point", "anderson", "broyden"])
+    traces = compare_solvers(f, z0, specs)
     assert traces["broyden"].nfe == len(traces["broyden"].abs_median)
     # (broyden is left out below: its limited-memory variant stalls near 1e-5 on some
     # samples of this problem, a solver matter, not the tracer's)

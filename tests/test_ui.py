@@ -8,8 +8,10 @@ import re
 
 from rich.console import Console
 
+from deqctl.data import DataInfo
+from deqctl.tasks import task_for
 from deqctl.ui import TrainView, plot_traces, sparkline
-from deqctl.ui.live import COLUMNS, STYLE_BAD, STYLE_WARN, plain_line, row_cells
+from deqctl.ui.live import STYLE_BAD, STYLE_WARN, columns, plain_line, row_cells
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -19,15 +21,28 @@ ROW = dict(step=120, epoch=1, split="train", loss=0.34123, accuracy=0.912, lr=1.
            step_time_s=0.041, samples_per_s=1561.3, fwd_stop="conv", fallbacks=0, nonfinite=0)
 
 
-def col(name: str) -> int:
-    return COLUMNS.index(name)
+IMAGES = DataInfo(name="t", task="classify", inputs="image", shape=(1, 4, 4), num_classes=3)
+TEXT = DataInfo(name="t", task="lm", inputs="tokens", shape=(8,), tokenizer="byte")
+SERIES = DataInfo(name="t", task="forecast", inputs="sequence", shape=(8, 1), target_shape=(2, 1),
+                  target_std=(1.0,), target_mean=(0.0,), target_channels=(0,), season=4)
+CLASSIFY = task_for(IMAGES)
+
+
+def col(name: str, task=CLASSIFY) -> int:
+    return columns(task.metrics).index(name)
+
+
+def make_view(*args, task=CLASSIFY, **kw) -> TrainView:
+    view = TrainView(*args, **kw)
+    view.set_task(task)
+    return view
 
 
 def plain_output(rows: list[dict], events: list[str] = (), **kw) -> str:
     buf = io.StringIO()
     # A forced terminal proves plain=True alone keeps ANSI codes out.
     console = Console(file=buf, force_terminal=True, width=80)
-    with TrainView(200, fwd_tol=1e-3, bwd_tol=1e-4, console=console, plain=True, **kw) as view:
+    with make_view(200, fwd_tol=1e-3, bwd_tol=1e-4, console=console, plain=True, **kw) as view:
         for r in rows:
             view.log(r)
             view.advance(r["step"])
@@ -53,7 +68,7 @@ def test_plain_one_line_per_log_with_numbers_and_no_ansi():
 
 def test_plain_auto_when_not_terminal_and_eval_prefix():
     buf = io.StringIO()
-    view = TrainView(10, fwd_tol=1e-3, bwd_tol=1e-4, console=Console(file=buf))
+    view = make_view(10, fwd_tol=1e-3, bwd_tol=1e-4, console=Console(file=buf))
     assert view.plain  # StringIO is not a terminal
     with view:
         view.log(dict(step=10, epoch=2, split="test", loss=0.25, accuracy=0.9, fwd_nfe=11.0,
@@ -75,7 +90,7 @@ def test_plain_abs_mode_and_partial_group_dash():
 def test_terminal_table_is_bounded_and_shows_events():
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=200)
-    view = TrainView(100, fwd_tol=1e-3, bwd_tol=1e-4, console=console, max_rows=5, title="mnist")
+    view = make_view(100, fwd_tol=1e-3, bwd_tol=1e-4, console=console, max_rows=5, title="mnist")
     assert not view.plain
     with view:
         for s in range(1, 21):
@@ -93,7 +108,7 @@ def test_terminal_table_is_bounded_and_shows_events():
 
 
 def test_highlights_residuals_above_tol_and_partial_convergence():
-    kw = dict(fwd_tol=1e-3, bwd_tol=1e-4)
+    kw = dict(fwd_tol=1e-3, bwd_tol=1e-4, metrics=CLASSIFY.metrics)
     ok = row_cells(ROW, **kw)
     assert ok[col("fwd res")].style == "" and ok[col("bwd res")].style == ""
     assert ok[col("conv")].style == ""
@@ -114,7 +129,7 @@ def test_highlights_residuals_above_tol_and_partial_convergence():
 def test_highlight_reaches_the_rendered_terminal_output():
     console = Console(file=io.StringIO(), force_terminal=True, width=200, record=True,
                       color_system="standard")
-    view = TrainView(10, fwd_tol=1e-3, bwd_tol=1e-4, console=console)
+    view = make_view(10, fwd_tol=1e-3, bwd_tol=1e-4, console=console)
     view.log({**ROW, "fwd_rel_residual_max": 2e-3})
     console.print(view.table())
     text = console.export_text(styles=True)
@@ -122,7 +137,7 @@ def test_highlight_reaches_the_rendered_terminal_output():
 
 
 def test_missing_keys_render_dash_and_eval_row_label():
-    view = TrainView(10, fwd_tol=1e-3, bwd_tol=1e-4, console=Console(file=io.StringIO(),
+    view = make_view(10, fwd_tol=1e-3, bwd_tol=1e-4, console=Console(file=io.StringIO(),
                      force_terminal=True, width=200))
     view.log({"step": 5, "split": "train", "loss": None})
     view.log({"step": 10, "epoch": 1, "split": "test", "loss": 0.5, "accuracy": 0.8})
@@ -137,14 +152,32 @@ def test_missing_keys_render_dash_and_eval_row_label():
 
 
 def test_language_model_rows_show_bpc_and_ppl():
-    view = TrainView(10, fwd_tol=1e-3, bwd_tol=1e-4, console=Console(file=io.StringIO(),
-                     force_terminal=True, width=200))
-    view.log({**ROW, "accuracy": None, "bpc": 1.523, "ppl": 2.874})
+    lm = task_for(TEXT)
+    view = make_view(10, fwd_tol=1e-3, bwd_tol=1e-4, task=lm, console=Console(
+        file=io.StringIO(), force_terminal=True, width=200))
+    row = {**ROW, "accuracy": None, "bpc": 1.523, "ppl": 2.874}
+    view.log(row)
     table = view.table()
     headers = [c.header for c in table.columns]
-    assert headers[col("acc")] == "bpc" and headers[-1] == "ppl"
-    assert table.columns[col("acc")]._cells[0].plain == "1.523"
-    assert "bpc 1.523 ppl 2.874" in plain_line({**ROW, "accuracy": None, "bpc": 1.523, "ppl": 2.874})
+    assert headers[3:5] == ["bpc", "ppl"] and "acc" not in headers
+    assert table.columns[col("bpc", lm)]._cells[0].plain == "1.523"
+    assert "loss 0.3412 bpc 1.523 ppl 2.874 lr" in plain_line(row, metrics=lm.metrics)
+
+
+def test_forecast_evaluations_show_the_baselines_above_the_table():
+    buf = io.StringIO()
+    forecast = task_for(SERIES)
+    view = make_view(10, fwd_tol=1e-3, bwd_tol=1e-4, task=forecast,
+                     console=Console(file=buf, force_terminal=True, width=200))
+    assert [c for c in columns(forecast.metrics)][3:6] == ["mae", "rmse", "mase"]
+    row = {"step": 10, "split": "test", "loss": 0.1, "mae": 0.5, "rmse": 0.7, "mase": 0.25,
+           "naive_mae": 2.5, "naive_rmse": 3.0, "snaive_mae": 2.0, "snaive_rmse": 2.2}
+    with view:
+        view.log(row)
+    out = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())
+    assert "test @ step 10: mae 0.5, rmse 0.7 | naive mae 2.5, seasonal-naive mae 2 | mase 0.25" in out
+    line = plain_line(row, metrics=forecast.metrics)
+    assert "mae 0.5 rmse 0.7 mase 0.25 naive mae 2.5 naive rmse 3 snaive mae 2" in line
 
 
 def test_plot_traces_writes_png_despite_nan(tmp_path):

@@ -13,9 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..engine.evaluate import evaluate
-from ..inspect import Source, open_source, quality_metrics, quality_names
-from ..recipe import SolverSettings
-from ..ui.live import fmt_float, fmt_pct, fmt_sci
+from ..implicit import SolveSpec
+from ..inspect import Source, open_source
+from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from .common import USAGE, fail, split_args, user_errors
 
 SOLVER_KEYS = ("fwd_nfe", "fwd_nfe_max", "fwd_abs_residual", "fwd_rel_residual",
@@ -38,30 +38,33 @@ def eval_command(
                                     "(tol stays the eval tol): metric against NFE"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout, nothing else"),
 ) -> None:
-    """Evaluate a trained DEQ with any test-time solver settings (loss, accuracy, NFE, residuals)."""
+    """Evaluate a trained DEQ with any test-time solver settings (loss, task metrics, NFE, residuals)."""
     path, overrides = split_args(args)
     if path is None:
         fail("missing RUN_OR_CHECKPOINT (e.g. deqctl eval runs/mnist-deq)", USAGE)
     iters = _parse_iters(sweep_iters) if sweep_iters is not None else None
     src = open_source(path, overrides)
     data = src.split(split.value)
-    solver = src.recipe.deq.eval_settings()
+    solver = src.recipe.deq.eval_settings().spec()
     err = Console(stderr=True)
     out = Console()
     if not as_json:
         typer.echo(f"{src.label}: {split.value} split, {len(data)} samples; "
-                   f"eval solver {_describe(solver)}; device {src.device} ({src.device_reason})")
-    runs = [solver] if iters is None else [solver.model_copy(update={"max_iter": k}) for k in iters]
+                   f"eval solver {solver.describe()}; device {src.device} ({src.device_reason})")
+        for note in src.data().notes:
+            typer.echo(note)
+    runs = [solver] if iters is None else [solver.but(max_iter=k) for k in iters]
     rows = []
     with _progress(err) as progress:
-        task = progress.add_task("eval", total=len(runs))
+        bar = progress.add_task("eval", total=len(runs))
         for i, s in enumerate(runs):
-            progress.update(task, description=f"eval max_iter={s.max_iter}")
-            row = evaluate(src.model, data, src.recipe.data.eval_batch_size, device=src.device,
-                           solver=s, split_name=split.value,
-                           on_batch=_advance(progress, task, i))
+            progress.update(bar, description=f"eval max_iter={s.max_iter}")
+            row = evaluate(src.model, src.task, data, src.recipe.data.eval_batch_size,
+                           device=src.device, solver=s, split_name=split.value,
+                           on_batch=_advance(progress, bar, i))
             rows.append(_result_row(row, src))
-    result = {"split": split.value, "source": src.label, "solver": _settings(solver)}
+    result = {"split": split.value, "source": src.label, "solver": solver.as_dict(),
+              "data": src.data().facts}
     if iters is None:
         result.update(rows[0])
     else:
@@ -88,18 +91,19 @@ def _parse_iters(text: str) -> list[int]:
 
 def _result_row(row: dict[str, Any], src: Source) -> dict[str, Any]:
     """The reported subset of an evaluate() row: loss, task metrics, solver statistics."""
-    return {"n": row["n"], "loss": row["loss"], **quality_metrics(row, src.data_info),
+    return {"n": row["n"], "loss": row["loss"],
+            **{m.key: row[m.key] for m in src.task.metrics if m.key in row},
             **{k: row[k] for k in SOLVER_KEYS}, "samples_per_s": row["samples_per_s"]}
 
 
-def _summary_table(row: dict[str, Any], src: Source, s: SolverSettings) -> Table:
+def _summary_table(row: dict[str, Any], src: Source, s: SolveSpec) -> Table:
     table = Table(title="evaluation", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("samples", str(row["n"]))
     table.add_row("loss", fmt_float(row["loss"]))
-    for name in quality_names(src.data_info):
-        table.add_row(name, fmt_pct(row[name]) if name == "accuracy" else fmt_float(row[name]))
+    for m in src.task.metrics:
+        table.add_row(m.key, m.fmt(row.get(m.key)))
     table.add_row("fwd NFE mean / max", f"{fmt_float(row['fwd_nfe'], 3)} / {row['fwd_nfe_max']:.0f}")
     table.add_row("fwd abs residual (mean)", fmt_sci(row["fwd_abs_residual"]))
     table.add_row("fwd rel residual mean / max",
@@ -109,27 +113,18 @@ def _summary_table(row: dict[str, Any], src: Source, s: SolverSettings) -> Table
     return table
 
 
-def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolverSettings) -> Table:
-    names = quality_names(src.data_info)
+def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolveSpec) -> Table:
     table = Table(title=f"anytime inference: {s.solver}, tol {s.tol:g} {s.stop_mode}")
-    short = {"accuracy": "acc"}
+    metrics = [m for m in src.task.metrics if m.column]
     for col in ("max_iter", "NFE", "NFE max", f"{s.stop_mode} res", "conv", "loss",
-                *(short.get(n, n) for n in names), "samp/s"):
+                *(m.label for m in metrics), "samp/s"):
         table.add_column(col, justify="right")
     for r in sweep:
-        quality = [fmt_pct(r[n]) if n == "accuracy" else fmt_float(r[n]) for n in names]
         table.add_row(str(r["max_iter"]), fmt_float(r["fwd_nfe"], 3), f"{r['fwd_nfe_max']:.0f}",
                       fmt_sci(r[f"fwd_{s.stop_mode}_residual"]), fmt_pct(r["fwd_converged"]),
-                      fmt_float(r["loss"]), *quality, f"{r['samples_per_s']:.0f}")
+                      fmt_float(r["loss"]), *(m.fmt(r.get(m.key)) for m in metrics),
+                      f"{r['samples_per_s']:.0f}")
     return table
-
-
-def _describe(s: SolverSettings) -> str:
-    return f"{s.solver} (max_iter {s.max_iter}, tol {s.tol:g} {s.stop_mode})"
-
-
-def _settings(s: SolverSettings) -> dict[str, Any]:
-    return {"solver": s.solver, "max_iter": s.max_iter, "tol": s.tol, "stop_mode": s.stop_mode}
 
 
 def _progress(console: Console) -> Progress:

@@ -10,10 +10,10 @@ import torch
 import typer
 
 from ..api import load as load_model
+from ..engine.bundle import save_bundle
 from ..export import (ExportFailed, MissingDependency, UNROLLABLE, Unrolled, calibrate_iters,
-                      compare, fold_norms, require_onnx, save_bundle, write_onnx, write_pt2)
-from ..inspect import input_description, input_name, open_source
-from ..recipe import SolverSettings
+                      compare, fold_norms, require_onnx, write_onnx, write_pt2)
+from ..inspect import open_source
 from .common import FAILED, USAGE, fail, split_args, user_errors
 
 
@@ -68,45 +68,49 @@ def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int 
     src = open_source(path, overrides)
     # Artefacts are written for and checked on the CPU, where they will be loaded first.
     model = src.model.cpu().eval()
-    s = src.recipe.deq.eval_settings()
-    x_cal, _ = src.batch("train", batch)
+    settings = src.recipe.deq.eval_settings()
+    s = settings.spec()
+    x_cal, _ = src.batch("train" if src.data().train is not None else "test", batch)
     x, _ = src.batch("test", batch)
     x_cal, x = x_cal.cpu(), x.cpu()
     with torch.no_grad():
         eager = model.run(x, solver=s).out
     out.parent.mkdir(parents=True, exist_ok=True)
+    info, task = src.info, src.task
 
     if fmt is Format.safetensors:
-        save_bundle(out, model, src.recipe, src.data_info, extra={"source": src.label})
+        save_bundle(out, model, src.recipe, info.as_dict(), extra={"source": src.label})
         with torch.no_grad():
             candidate = load_model(out)(x)
-        parity = compare(eager, candidate)
-        say(f"wrote {out}: weights, resolved recipe and data description (eval solver {_solver(s)}); "
-            f"load with deqctl.load({str(out)!r})")
+        parity = compare(task, eager, candidate)
+        say(f"wrote {out}: weights, resolved recipe and data description (eval solver "
+            f"{s.describe()}); load with deqctl.load({str(out)!r})")
         hint = "the stored weights do not reproduce the model"
     else:
         name = solver.value if solver else (s.solver if s.solver in UNROLLABLE else "anderson")
-        us = s.model_copy(update={"solver": name})
+        us = settings.model_copy(update={"solver": name}).spec()
         needed, conv = calibrate_iters(model, x_cal, us)
-        target = f"tol {s.tol:g} ({s.stop_mode}) on {x_cal.shape[0]} training samples"
+        target = f"tol {s.tol:g} ({s.stop_mode}) on {x_cal.shape[0]} samples"
         if conv == 1.0:
             say(f"calibration: {name} needs {needed} iterations to reach {target}")
         else:
             say(f"calibration: {name} does not reach {target} within max_iter {s.max_iter} "
                 f"({conv:.0%} do); taking {needed}")
         n = iters or needed
-        unrolled = Unrolled.from_settings(fold_norms(model), n, us).eval()
+        unrolled = Unrolled.from_spec(fold_norms(model), n, us).eval()
+        dynamic = model.dynamic_length
         if fmt is Format.pt2:
-            run = write_pt2(unrolled, x, out)
+            run = write_pt2(unrolled, x, out, dynamic)
         else:
-            run = write_onnx(unrolled, x, out, input_name(src.data_info))
+            run = write_onnx(unrolled, x, out, info.input_name, task.output_name, dynamic)
         with torch.no_grad():
             reference = unrolled(x)
-        parity = compare(eager, run(x), reference)
+        parity = compare(task, eager, run(x), reference)
+        axes = "batch and length" if dynamic else "batch"
         say(f"wrote {out}: {fmt.value}, {name} unrolled to {n} iterations, normalisations folded; "
-            f"input {input_name(src.data_info)} {input_description(src.data_info)}, dynamic batch")
+            f"input {info.input_name} {info.describe_inputs()}, dynamic {axes}")
         hint = _unroll_hint(n, needed, conv)
-    say(f"parity on {parity.n} test samples vs the eager DEQ ({_solver(s)}): "
+    say(f"parity on {parity.n} test samples vs the eager DEQ ({s.describe()}): "
         f"max |diff| {parity.max_abs_diff:.3g}, predictions agree {parity.agreement:.2%}"
         + (f", exporter error {parity.export_error:.2g}" if fmt is not Format.safetensors else ""))
     problems = parity.problems(max_diff, min_agree)
@@ -124,8 +128,3 @@ def _unroll_hint(n: int, needed: int, converged: float) -> str:
         return "the solver does not reach tol within deq.eval.max_iter: raise it, or --iters"
     return (f"try --iters above {n}, a tighter deq.eval.tol (eager and unrolled both stop "
             f"within tol of z*, not at it), or looser --max-diff / --min-agree")
-
-
-def _solver(s: SolverSettings) -> str:
-    return f"{s.solver}, tol {s.tol:g} {s.stop_mode}, max_iter {s.max_iter}"
-

@@ -12,11 +12,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..implicit import SolveSpec
 from ..inspect import SolverTrace, TraceReport, is_recipe, open_source, trace_model
 from ..recipe import SolverSettings
 from ..solvers import SOLVERS
 from ..ui import plot_traces, sparkline
-from ..ui.live import fmt_ms, fmt_pct, fmt_sci
+from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
 from .common import USAGE, fail, split_args, user_errors
 
 
@@ -53,11 +54,12 @@ def solve_trace(
     src = open_source(path, overrides, allow_recipe=True)
     x, y = src.batch("test", batch)
     update = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
-    fwd = src.recipe.deq.eval_settings().model_copy(update=update)
-    bwd = src.recipe.deq.backward.model_copy(update=update) if backward else None
+    fwd = _specs(src.recipe.deq.eval_settings(), names, update)
+    bwd = _specs(src.recipe.deq.backward, names, update) if backward else []
     console = Console()
     typer.echo(f"{src.label}: {x.shape[0]} test samples, device {src.device} ({src.device_reason})")
-    report = trace_model(src.model, x, y, names, fwd, bwd, power_iters=power_iters)
+    report = trace_model(src.model, src.task, x, y, fwd, bwd, power_iters=power_iters)
+    fwd, bwd = fwd[0], (bwd[0] if bwd else None)
 
     console.print(_solver_table("forward", report.forward, fwd))
     console.print(_iteration_table(report.forward, fwd))
@@ -82,11 +84,17 @@ def solve_trace(
         typer.echo(f"json: {json_path}")
 
 
-def _residuals(t: SolverTrace, s: SolverSettings) -> tuple[list[float], list[float]]:
+def _specs(settings: SolverSettings, names: list[str], update: dict) -> list[SolveSpec]:
+    """One spec per solver: the recipe block's budget and tolerance (with the command's
+    --max-iter / --tol), and each solver's own knobs from that block."""
+    return [settings.model_copy(update={**update, "solver": name}).spec() for name in names]
+
+
+def _residuals(t: SolverTrace, s: SolveSpec) -> tuple[list[float], list[float]]:
     return (t.rel_median, t.rel_max) if s.stop_mode == "rel" else (t.abs_median, t.abs_max)
 
 
-def _solver_table(title: str, traces: dict[str, SolverTrace], s: SolverSettings) -> Table:
+def _solver_table(title: str, traces: dict[str, SolverTrace], s: SolveSpec) -> Table:
     table = Table(title=f"{title}: {s.stop_mode} residual, tol {s.tol:g}, max_iter "
                         f"{s.max_iter}; times in ms")
     # sized to fit an 80-column terminal (or log file) without truncation
@@ -102,7 +110,7 @@ def _solver_table(title: str, traces: dict[str, SolverTrace], s: SolverSettings)
     return table
 
 
-def _iteration_table(traces: dict[str, SolverTrace], s: SolverSettings) -> Table:
+def _iteration_table(traces: dict[str, SolverTrace], s: SolveSpec) -> Table:
     """Median / max residual at roughly log-spaced iterations (1, 2, 3, 4, 6, 8, 12, ...)."""
     longest = max(len(t.rel_median) for t in traces.values())
     table = Table(title=f"{s.stop_mode} residual by iteration (median / max over the batch; "

@@ -57,8 +57,6 @@ def train(
         fail(str(exc), FAILED)
     except Interrupted as exc:
         fail(str(exc), INTERRUPTED)
-    final = result.final
-    acc = f", accuracy {final['accuracy']:.2%}" if "accuracy" in final else ""
-    console.print(f"done: {result.steps} steps, test loss {final['loss']:.4f}{acc}; "
-                  f"run saved in {run_dir}", markup=False)
+    console.print(f"done: {result.steps} steps, test loss {result.final['loss']:.4f}, "
+                  f"{view.task.summary(result.final)}; run saved in {run_dir}", markup=False)
 

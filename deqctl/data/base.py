@@ -1,12 +1,22 @@
-"""The shapes data takes in deqctl: a description (DataInfo), splits of uint8 tensors, and
-the bundle a loader returns. No file or network access here."""
+"""The shapes data takes in deqctl: a description (DataInfo), splits held in memory, and
+the bundle a loader returns. No file or network access here.
+
+Inputs come in three kinds, each with its dtypes:
+- image:    uint8 (N, C, H, W) pixels (batches arrive as float in [0, 1]) or float (N, C, H, W)
+- tokens:   int64 (N, L) token ids
+- sequence: float (N, L, C) values, or uint8 (N, L, C) pixels (sequential MNIST)
+Targets are int64 (N,) classes, int64 (N, L) next tokens, or float (N, ...) values.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+
+TASKS = ("classify", "lm", "forecast")
+INPUTS = ("image", "tokens", "sequence")
 
 
 class DataError(Exception):
@@ -17,55 +27,116 @@ class DataError(Exception):
 class DataInfo:
     """What a model needs to know about its data; all a checkpoint stores of it.
 
-    mean/std are per channel, of pixels scaled to [0, 1]; the model normalises inside
-    itself so that exported models take plain [0, 1] images.
+    mean/std are per input channel (images: of pixels scaled to [0, 1]); target_mean /
+    target_std per target channel (forecast). Models normalise inside themselves, so
+    exported models take the data's raw inputs and return outputs in the data's units.
     """
 
     name: str
-    kind: str  # "image" (sequence data comes later)
-    channels: int
-    height: int
-    width: int
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    task: str                                   # classify | lm | forecast
+    inputs: str                                 # image | tokens | sequence
+    shape: tuple[int, ...]                      # one input: (C, H, W) | (L,) | (L, C)
+    num_classes: int | None = None              # classify
+    tokenizer: str | None = None                # lm: "char" | "byte"
+    vocab: str | None = None                    # char tokenizer: id i + 1 is vocab[i]; 0 unknown
+    target_shape: tuple[int, ...] = ()          # forecast: one target, e.g. (horizon, channels)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    target_mean: tuple[float, ...] = ()
+    target_std: tuple[float, ...] = ()
+    target_channels: tuple[int, ...] | None = None   # forecast: input channels the targets
+    season: int | None = None                        # continue (naive baselines), season
+    columns: tuple[str, ...] = ()               # names of a sequence's channels (csv)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS or self.inputs not in INPUTS:
+            raise ValueError(f"DataInfo: task {self.task!r} / inputs {self.inputs!r} unknown")
+
+    @property
+    def channels(self) -> int:
+        """Input channels: C of an image or a sequence, 1 for tokens."""
+        return {"image": self.shape[0], "sequence": self.shape[-1]}.get(self.inputs, 1)
+
+    @property
+    def length(self) -> int | None:
+        """Sequence length L of token and sequence inputs (None for images)."""
+        return None if self.inputs == "image" else self.shape[0]
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Number of token ids (lm), the unknown id 0 included for char vocabularies."""
+        if self.tokenizer == "byte":
+            return 256
+        return len(self.vocab) + 1 if self.vocab is not None else None
+
+    @property
+    def input_name(self) -> str:
+        """What exported graphs call their input: "images", "tokens" or "series"."""
+        return {"image": "images", "tokens": "tokens", "sequence": "series"}[self.inputs]
+
+    def describe_inputs(self) -> str:
+        """What the model (and every exported artefact) takes as input, for messages."""
+        if self.inputs == "image":
+            return f"float32 in [0, 1] shaped (N, {', '.join(map(str, self.shape))})"
+        if self.inputs == "tokens":
+            return f"int64 token ids shaped (N, L), L = {self.shape[0]} in training"
+        return f"float32 values shaped (N, {self.shape[0]}, {self.shape[1]}) in the data's units"
+
+    @property
+    def baselines(self) -> bool:
+        """True when naive and seasonal-naive forecasts exist (the targets continue input
+        channels)."""
+        return self.target_channels is not None and self.season is not None
+
+    def fits(self, other: DataInfo) -> list[str]:
+        """Return how data described by `other` differs from this in what a model built for
+        this one depends on (empty when it can feed that model)."""
+        keys = ("task", "inputs", "shape", "num_classes", "tokenizer", "vocab", "target_shape")
+        return [f"{k} {getattr(other, k)!r} vs {getattr(self, k)!r}" for k in keys
+                if getattr(self, k) != getattr(other, k)]
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (tuples become lists) that `from_dict` turns back."""
-        out = asdict(self)
-        out["mean"], out["std"] = list(self.mean), list(self.std)
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataInfo:
-        """Return the DataInfo stored by `as_dict` (unknown keys are ignored so that
-        checkpoints written by a newer version still load)."""
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        kwargs["mean"], kwargs["std"] = tuple(kwargs["mean"]), tuple(kwargs["std"])
+        """Return the DataInfo stored by `as_dict`. Unknown keys are ignored so that
+        checkpoints written by a newer version still load; image descriptions written before
+        sequence data existed (kind/channels/height/width) are read too."""
+        if "task" not in d and d.get("kind") == "image":
+            d = {**d, "task": "classify", "inputs": "image",
+                 "shape": [d["channels"], d["height"], d["width"]]}
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for k, v in d.items():
+            if k in known:
+                kwargs[k] = tuple(v) if isinstance(v, list) else v
         return cls(**kwargs)
 
 
 @dataclass
 class Split:
-    """One split held in memory: uint8 images (N, C, H, W) and int64 labels (N,).
+    """One split held in memory: `inputs` and `targets`, first dimension the samples.
 
-    `natural` marks photographs (e.g. CIFAR-10): augmentation then also flips
-    horizontally, which would turn digits into non-digits.
+    `augment` names the augmentation batches of this split may get: "shift" (random
+    translation of the last two axes: digits, sequential digits) or "shift+flip"
+    (photographs); None when augmentation means nothing for the data.
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
-    natural: bool = False
+    augment: str | None = None
 
     def __post_init__(self) -> None:
         # Fail at load time, not deep inside a training step, if a loader got a layout wrong.
-        if self.inputs.dtype != torch.uint8 or self.inputs.dim() != 4:
-            raise ValueError(f"Split.inputs must be uint8 (N, C, H, W), got "
-                             f"{self.inputs.dtype} {tuple(self.inputs.shape)}")
-        if self.targets.dtype != torch.int64 or self.targets.shape != self.inputs.shape[:1]:
-            raise ValueError(f"Split.targets must be int64 ({self.inputs.shape[0]},), got "
-                             f"{self.targets.dtype} {tuple(self.targets.shape)}")
+        x, y = self.inputs, self.targets
+        if x.dtype not in (torch.uint8, torch.float32, torch.int64) or x.dim() < 2:
+            raise ValueError(f"Split.inputs must be uint8, float32 or int64 with a sample "
+                             f"axis, got {x.dtype} {tuple(x.shape)}")
+        if y.dtype not in (torch.int64, torch.float32) or y.shape[:1] != x.shape[:1]:
+            raise ValueError(f"Split.targets must be int64 or float32 ({x.shape[0]}, ...), "
+                             f"got {y.dtype} {tuple(y.shape)}")
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -75,37 +146,54 @@ class Split:
         if n is None or n >= len(self):
             return self
         # clone: a view would keep the whole (possibly large) dataset alive
-        return Split(self.inputs[:n].clone(), self.targets[:n].clone(), self.natural)
+        return Split(self.inputs[:n].clone(), self.targets[:n].clone(), self.augment)
 
 
 @dataclass
 class DataBundle:
-    """Everything `build_data` returns: the description and the splits (val may be None)."""
+    """Everything `build_data` returns: the description, the splits (val may be None;
+    train too when a trained model is evaluated on data without a training part), notes
+    for the user (e.g. gaps interpolated) and the same as numbers in `facts` (e.g.
+    {"unknown_tokens": {"test": 12}}), which evaluation reports."""
 
     info: DataInfo
-    train: Split
+    train: Split | None
     test: Split
     val: Split | None = None
+    notes: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> Split:
+        """Return "train", "val" or "test"; DataError when the data has no such split."""
+        found = getattr(self, name, None) if name in ("train", "val", "test") else None
+        if found is None:
+            raise DataError(f"{self.info.name} has no {name} split (it has: "
+                            f"{', '.join(n for n in ('train', 'val', 'test') if getattr(self, n) is not None)})")
+        return found
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...],
-                                                                    tuple[float, ...]]:
-    """Return per-channel (mean, std) of uint8 images (N, C, H, W) scaled to [0, 1],
-    rounded to 4 decimals.
+def channel_stats(x: torch.Tensor, dim: int = 1, chunk: int = 4096
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Return per-channel (mean, std) of `x` along channel axis `dim`, rounded to 4
+    significant digits; uint8 pixels are scaled to [0, 1] first.
 
-    Exact integer sums over chunks: float32 sums drift on 50k images, and converting the
-    whole set to float64 at once would take ~1 GB for CIFAR-10.
+    uint8: exact integer sums over chunks (float32 sums drift on 50k images, and
+    converting CIFAR-10 to float64 at once would take ~1 GB). Float: float64 over chunks.
     """
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.int64)
-    total_sq = torch.zeros(c, dtype=torch.int64)
-    for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.int64)
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    count = images.numel() // c
-    mean = total.double() / count / 255.0
-    var = (total_sq.double() / count / 255.0**2 - mean**2).clamp_min(0.0)
-    # a constant image set has std 0; keep normalisation finite
-    std = var.sqrt().clamp_min(1e-3)
-    return (tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std))
+    c = x.shape[dim]
+    x = x.movedim(dim, -1)
+    exact = x.dtype == torch.uint8
+    acc = torch.int64 if exact else torch.float64
+    total = torch.zeros(c, dtype=acc)
+    total_sq = torch.zeros(c, dtype=acc)
+    for i in range(0, x.shape[0], chunk):
+        part = x[i:i + chunk].reshape(-1, c).to(acc)
+        total += part.sum(0)
+        total_sq += (part * part).sum(0)
+    count = x.numel() // c
+    scale = 255.0 if exact else 1.0
+    mean = total.double() / count / scale
+    var = (total_sq.double() / count / scale**2 - mean**2).clamp_min(0.0)
+    # a constant channel has std 0; keep normalisation finite
+    std = var.sqrt().clamp_min(1e-3 if exact else 1e-6)
+    return (tuple(float(f"{v:.4g}") for v in mean), tuple(float(f"{v:.4g}") for v in std))

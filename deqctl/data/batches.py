@@ -51,18 +51,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def padding_for(split: Split) -> int:
-    """Return the crop padding used by augmentation: 4 pixels for 32x32 (or larger)
-    natural images, the CIFAR convention; 2 otherwise (digits are only 28 pixels wide
-    and sit near the centre, so larger shifts start cutting strokes off)."""
-    _, _, h, w = split.inputs.shape
-    return 4 if split.natural and min(h, w) >= 32 else 2
+    """Return the shift range used by augmentation: 4 pixels for 32x32 (or larger)
+    photographs, the CIFAR convention; 2 otherwise (digits are only 28 pixels wide and sit
+    near the centre, so larger shifts start cutting strokes off)."""
+    h, w = split.inputs.shape[-2:]
+    return 4 if split.augment == "shift+flip" and min(h, w) >= 32 else 2
 
 
 def augment_batch(x: torch.Tensor, *, pad: int, flip: bool,
                   generator: torch.Generator) -> torch.Tensor:
     """Return a randomly cropped (zero padding `pad`, then a crop of the original size at
     a random offset per sample) and, when `flip`, randomly horizontally flipped copy of
-    the uint8 batch x (B, C, H, W). Same generator state -> same result."""
+    the batch x (B, C, H, W), or (B, H, W) for digits read as rows. Same generator state
+    -> same result."""
+    if x.dim() == 3:
+        return augment_batch(x.unsqueeze(1), pad=pad, flip=flip, generator=generator).squeeze(1)
     b, c, h, w = x.shape
     # draw everything up front, in a fixed order, so results depend only on the generator
     offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
@@ -86,7 +89,8 @@ def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, seed: int =
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Return an iterator over (x, y) batches of one epoch, from batch `start` on.
 
-    x: float32 (B, C, H, W) in [0, 1] on `device`; y: int64 (B,) on `device`. With
+    x on `device`: uint8 pixels become float32 in [0, 1], token ids stay int64, values
+    stay float32; y as stored (int64 classes or tokens, float32 values). With
     `shuffle`, the order is a pure function of (seed, epoch); with `augment`, each batch's
     augmentation is a pure function of (seed, epoch, batch index). So batches `start`,
     `start + 1`, ... are identical to those of a full pass from 0.
@@ -104,7 +108,8 @@ def _batches(split: Split, batch_size: int, total: int, shuffle: bool, seed: int
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The generator behind iterate_batches (arguments already checked)."""
     order = epoch_order(len(split), seed, epoch) if shuffle else None
-    pad, flip = padding_for(split), split.natural
+    augment = augment and split.augment is not None
+    pad, flip = padding_for(split), split.augment == "shift+flip"
     for i in range(start, total):
         lo, hi = i * batch_size, min((i + 1) * batch_size, len(split))
         idx = order[lo:hi] if order is not None else slice(lo, hi)
@@ -113,6 +118,7 @@ def _batches(split: Split, batch_size: int, total: int, shuffle: bool, seed: int
             # augment on the CPU so results are identical whatever the device
             x = augment_batch(x, pad=pad, flip=flip,
                               generator=_generator(_AUGMENT, seed, epoch, i))
-        # move uint8 (4x fewer bytes than float32) and convert on the device
-        x = x.to(device).to(torch.float32).div_(255.0)
+        x = x.to(device)
+        if x.dtype == torch.uint8:   # moved as uint8 (4x fewer bytes), converted on the device
+            x = x.to(torch.float32).div_(255.0)
         yield x, y.to(device)

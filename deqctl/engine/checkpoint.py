@@ -22,7 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import recipe as recipes
+from ..data import DataInfo
 from ..models import DEQModel, build_model
+from .bundle import bundle_metadata, read_bundle
 
 
 class CheckpointError(ValueError):
@@ -113,11 +115,42 @@ def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.
     return rebuild(recipe, meta["data_info"], state, folder, device), recipe, meta
 
 
+def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu"
+               ) -> tuple[DEQModel, recipes.Recipe, DataInfo]:
+    """Return (model in eval mode, resolved recipe, data description) for a run directory,
+    a checkpoint folder, a checkpoint's model.safetensors or a `deqctl export --format
+    safetensors` file. `overrides` (key=value) apply to the stored recipe.
+
+    Raises CheckpointError (one line) for anything else.
+    """
+    p = Path(path)
+    if p.is_file():
+        if p.suffix in (".pt2", ".onnx"):
+            raise CheckpointError(
+                f"{p}: deqctl.load reads run dirs, checkpoints and .safetensors exports; "
+                f"open a .pt2 with torch.export.load(path).module(), an .onnx with onnxruntime")
+        try:
+            is_bundle = bundle_metadata(p) is not None
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        if not is_bundle:        # a checkpoint's own model.safetensors: load its folder
+            return open_model(p.parent, overrides, device)
+        state, recipe, info = read_bundle(p, overrides)
+        return rebuild(recipe, info, state, p, device), recipe, DataInfo.from_dict(info)
+    model, recipe, meta = load_model(p, list(overrides), device=device)
+    return model, recipe, model.info
+
+
 def rebuild(recipe: recipes.Recipe, data_info: dict, state: dict[str, torch.Tensor],
             where: Path, device: str | torch.device = "cpu") -> DEQModel:
-    """Build the recipe's model and load `state` into it (eval mode, on `device`);
-    CheckpointError naming `where` when the weights do not fit the model."""
-    model = build_model(recipe, data_info)
+    """Build the recipe's model for the stored data description (DataInfo.as_dict()) and
+    load `state` into it (eval mode, on `device`); CheckpointError naming `where` when the
+    description or the weights do not fit the model."""
+    try:
+        info = DataInfo.from_dict(data_info)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{where}: stored data description is unreadable ({exc})") from None
+    model = build_model(recipe, info)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not match the recipe's model "

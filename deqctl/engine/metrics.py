@@ -14,11 +14,14 @@ from ..models import ModelOutput
 from ..solvers import NONFINITE
 
 
-def step_stats(out: ModelOutput, loss: torch.Tensor, targets: torch.Tensor | None) -> dict[str, Any]:
-    """Per-step statistics as device tensors (no host sync) or host numbers."""
+def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tensor]
+               ) -> dict[str, Any]:
+    """Per-step statistics as device tensors (no host sync) or host numbers: the task loss,
+    the task's own statistics (`Task.stats`) and the solver's."""
     fwd, bwd = out.info.forward, out.info.backward
     stats: dict[str, Any] = {
         "loss": loss.detach().float(),
+        **{k: v.detach().float() for k, v in task.items()},
         "n": int(fwd.sample_nfe.numel()),
         "fwd_nfe": fwd.sample_nfe.float().mean(),
         "fwd_nfe_max": fwd.nfe,
@@ -29,8 +32,6 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, targets: torch.Tensor | Non
         "nonfinite": (fwd.status == NONFINITE).sum(),
         "fallbacks": fwd.fallbacks.sum(),
     }
-    if targets is not None and out.out.dim() == 2:
-        stats["correct"] = (out.out.argmax(dim=1) == targets).sum()
     if out.info.jac_loss is not None:   # ||df/dz||_F^2 / dim, on the steps that estimate it
         stats["jac_loss"] = out.info.jac_loss.detach().float()
     if bwd is not None:
@@ -47,7 +48,7 @@ class Accumulator:
     """Collects step statistics and reduces them to one metrics row with a single sync."""
 
     MAX = ("fwd_nfe_max", "fwd_rel_residual_max", "bwd_rel_residual_max")
-    SUM = ("nonfinite", "fallbacks", "correct", "n")
+    SUM = ("nonfinite", "fallbacks", "n")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
@@ -82,8 +83,6 @@ class Accumulator:
         if "fwd_converged" in out:   # the interval's worst stop reason, as the table shows it
             out["fwd_stop"] = ("nonfinite" if out.get("nonfinite") else
                                "conv" if out["fwd_converged"] >= 1 else "max_iter")
-        if "correct" in out:
-            out["accuracy"] = out.pop("correct") / max(out["n"], 1)
         self.rows = []
         return out
 

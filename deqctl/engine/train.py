@@ -18,11 +18,12 @@ from typing import Any, Protocol
 import torch
 
 from .. import recipe as recipes
-from ..data import build_data, iterate_batches, num_batches
-from ..models import build_model
+from ..data import DataError, build_data, iterate_batches, num_batches
+from ..models import ModelOutput, build_model
+from ..tasks import Task, task_for
 from . import checkpoint
 from .device import pick_device
-from .evaluate import evaluate, objective
+from .evaluate import evaluate
 from .metrics import Accumulator, JsonlSink, step_stats
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
@@ -31,6 +32,7 @@ from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_
 class View(Protocol):
     def log(self, row: dict) -> None: ...
     def event(self, text: str) -> None: ...
+    def set_task(self, task: Task) -> None: ...
     def set_total(self, total_steps: int) -> None: ...
     def advance(self, step: int) -> None: ...
 
@@ -86,6 +88,19 @@ class _StopOnSignal:
             signal.signal(signal.SIGINT, self._old)
 
 
+def objective(task: Task, out: ModelOutput, y: torch.Tensor, jac_weight: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (training loss, task loss): the task loss plus fixed-point corrections and
+    Jacobian regularisation, and the task loss alone (what the metrics report)."""
+    task_loss = task.loss(out.out, y)
+    loss = task_loss
+    for weight, earlier in out.corrections:
+        loss = loss + weight * task.loss(earlier, y)
+    if out.info.jac_loss is not None:
+        loss = loss + jac_weight * out.info.jac_loss
+    return loss, task_loss
+
+
 def train(recipe: recipes.Recipe, run_dir: Path, view: View,
           resume: Path | None = None) -> TrainResult:
     """Train per `recipe`, writing recipe.yaml, metrics.jsonl and checkpoints into run_dir."""
@@ -97,8 +112,14 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     device, reason = pick_device(recipe.runtime.device)
     view.event(f"device: {device} ({reason})")
     data = build_data(recipe.data)
+    if data.train is None:
+        raise DataError(f"{data.info.name} has no training split")
+    for note in data.notes:
+        view.event(note)
     info = data.info.as_dict()
-    model = build_model(recipe, info).to(device)
+    task = task_for(data.info)
+    view.set_task(task)
+    model = build_model(recipe, data.info).to(device)
     opt = build_optimizer(model.parameters(), recipe.optim)
     nb = num_batches(data.train, recipe.data.batch_size, drop_last=False)
     total = total_steps(recipe, nb)
@@ -127,7 +148,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         return folder
 
     def run_eval() -> dict[str, Any]:
-        row = evaluate(model, data.test, recipe.data.eval_batch_size, device=device)
+        row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device)
         row = {"step": at.step, "epoch": at.step / nb, **row}
         sink.write(row)
         view.log(row)
@@ -149,14 +170,15 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                     group["lr"] = lr
                 with amp:
                     out = model.run(x)
-                    loss, task_loss = objective(out, y, jac_weight)
+                    loss, task_loss = objective(task, out, y, jac_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 _drop_nonfinite_grads(model, loss)
                 if recipe.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 opt.step()
-                acc.add(step_stats(out, task_loss, y))
+                with torch.no_grad():
+                    acc.add(step_stats(out, task_loss, task.stats(out.out, x, y)))
                 at.step, at.pos = at.step + 1, at.pos + 1
                 epoch_done = at.pos == nb
                 if epoch_done:
@@ -164,7 +186,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                 view.advance(at.step)
 
                 if at.step % recipe.train.log_every == 0 or at.step == total or stop.requested:
-                    row = acc.reduce()   # sync point
+                    row = task.finish(acc.reduce())   # sync point
                     now = time.perf_counter()
                     steps = at.step - last_ok
                     row = {"step": at.step, "epoch": at.step / nb, "split": "train", "lr": lr,

@@ -5,12 +5,11 @@ ONNX support is optional (`pip install 'deqctl[export]'`); nothing here imports 
 until an ONNX export is asked for.
 """
 
-from .bundle import bundle_metadata, read_bundle, save_bundle
 from .fold import fold_norms
 from .formats import ExportFailed, MissingDependency, require_onnx, write_onnx, write_pt2
 from .parity import Parity, compare
 from .unroll import UNROLLABLE, Unrolled, calibrate_iters
 
-__all__ = ["bundle_metadata", "read_bundle", "save_bundle", "fold_norms", "ExportFailed",
+__all__ = ["fold_norms", "ExportFailed",
            "MissingDependency", "require_onnx", "write_onnx", "write_pt2", "Parity",
            "compare", "UNROLLABLE", "Unrolled", "calibrate_iters"]

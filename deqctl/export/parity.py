@@ -1,5 +1,5 @@
 """Parity of an exported artefact against the eager DEQ: how far its outputs are and how
-often its predictions agree, with the thresholds a user sets."""
+often its predictions agree (as the task defines agreement), with the thresholds a user sets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..inspect.task import predictions
+from ..tasks import Task
 
 
 @dataclass
@@ -16,7 +16,7 @@ class Parity:
 
     n: int
     max_abs_diff: float        # max |out_artefact - out_eager| over the batch
-    agreement: float           # fraction of equal predictions (argmax)
+    agreement: float           # fraction of predictions that agree (Task.agree)
     export_error: float        # max |out_artefact - out_unrolled_torch|: the exporter's share
     scale: float = 1.0         # max |out_eager|, what "small" is measured against
 
@@ -41,7 +41,7 @@ class Parity:
         return out
 
 
-def compare(eager: torch.Tensor, candidate: torch.Tensor,
+def compare(task: Task, eager: torch.Tensor, candidate: torch.Tensor,
             unrolled: torch.Tensor | None = None) -> Parity:
     """Return the Parity of `candidate` outputs against `eager` ones (same batch); with
     `unrolled` (the torch module that was exported), also the exporter's own error."""
@@ -50,7 +50,7 @@ def compare(eager: torch.Tensor, candidate: torch.Tensor,
         raise ValueError(f"output shapes differ: eager {tuple(eager.shape)}, "
                          f"exported {tuple(candidate.shape)}")
     diff = float((candidate - eager).abs().max()) if eager.numel() else 0.0
-    agree = float((predictions(candidate) == predictions(eager)).float().mean())
+    agree = float(task.agree(candidate, eager).float().mean())
     err = 0.0 if unrolled is None else float((candidate - unrolled.detach().float().cpu()).abs().max())
     scale = float(eager.abs().max()) if eager.numel() else 1.0
     return Parity(n=eager.shape[0], max_abs_diff=diff, agreement=agree, export_error=err,

@@ -13,9 +13,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..implicit import run_solver
+from ..implicit import SolveSpec
 from ..models import DEQModel
-from ..recipe import SolverSettings
 
 UNROLLABLE = ("fixed_point", "anderson")
 
@@ -39,12 +38,9 @@ class Unrolled(nn.Module):
         self.damping, self.m, self.lam, self.beta = float(damping), int(m), float(lam), float(beta)
 
     @classmethod
-    def from_settings(cls, model: DEQModel, iters: int, s: SolverSettings) -> "Unrolled":
-        """Return the unrolled model for solver settings `s` (its solver and knobs)."""
-        if s.solver == "anderson":
-            k = s.anderson
-            return cls(model, iters, "anderson", m=k.m, lam=k.lam, beta=k.beta)
-        return cls(model, iters, s.solver, damping=s.fixed_point.damping)
+    def from_spec(cls, model: DEQModel, iters: int, s: SolveSpec) -> "Unrolled":
+        """Return the unrolled model for the solve settings `s` (its solver and knobs)."""
+        return cls(model, iters, s.solver, **s.options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.model.inject(x)
@@ -55,7 +51,7 @@ class Unrolled(nn.Module):
                 z = fz if self.damping == 1.0 else z + self.damping * (fz - z)
         else:
             z = self._anderson(z, u)
-        return self.model.decode(z)
+        return self.model.decode(z, x)
 
     def _anderson(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The steps of deqctl.solvers.anderson, without early stopping: keep the last m
@@ -112,7 +108,7 @@ def _solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_iters(model: DEQModel, x: torch.Tensor, s: SolverSettings) -> tuple[int, float]:
+def calibrate_iters(model: DEQModel, x: torch.Tensor, s: SolveSpec) -> tuple[int, float]:
     """Return (solver updates the settings `s` take on x, fraction of samples converged).
 
     The library's N-th evaluation measures the residual of the iterate z_{N-1}, which it
@@ -123,6 +119,5 @@ def calibrate_iters(model: DEQModel, x: torch.Tensor, s: SolverSettings) -> tupl
     u = model.inject(x)
     z0 = model.init_state(u)
     # check every evaluation, whole batch: the count must be exact, not rounded up
-    exact = s.model_copy(update={"check_every": 1, "compact": False})
-    res = run_solver(lambda z: model.cell(z, u), z0, exact)
+    res = s.but(check_every=1, compact=False).run(lambda z: model.cell(z, u), z0)
     return max(res.nfe - 1, 1), float(res.converged.float().mean())

@@ -1,23 +1,28 @@
 """The DEQ layer: solve z* = f(z*, u) without a graph, then attach gradients by one of
 three rules (implicit differentiation, phantom gradients, Jacobian-free backprop).
 
+    deq = DEQ(solver="anderson", max_iter=30, tol=1e-4, backward="ift")
+    z, info = deq(cell, u, z0)          # cell(z, u) -> tensor shaped like z
+
 Memory stays independent of the number of solver iterations: the forward solve runs under
 no_grad, and only one (ift, jfb) or k (phantom) applications of f are recorded.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..recipe import DEQSettings, SolverSettings
-from ..solvers import SolveResult, solve
+from ..solvers import SolveResult
+from .spec import SolveSpec
 
 Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+BACKWARD_MODES = ("ift", "phantom", "jfb")
 
 
 @dataclass
@@ -29,12 +34,6 @@ class DEQInfo:
     corrections: list[tuple[float, torch.Tensor]] = field(default_factory=list)
     jac_loss: torch.Tensor | None = None
     backward_steps: int | None = None    # phantom / jfb: the fixed cost of their backward
-
-
-def run_solver(f: Callable, z0: torch.Tensor, s: SolverSettings, **extra) -> SolveResult:
-    """Solve with the settings of one recipe block (forward, backward or eval)."""
-    return solve(f, z0, s.solver, tol=s.tol, max_iter=s.max_iter, stop_mode=s.stop_mode,
-                 **s.knobs(), **extra)
 
 
 def cell_map(cell: Cell, u: torch.Tensor) -> Callable:
@@ -56,10 +55,10 @@ def adjoint_map(z_out: torch.Tensor, z_in: torch.Tensor, grad: torch.Tensor) -> 
 
 
 def adjoint_solve(z_out: torch.Tensor, z_in: torch.Tensor, grad: torch.Tensor,
-                  s: SolverSettings) -> SolveResult:
-    """Solve y = J^T y + grad with the backward settings `s`."""
+                  spec: SolveSpec) -> SolveResult:
+    """Solve y = J^T y + grad with the backward settings `spec`."""
     # Start at grad, where the first step from y = 0 would land: saves one VJP.
-    return run_solver(adjoint_map(z_out, z_in, grad), grad, s.model_copy(update={"compact": False}))
+    return spec.but(compact=False).run(adjoint_map(z_out, z_in, grad), grad)
 
 
 def hutchinson_jacobian_sq(f_out: torch.Tensor, z_in: torch.Tensor, samples: int = 1,
@@ -76,30 +75,90 @@ def hutchinson_jacobian_sq(f_out: torch.Tensor, z_in: torch.Tensor, samples: int
     return total / samples
 
 
+def _check(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"DEQ: {name} must be {expected}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class DEQ(nn.Module):
-    """Fixed-point layer configured by a recipe's `deq` block.
+    """Fixed-point layer, configured by plain keyword arguments.
+
+    Forward solve: `solver`, `max_iter`, `tol`, `stop_mode` ("abs" | "rel"),
+    `solver_options` (the solver's knobs, e.g. {"m": 5}), `check_every`, `compact`.
+    Gradient: `backward` = "ift" (implicit, solving y = J^T y + g with `backward_solver`,
+    `backward_max_iter`, `backward_tol`, ...), "phantom" (`phantom_steps` damped steps of
+    f with `phantom_tau`, differentiated) or "jfb" (one step of f, differentiated).
+    Test time (eval mode): `eval_solver`, `eval_max_iter`, `eval_tol`, `eval_stop_mode`;
+    unset ones inherit the forward settings. Training extras: `jacobian_reg` (weight of
+    a Hutchinson estimate of ||df/dz||_F^2 / dim, returned in info.jac_loss for the caller to
+    add to its loss) every `jacobian_every` calls; `fp_correction` earlier solver states
+    returned in info.corrections with weights `fp_gamma`^k.
 
     Call as `z, info = deq(cell, u, z0)`; `cell(z, u)` must return a tensor shaped like z.
     """
 
-    def __init__(self, settings: DEQSettings):
+    def __init__(self, *, solver: str = "anderson", max_iter: int = 30, tol: float = 1e-3,
+                 stop_mode: str = "rel", solver_options: Mapping[str, Any] | None = None,
+                 check_every: int | None = None, compact: bool = False,
+                 backward: str = "ift", backward_solver: str = "fixed_point",
+                 backward_max_iter: int = 30, backward_tol: float = 1e-4,
+                 backward_stop_mode: str = "rel",
+                 backward_options: Mapping[str, Any] | None = None,
+                 phantom_steps: int = 5, phantom_tau: float = 0.5,
+                 eval_solver: str | None = None, eval_max_iter: int | None = None,
+                 eval_tol: float | None = None, eval_stop_mode: str | None = None,
+                 eval_options: Mapping[str, Any] | None = None,
+                 jacobian_reg: float = 0.0, jacobian_every: int = 1, jacobian_samples: int = 1,
+                 fp_correction: int = 0, fp_gamma: float = 0.8):
         super().__init__()
-        self.settings = settings
+        _check("backward", backward, backward in BACKWARD_MODES,
+               f"one of {', '.join(BACKWARD_MODES)}")
+        _check("phantom_steps", phantom_steps, _is_int(phantom_steps) and phantom_steps >= 1,
+               "an integer >= 1")
+        _check("phantom_tau", phantom_tau, 0 < phantom_tau <= 1, "in (0, 1]")
+        _check("jacobian_reg", jacobian_reg,
+               isinstance(jacobian_reg, (int, float)) and math.isfinite(jacobian_reg)
+               and jacobian_reg >= 0, "a finite number >= 0")
+        for name, v in (("jacobian_every", jacobian_every), ("jacobian_samples", jacobian_samples)):
+            _check(name, v, _is_int(v) and v >= 1, "an integer >= 1")
+        _check("fp_correction", fp_correction, _is_int(fp_correction) and fp_correction >= 0,
+               "an integer >= 0")
+        _check("fp_gamma", fp_gamma, 0 < fp_gamma <= 1, "in (0, 1]")
+        try:
+            self.fwd_spec = SolveSpec(solver, max_iter, tol, stop_mode, solver_options or {},
+                                      check_every, compact)
+            self.bwd_spec = SolveSpec(backward_solver, backward_max_iter, backward_tol,
+                                      backward_stop_mode, backward_options or {}, check_every)
+            same = eval_solver in (None, solver)
+            self.eval_spec = SolveSpec(
+                eval_solver or solver, eval_max_iter or max_iter, eval_tol or tol,
+                eval_stop_mode or stop_mode,
+                eval_options if eval_options is not None else (solver_options or {}) if same else {},
+                check_every, compact)
+        except ValueError as exc:
+            raise ValueError(f"DEQ: {exc}") from None
+        self.backward_mode, self.phantom_steps, self.phantom_tau = backward, phantom_steps, phantom_tau
+        self.jacobian_reg, self.jacobian_every = float(jacobian_reg), jacobian_every
+        self.jacobian_samples = jacobian_samples
+        self.fp_correction, self.fp_gamma = fp_correction, fp_gamma
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
     def forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
-                solver: SolverSettings | None = None) -> tuple[torch.Tensor, DEQInfo]:
-        """Return (z, info): z is the fixed point with gradients attached per deq.backward."""
-        s = self.settings
-        fwd = solver or (s.forward if self.training else s.eval_settings())
+                solver: SolveSpec | None = None) -> tuple[torch.Tensor, DEQInfo]:
+        """Return (z, info): z is the fixed point with gradients attached per `backward`;
+        `solver` replaces the forward (training) or eval settings for this call."""
+        fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
         snapshots = self._snapshot_points(fwd) if self.training else ()
 
-        f = cell_map(cell, u)
         # cached(): weight/spectral norm are computed once per solve, not once per f call,
         # and spectral norm's power iteration cannot change f halfway through a solve.
         with torch.no_grad(), parametrize.cached():
-            res = run_solver(f, z0, fwd, snapshot_at=snapshots)
+            res = fwd.run(cell_map(cell, u), z0, snapshot_at=snapshots)
         info = DEQInfo(forward=res)
         if self.training:
             self._last_nfe = res.nfe
@@ -107,44 +166,39 @@ class DEQ(nn.Module):
             return res.z, info
 
         z_star = res.z.detach()
-        bwd = s.backward
-        jac_due = self.training and self._jac_due()
-        if bwd.mode != "ift":
-            info.backward_steps = bwd.phantom_steps if bwd.mode == "phantom" else 1
-        if bwd.mode == "phantom":
+        if self.backward_mode == "phantom":
+            info.backward_steps = self.phantom_steps
             z_out = z_star
-            for _ in range(bwd.phantom_steps):
-                z_out = (1 - bwd.phantom_tau) * z_out + bwd.phantom_tau * cell(z_out, u)
+            for _ in range(self.phantom_steps):
+                z_out = (1 - self.phantom_tau) * z_out + self.phantom_tau * cell(z_out, u)
         else:   # one application of f recorded at z* (z* itself needs a gradient for ift)
-            z_in = z_star.requires_grad_(bwd.mode == "ift" or jac_due)
+            z_in = z_star.requires_grad_(self.backward_mode == "ift")
             z_out = cell(z_in, u)
-        if jac_due:
-            if bwd.mode == "phantom":
-                z_in = z_star.clone().requires_grad_()
-                f_in = cell(z_in, u)
+            if self.backward_mode == "ift":
+                self._attach_ift(z_out, z_in, info)
             else:
-                f_in = z_out
-            # Before the IFT hook exists: the hook fires on any gradient through z_out,
-            # including these probe products.
+                info.backward_steps = 1
+        if self.training and self._jac_due():
+            # A separate application of f: the estimate's gradient must reach the weights
+            # directly, never through z_out, whose IFT hook would send it through the
+            # adjoint solve (cells whose last op saves its output, e.g. tanh, route it there).
+            z_probe = z_star.detach().requires_grad_()
             info.jac_loss = hutchinson_jacobian_sq(
-                f_in, z_in, s.jacobian_reg.samples).mean() / z_in[0].numel()
-        if bwd.mode == "ift":
-            self._attach_ift(z_out, z_in, info)
+                cell(z_probe, u), z_probe, self.jacobian_samples).mean() / z_probe[0].numel()
         if self.training:
-            gamma, k = s.fp_correction.gamma, len(res.snapshots)
+            k = len(res.snapshots)
             for i, (_, z_k) in enumerate(sorted(res.snapshots.items())):
-                info.corrections.append((gamma ** (k - i), cell(z_k.detach(), u)))
+                info.corrections.append((self.fp_gamma ** (k - i), cell(z_k.detach(), u)))
             self.step += 1
         return z_out, info
 
     def _jac_due(self) -> bool:
-        reg = self.settings.jacobian_reg
-        return reg.weight > 0 and self.step % reg.every == 0
+        return self.jacobian_reg > 0 and self.step % self.jacobian_every == 0
 
-    def _snapshot_points(self, fwd: SolverSettings) -> tuple[int, ...]:
+    def _snapshot_points(self, fwd: SolveSpec) -> tuple[int, ...]:
         """Evaluation counts at which to keep iterates for fixed-point correction,
         spread evenly over the previous training solve's length."""
-        k = self.settings.fp_correction.states
+        k = self.fp_correction
         if k == 0:
             return ()
         span = min(self._last_nfe or fwd.max_iter, fwd.max_iter)
@@ -152,12 +206,22 @@ class DEQ(nn.Module):
 
     def _attach_ift(self, z_out: torch.Tensor, z_in: torch.Tensor, info: DEQInfo) -> None:
         """Replace the incoming gradient g by the solution of y = J^T y + g (J = df/dz at z*),
-        so back-propagating y through the single recorded f gives the implicit gradient."""
-        bwd = self.settings.backward
+        so back-propagating y through the single recorded f gives the implicit gradient.
+
+        The hook stays for every backward through a retained graph; it only steps aside
+        for the vector-Jacobian products of its own adjoint solve, which pass through z_out.
+        """
+        inside = False
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            handle.remove()  # the vector-Jacobian products below must not re-enter this hook
-            info.backward = adjoint_solve(z_out, z_in, grad, bwd)
+            nonlocal inside
+            if inside:
+                return grad
+            inside = True
+            try:
+                info.backward = adjoint_solve(z_out, z_in, grad, self.bwd_spec)
+            finally:
+                inside = False
             return info.backward.z
 
-        handle = z_out.register_hook(hook)
+        z_out.register_hook(hook)

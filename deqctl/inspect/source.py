@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import torch
 
 from .. import recipe as recipes
-from ..api import load_with_recipe
-from ..data import DataBundle, DataError, Split, build_data, iterate_batches
+from ..data import DataBundle, DataInfo, Split, build_data, iterate_batches
+from ..engine.checkpoint import open_model
 from ..engine.device import pick_device
 from ..models import DEQModel, build_model
+from ..tasks import Task, task_for
 
 # A trained model's weights fix its architecture and training; test time may change only
 # what data it sees, how hard its fixed point is solved, and where it runs.
@@ -27,42 +26,31 @@ class Source:
 
     model: DEQModel                 # eval mode, on `device`
     recipe: recipes.Recipe          # overrides applied
-    data_info: dict[str, Any]
+    info: DataInfo                  # what the model was built for
     device: torch.device
     device_reason: str
     label: str                      # what was loaded, for headers
     _data: DataBundle | None = field(default=None, repr=False)
 
+    @property
+    def task(self) -> Task:
+        return task_for(self.info)
+
     def data(self) -> DataBundle:
         """Return the recipe's data (built on first call: a trained model may be
-        inspected without ever touching its dataset)."""
+        inspected without ever touching its dataset), tokenized and checked for the model."""
         if self._data is None:
-            data = build_data(self.recipe.data)
-            _check_fits(data.info.as_dict(), self.data_info)
-            self._data = data
+            self._data = build_data(self.recipe.data, like=self.info)
         return self._data
 
     def split(self, name: str) -> Split:
-        """Return the named split ("test" or "val"); DataError when the data has none."""
-        bundle = self.data()
-        split = bundle.test if name == "test" else getattr(bundle, name, None)
-        if split is None:
-            raise DataError(f"{bundle.info.name} has no {name} split; use --split test")
-        return split
+        """Return the named split; DataError when the data has none."""
+        return self.data().split(name)
 
     def batch(self, split: str = "test", n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the first `n` samples of a split as (inputs, targets) on the device."""
         return next(iter(iterate_batches(self.split(split), n, shuffle=False,
                                          device=self.device)))
-
-
-def _check_fits(new: dict[str, Any], trained: dict[str, Any]) -> None:
-    """Raise DataError unless data of shape `new` can feed a model trained on `trained`."""
-    keys = ("kind", "channels", "height", "width", "num_classes", "vocab_size")
-    diff = [f"{k} {new.get(k)} vs {trained.get(k)}" for k in keys if new.get(k) != trained.get(k)]
-    if diff:
-        raise DataError(f"data {new['name']} does not fit a model trained on {trained['name']} "
-                        f"({', '.join(diff)})")
 
 
 def check_overrides(overrides: list[str], allowed: tuple[str, ...] = EVAL_OVERRIDES) -> None:
@@ -98,17 +86,16 @@ def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bo
         _apply_threads(recipe)
         data = build_data(recipe.data)
         torch.manual_seed(recipe.seed)       # the same untrained weights on every call
-        info = data.info.as_dict()
-        model = build_model(recipe, info).eval()
+        model = build_model(recipe, data.info).eval()
         label = f"untrained model from recipe {path}"
     else:
         check_overrides(overrides)
-        model, recipe, info = load_with_recipe(path, overrides)
+        model, recipe, _ = open_model(path, overrides)
         _apply_threads(recipe)
         data = None
         label = f"{path}"
     device, reason = pick_device(recipe.runtime.device)
-    return Source(model.to(device), recipe, info, device, reason, label, data)
+    return Source(model.to(device), recipe, model.info, device, reason, label, data)
 
 
 def _apply_threads(recipe: recipes.Recipe) -> None:

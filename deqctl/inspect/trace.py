@@ -11,15 +11,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.nn.utils import parametrize
 
-from ..engine.evaluate import criterion
-from ..implicit import adjoint_map, cell_map, run_solver
+from ..implicit import SolveSpec, adjoint_map, cell_map
 from ..models import DEQModel
-from ..recipe import SolverSettings
+from ..tasks import Task
 from .spectral import linear_rate, spectral_radius
 
 
@@ -57,12 +56,12 @@ class TraceReport:
     """Everything `deqctl solve-trace` shows; `to_json()` is its --json file."""
 
     batch: int
-    forward_settings: SolverSettings
+    forward_settings: SolveSpec
     forward: dict[str, SolverTrace]
     spectral_radius: torch.Tensor            # (B,) at the best forward solution
     spectral_from: str                       # which solver's z* it was measured at
     fixed_point_rate: torch.Tensor | None    # (B,) observed, None without fixed_point
-    backward_settings: SolverSettings | None = None
+    backward_settings: SolveSpec | None = None
     backward: dict[str, SolverTrace] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -84,10 +83,9 @@ class TraceReport:
         return out
 
 
-def compare_solvers(f: Callable, z0: torch.Tensor, base: SolverSettings,
-                    solvers: list[str]) -> dict[str, SolverTrace]:
-    """Run each named solver on z = f(z) from the same z0 with `base`'s tol, max_iter,
-    stop mode and knobs; return {name: SolverTrace}.
+def compare_solvers(f: Callable, z0: torch.Tensor, specs: Sequence[SolveSpec]
+                    ) -> dict[str, SolverTrace]:
+    """Run each solve spec on z = f(z) from the same z0; return {solver: SolverTrace}.
 
     Convergence is checked after every evaluation (check_every=1), so NFE and time to tol
     are exact rather than rounded up to a check interval.
@@ -95,11 +93,11 @@ def compare_solvers(f: Callable, z0: torch.Tensor, base: SolverSettings,
     with torch.no_grad():
         f(z0)   # warm-up (first-call allocations, cached weights) outside every timing
     out = {}
-    for name in solvers:
-        s = base.model_copy(update={"solver": name, "check_every": 1})
+    for s in specs:
+        name = s.solver
         _sync(z0)
         start = time.perf_counter()
-        res = run_solver(f, z0, s, trace=True)
+        res = s.but(check_every=1).run(f, z0, trace=True)
         _sync(z0)
         elapsed = time.perf_counter() - start
         conv = float(res.converged.float().mean())
@@ -114,11 +112,12 @@ def compare_solvers(f: Callable, z0: torch.Tensor, base: SolverSettings,
     return out
 
 
-def trace_model(model: DEQModel, x: torch.Tensor, y: torch.Tensor, solvers: list[str],
-                forward: SolverSettings, backward: SolverSettings | None = None,
+def trace_model(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
+                forward: Sequence[SolveSpec], backward: Sequence[SolveSpec] = (),
                 power_iters: int = 100) -> TraceReport:
-    """Trace `model`'s fixed-point solve on the batch (x, y) with each solver; with
-    `backward`, also the adjoint solve y = J^T y + dL/dz at z*. Returns a TraceReport."""
+    """Trace `model`'s fixed-point solve on the batch (x, y) with each forward spec (one
+    per solver, sharing max_iter, tol and stop mode); with `backward` specs, also the
+    adjoint solve y = J^T y + dL/dz at z*. Returns a TraceReport."""
     model.eval()
     with torch.no_grad():
         u = model.inject(x)
@@ -127,35 +126,35 @@ def trace_model(model: DEQModel, x: torch.Tensor, y: torch.Tensor, solvers: list
     f = cell_map(model.cell, u)
     # cached(): the normalised weights are computed once, not on every f call.
     with parametrize.cached():
-        fwd = compare_solvers(f, z0, forward, solvers)
+        fwd = compare_solvers(f, z0, forward)
         best = min(fwd.values(), key=lambda t: (-t.converged, _finite(t.rel_residual)))
         z_star = best.z
         rho = spectral_radius(lambda z: model.cell(z, u), z_star, iters=power_iters)
         rate = None
         if "fixed_point" in fwd:
             rate = linear_rate(fwd["fixed_point"].trace_abs)
-        report = TraceReport(batch=x.shape[0], forward_settings=forward, forward=fwd,
+        report = TraceReport(batch=x.shape[0], forward_settings=forward[0], forward=fwd,
                              spectral_radius=rho.detach().cpu(), spectral_from=best.name,
                              fixed_point_rate=rate)
-        if backward is not None:
-            report.backward_settings = backward
-            report.backward = _trace_adjoint(model, u, z_star, y, solvers, backward)
+        if backward:
+            report.backward_settings = backward[0]
+            report.backward = _trace_adjoint(model, task, x, u, z_star, y, backward)
     return report
 
 
-def _trace_adjoint(model: DEQModel, u: torch.Tensor, z_star: torch.Tensor, y: torch.Tensor,
-                   solvers: list[str], settings: SolverSettings) -> dict[str, SolverTrace]:
+def _trace_adjoint(model: DEQModel, task: Task, x: torch.Tensor, u: torch.Tensor,
+                   z_star: torch.Tensor, y: torch.Tensor, specs: Sequence[SolveSpec]
+                   ) -> dict[str, SolverTrace]:
     """Trace the implicit-gradient solve y = J^T y + g, g = dL/dz at z*, as the DEQ
     layer's IFT backward does (one recorded f, vector-Jacobian products against it)."""
     z_in = z_star.detach().clone().requires_grad_()
     z_dec = z_star.detach().clone().requires_grad_()
     with torch.enable_grad():
         z_out = model.cell(z_in, u)
-        (g,) = torch.autograd.grad(criterion(model.decode(z_dec), y), z_dec)
+        (g,) = torch.autograd.grad(task.loss(model.decode(z_dec, x), y), z_dec)
 
     # from where the layer's adjoint solve starts (implicit.adjoint_solve), never compacted
-    return compare_solvers(adjoint_map(z_out, z_in, g), g,
-                           settings.model_copy(update={"compact": False}), solvers)
+    return compare_solvers(adjoint_map(z_out, z_in, g), g, [s.but(compact=False) for s in specs])
 
 
 # --- small helpers ---------------------------------------------------------------------
@@ -193,10 +192,8 @@ def _finite(v: float) -> float:
     return v if math.isfinite(v) else float("inf")
 
 
-def _settings(s: SolverSettings | None) -> dict[str, Any] | None:
-    if s is None:
-        return None
-    return {"max_iter": s.max_iter, "tol": s.tol, "stop_mode": s.stop_mode}
+def _settings(s: SolveSpec | None) -> dict[str, Any] | None:
+    return None if s is None else {k: v for k, v in s.as_dict().items() if k != "solver"}
 
 
 def _sync(t: torch.Tensor) -> None:

@@ -10,26 +10,35 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..implicit import DEQ, DEQInfo
-from ..recipe import DEQSettings, SolverSettings
+from ..data import DataInfo
+from ..implicit import DEQ, DEQInfo, SolveSpec
 
 
 @dataclass
 class ModelOutput:
     """Everything a training step needs from one forward pass."""
 
-    out: torch.Tensor                                # logits of the fixed point
+    out: torch.Tensor                                # the output at the fixed point
     info: DEQInfo
-    corrections: list[tuple[float, torch.Tensor]]   # (weight, logits) of earlier solver states
+    corrections: list[tuple[float, torch.Tensor]]   # (weight, output) of earlier solver states
 
 
 class DEQModel(nn.Module):
-    """Base class: `forward(x)` returns the model's output; `run(x)` also returns stats."""
+    """Base class: `forward(x)` returns the model's output; `run(x)` also returns stats.
 
-    def __init__(self, deq: DEQSettings):
+    `inputs` and `tasks` name what a model accepts (DataInfo.inputs, DataInfo.task);
+    `dynamic_length` says whether it takes sequences of any length (export).
+    """
+
+    inputs: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    dynamic_length: bool = False
+
+    def __init__(self, info: DataInfo, deq: DEQ, warm_start: bool = False):
         super().__init__()
-        self.deq = DEQ(deq)
-        self.warm_start = deq.warm_start
+        self.info = info
+        self.deq = deq
+        self.warm_start = warm_start
         self._warm: torch.Tensor | None = None
 
     # -- the four pieces a model defines ------------------------------------------------
@@ -45,12 +54,13 @@ class DEQModel(nn.Module):
         """The solver's starting point z0 (zeros by default)."""
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Map a (fixed-point) state to the model's output."""
+    def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Map a (fixed-point) state to the model's output; `x` is the raw input (a
+        forecast may continue from its last value)."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, solver: SolverSettings | None = None) -> ModelOutput:
+    def run(self, x: torch.Tensor, solver: SolveSpec | None = None) -> ModelOutput:
         """Forward pass with solver statistics; `solver` overrides the recipe's settings."""
         # One set of normalised weights per pass, made with their graph before the no-grad
         # solve reads them: the map differentiated is then exactly the map solved (spectral
@@ -62,7 +72,7 @@ class DEQModel(nn.Module):
                         getattr(module, name)
             return self._run(x, solver)
 
-    def _run(self, x: torch.Tensor, solver: SolverSettings | None) -> ModelOutput:
+    def _run(self, x: torch.Tensor, solver: SolveSpec | None) -> ModelOutput:
         u = self.inject(x)
         z0 = self.init_state(u)
         if self.training and self.warm_start and self._warm is not None \
@@ -71,8 +81,8 @@ class DEQModel(nn.Module):
         z, info = self.deq(self.cell, u, z0, solver=solver)
         if self.training and self.warm_start:
             self._warm = info.forward.z.detach()
-        corrections = [(w, self.decode(zk)) for w, zk in info.corrections]
-        return ModelOutput(self.decode(z), info, corrections)
+        corrections = [(w, self.decode(zk, x)) for w, zk in info.corrections]
+        return ModelOutput(self.decode(z, x), info, corrections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).out

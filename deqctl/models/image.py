@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..recipe import DEQSettings, ModelSettings
+from ..data import DataInfo
+from ..implicit import DEQ
+from ..recipe import ResNetDEQSettings
 from .base import DEQModel
 from .norms import normalised
 
@@ -59,11 +61,13 @@ def _groups(groups: int, channels: int) -> int:
 class ResNetDEQ(DEQModel):
     """Stem (optionally downsampling) -> DEQ ResNet cell -> pooled linear head."""
 
-    def __init__(self, cfg: ModelSettings, info: dict, deq: DEQSettings):
-        super().__init__(deq)
-        c, ch = info["channels"], cfg.channels
-        self.register_buffer("mean", torch.tensor(info["mean"]).view(1, c, 1, 1))
-        self.register_buffer("std", torch.tensor(info["std"]).view(1, c, 1, 1))
+    inputs, tasks = ("image",), ("classify",)
+
+    def __init__(self, cfg: ResNetDEQSettings, info: DataInfo, deq: DEQ, warm_start: bool = False):
+        super().__init__(info, deq, warm_start)
+        c, ch = info.channels, cfg.channels
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(info.std).view(1, c, 1, 1))
         self.stem = nn.Sequential(
             nn.Conv2d(c, ch, 3, stride=cfg.stem_stride, padding=1, bias=False),
             nn.GroupNorm(_groups(cfg.groups, ch), ch))
@@ -72,7 +76,7 @@ class ResNetDEQ(DEQModel):
         self.head = nn.Sequential(
             nn.GroupNorm(_groups(cfg.groups, ch), ch), nn.AdaptiveAvgPool2d(cfg.head_pool),
             nn.Flatten(),
-            nn.Linear(ch * cfg.head_pool ** 2, info["num_classes"]))
+            nn.Linear(ch * cfg.head_pool ** 2, info.num_classes))
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         u = self.stem((x - self.mean) / self.std)
@@ -85,5 +89,5 @@ class ResNetDEQ(DEQModel):
     def init_state(self, u: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(u)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.head(z)

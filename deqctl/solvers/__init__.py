@@ -19,7 +19,19 @@ from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
 SOLVERS: dict[str, Callable] = {"fixed_point": fixed_point, "anderson": anderson,
                                 "broyden": broyden}
 
-__all__ = ["solve", "SolveResult", "SOLVERS", "CONVERGED", "MAX_ITER", "NONFINITE"]
+__all__ = ["solve", "check_options", "SolveResult", "SOLVERS", "CONVERGED", "MAX_ITER",
+           "NONFINITE"]
+
+
+def check_options(method: str, knobs: dict) -> None:
+    """Raise ValueError unless `method` is a solver and `knobs` are options it takes."""
+    if method not in SOLVERS:
+        raise ValueError(f"unknown solver {method!r} (valid: {', '.join(SOLVERS)})")
+    allowed = [p for p in inspect.signature(SOLVERS[method]).parameters if p not in ("tr", "z")]
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise ValueError(f"solver {method!r} has no option {', '.join(unknown)} "
+                         f"(valid: {', '.join(allowed) or 'none'})")
 
 
 def solve(f: Callable, z0: torch.Tensor, method: str = "anderson", tol: float = 1e-4,
@@ -35,14 +47,8 @@ def solve(f: Callable, z0: torch.Tensor, method: str = "anderson", tol: float = 
     the residual of every evaluation; `snapshot_at` keeps the iterates at those
     evaluation counts (used by fixed-point correction).
     """
-    if method not in SOLVERS:
-        raise ValueError(f"unknown solver {method!r} (valid: {', '.join(SOLVERS)})")
+    check_options(method, knobs)
     run = SOLVERS[method]
-    allowed = [p for p in inspect.signature(run).parameters if p not in ("tr", "z")]
-    unknown = sorted(set(knobs) - set(allowed))
-    if unknown:
-        raise ValueError(f"solver {method!r} has no option {', '.join(unknown)} "
-                         f"(valid: {', '.join(allowed) or 'none'})")
     with torch.no_grad():
         tr = Tracker(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode,
                      check_every=check_every, compact=compact, trace=trace,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from types import TracebackType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping, Sequence
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -25,7 +25,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-MISSING = "-"
+from ..tasks.base import Metric, Task
+from .fmt import (MISSING, _nonfinite, _num, fmt_fixed, fmt_float, fmt_int, fmt_ms, fmt_pair,
+                  fmt_pct, fmt_sci)
 
 # Styles in one place so the table and tests agree on what "highlighted" means.
 STYLE_BAD = "bold red"  # residual above tolerance, non-finite values
@@ -33,90 +35,6 @@ STYLE_WARN = "yellow"  # partial convergence, LS fallbacks
 STYLE_EVAL = "bold cyan"  # evaluation rows
 
 Row = Mapping[str, Any]
-
-
-# --------------------------------------------------------------------------- number formats
-
-
-def _num(v: Any) -> float | None:
-    """Return ``v`` as a float, or None when it is missing or not a number."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _nonfinite(x: float) -> str | None:
-    """Return "nan"/"inf"/"-inf" for non-finite ``x``, else None."""
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return None
-
-
-def _fmt(v: Any, spec: str) -> str:
-    """Return ``v`` formatted with ``spec``, "inf"/"nan" as words, or "-" when missing."""
-    x = _num(v)
-    if x is None:
-        return MISSING
-    return _nonfinite(x) or format(x, spec)
-
-
-def fmt_int(v: Any) -> str:
-    """Return ``v`` rounded to an integer ("120"), or "-"."""
-    return _fmt(v, ".0f")
-
-
-def fmt_float(v: Any, digits: int = 4) -> str:
-    """Return ``v`` with ``digits`` significant digits ("0.3412"), or "-"."""
-    return _fmt(v, f".{digits}g")
-
-
-def fmt_fixed(v: Any, decimals: int = 1) -> str:
-    """Return ``v`` with a fixed number of decimals ("9.4"), or "-"."""
-    return _fmt(v, f".{decimals}f")
-
-
-def fmt_sci(v: Any, digits: int = 1) -> str:
-    """Return ``v`` in scientific notation ("3.1e-04"), or "-"."""
-    return _fmt(v, f".{digits}e")
-
-
-def fmt_pct(v: Any) -> str:
-    """Return a fraction 0..1 as a percentage ("91.2%", exactly 1 -> "100%"), or "-"."""
-    x = _num(v)
-    if x is None:
-        return MISSING
-    bad = _nonfinite(x)
-    if bad:
-        return bad
-    if x == 1.0:
-        return "100%"
-    # 0.9996 must not print as "100.0%": that would hide the one sample that failed.
-    pct = min(x * 100.0, 99.9) if x < 1.0 else x * 100.0
-    return f"{pct:.1f}%"
-
-
-def fmt_ms(seconds: Any) -> str:
-    """Return a duration in seconds as milliseconds ("41", "3.2"), or "-"."""
-    x = _num(seconds)
-    if x is None:
-        return MISSING
-    bad = _nonfinite(x)
-    if bad:
-        return bad
-    ms = x * 1000.0
-    return f"{ms:.0f}" if ms >= 10 else f"{ms:.1f}"
-
-
-def fmt_pair(a: Any, b: Any, fa: Callable[[Any], str], fb: Callable[[Any], str]) -> str:
-    """Return "mean/max" ("9.4/14"); just the mean when max is missing; "-" when both are."""
-    if _num(b) is None:
-        return fa(a)
-    return f"{fa(a)}/{fb(b)}"
 
 
 # --------------------------------------------------------------------------- row checks
@@ -170,33 +88,29 @@ def _notes(row: Row, labelled: bool = False) -> str:
 
 # --------------------------------------------------------------------------- table and line
 
-COLUMNS = ["step", "epoch", "loss", "acc", "lr", "fwd NFE", "fwd res", "conv",
-           "bwd NFE", "bwd res", "ms/step", "samp/s", "notes"]
+SOLVER_COLUMNS = ["lr", "fwd NFE", "fwd res", "conv", "bwd NFE", "bwd res", "ms/step",
+                  "samp/s", "notes"]
 
 
-def metric_name(rows: list[Row]) -> str:
-    """Return "acc" if any row has accuracy, else "bpc" if any has bpc, else "acc"."""
-    if any(_num(r.get("accuracy")) is not None for r in rows):
-        return "acc"
-    if any(_num(r.get("bpc")) is not None for r in rows):
-        return "bpc"
-    return "acc"
+def columns(metrics: Sequence[Metric] = ()) -> list[str]:
+    """Column headers: step, epoch, loss, the task's table metrics, the solver columns."""
+    return ["step", "epoch", "loss", *(m.label for m in metrics if m.column), *SOLVER_COLUMNS]
 
 
 def row_cells(row: Row, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel",
-              metric: str = "acc", ppl: bool = False) -> list[Text]:
-    """Return the styled table cells of one row, in ``COLUMNS`` order (+ "ppl" when asked)."""
+              metrics: Sequence[Metric] = ()) -> list[Text]:
+    """Return the styled table cells of one row, in ``columns(metrics)`` order."""
     fwd_mean, fwd_max, _ = _fwd_residual(row, stop_mode)
     conv = _num(row.get("fwd_converged"))
     nonfinite = (_num(row.get("nonfinite")) or 0) > 0
     notes_style = STYLE_BAD if nonfinite or str(row.get("fwd_stop", "")).startswith("nan") else (
         STYLE_WARN if (_num(row.get("fallbacks")) or 0) > 0 else "")
     loss = _num(row.get("loss"))
-    cells = [
+    return [
         Text(_step_label(row)),
         Text(fmt_fixed(row.get("epoch"), 2)),
         Text(fmt_float(row.get("loss")), style=STYLE_BAD if loss is not None and _nonfinite(loss) else ""),
-        Text(fmt_pct(row.get("accuracy")) if metric == "acc" else fmt_float(row.get("bpc"))),
+        *(Text(m.fmt(row.get(m.key))) for m in metrics if m.column),
         Text(fmt_sci(row.get("lr"))),
         Text(fmt_pair(row.get("fwd_nfe"), row.get("fwd_nfe_max"), fmt_fixed, fmt_int)),
         Text(fmt_pair(fwd_mean, fwd_max, fmt_sci, fmt_sci),
@@ -209,32 +123,26 @@ def row_cells(row: Row, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel
         Text(fmt_int(row.get("samples_per_s"))),
         Text(_notes(row), style=notes_style),
     ]
-    if ppl:
-        cells.append(Text(fmt_float(row.get("ppl"))))
-    return cells
 
 
 def build_table(rows: list[Row], *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel",
-                title: str = "") -> Table:
+                title: str = "", metrics: Sequence[Metric] = ()) -> Table:
     """Return a Rich table of ``rows`` (already bounded by the caller), evaluation rows in bold."""
-    metric = metric_name(rows)
-    ppl = any(_num(r.get("ppl")) is not None for r in rows)
     res_label = "abs" if stop_mode == "abs" else "rel"
     table = Table(title=title or None,
                   caption=f"fwd tol {fwd_tol:.0e} ({res_label}) · bwd tol {bwd_tol:.0e}",
                   expand=False)
-    headers = [metric if c == "acc" else (f"fwd {res_label} res" if c == "fwd res" else c)
-               for c in COLUMNS] + (["ppl"] if ppl else [])
-    for h in headers:
+    for c in columns(metrics):
+        h = f"fwd {res_label} res" if c == "fwd res" else c
         table.add_column(h, justify="left" if h in ("step", "notes") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*row_cells(r, fwd_tol=fwd_tol, bwd_tol=bwd_tol, stop_mode=stop_mode,
-                                 metric=metric, ppl=ppl),
+                                 metrics=metrics),
                       style=STYLE_EVAL if _is_eval(r) else None)
     return table
 
 
-def plain_line(row: Row, stop_mode: str = "rel") -> str:
+def plain_line(row: Row, stop_mode: str = "rel", metrics: Sequence[Metric] = ()) -> str:
     """Return the one-line text form of a row, e.g. "step 120 ep 1 loss 0.3412 acc 91.2% ...".
 
     A group of fields is left out when every value in it is missing (evaluation rows have no
@@ -250,12 +158,7 @@ def plain_line(row: Row, stop_mode: str = "rel") -> str:
     parts[0] += f"step {fmt_int(row.get('step'))} ep {fmt_fixed(row.get('epoch'), 2)}"
     if present("loss"):
         parts.append(f"loss {fmt_float(row.get('loss'))}")
-    if present("accuracy"):
-        parts.append(f"acc {fmt_pct(row.get('accuracy'))}")
-    if present("bpc"):
-        parts.append(f"bpc {fmt_float(row.get('bpc'))}")
-    if present("ppl"):
-        parts.append(f"ppl {fmt_float(row.get('ppl'))}")
+    parts += [f"{m.label} {m.fmt(row.get(m.key))}" for m in metrics if present(m.key)]
     if present("lr"):
         parts.append(f"lr {fmt_sci(row.get('lr'))}")
     if present("fwd_nfe", "fwd_nfe_max", "fwd_converged", *res_keys):
@@ -300,6 +203,7 @@ class TrainView:
         self.total_steps = total_steps
         self.fwd_tol, self.bwd_tol, self.stop_mode = fwd_tol, bwd_tol, stop_mode
         self.title = title
+        self.task: Task | None = None
         self.rows: deque[Row] = deque(maxlen=max_rows)
         self._live: Live | None = None
         self._table = self.table()
@@ -324,18 +228,30 @@ class TrainView:
             self._live.__exit__(exc_type, exc, tb)
             self._live = None
 
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        return self.task.metrics if self.task is not None else ()
+
     def table(self) -> Table:
         """Return a freshly built table of the last ``max_rows`` logged rows."""
         return build_table(list(self.rows), fwd_tol=self.fwd_tol, bwd_tol=self.bwd_tol,
-                           stop_mode=self.stop_mode, title=self.title)
+                           stop_mode=self.stop_mode, title=self.title, metrics=self.metrics)
+
+    def set_task(self, task: Task) -> None:
+        """Show `task`'s metrics, once the data (and so the task) is known."""
+        self.task = task
+        self._table = self.table()
 
     def log(self, row: Row) -> None:
         """Show one logged training step or evaluation result; returns nothing."""
         if self.plain:
-            self._out(plain_line(row, self.stop_mode))
+            self._out(plain_line(row, self.stop_mode, self.metrics))
             return
         self.rows.append(dict(row))
         self._table = self.table()  # the Live picks it up on its next auto-refresh
+        if _is_eval(row) and any(not m.column for m in self.metrics):
+            # metrics too many for the table (forecast baselines) go above it
+            self.event(f"{row['split']} @ step {fmt_int(row.get('step'))}: {self.task.summary(row)}")
 
     def event(self, text: str) -> None:
         """Print a message above the live table (or as a plain line); returns nothing."""

@@ -1,5 +1,6 @@
-"""The safetensors export: one self-contained file holding the model's weights, with the
-resolved recipe and the data description in the safetensors header metadata.
+"""The format of `deqctl export --format safetensors`: one self-contained file holding the
+model's weights, with the resolved recipe and the data description in the safetensors
+header metadata.
 
 The weights are stored exactly as trained (weight norm not folded), so the file rebuilds
 the full DEQ with its solver, and `deqctl.load` returns a model equal to the checkpoint's.
@@ -23,7 +24,8 @@ FORMAT = "deqctl-model/1"
 
 def save_bundle(path: str | Path, model: torch.nn.Module, recipe: recipes.Recipe,
                 data_info: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Write weights + recipe + data_info to one safetensors file; returns its path."""
+    """Write weights + recipe + data_info (DataInfo.as_dict()) to one safetensors file;
+    returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

@@ -1,0 +1,118 @@
+"""Arrays from a NumPy .npz file: x, y, x_test, y_test (optional x_val, y_val).
+
+What x holds decides the inputs: float (N, L) or (N, L, C) are sequences, (N, C, H, W)
+(or (N, H, W) with data.layout=image) images; uint8 (N, H, W) or (N, C, H, W) are images.
+What y holds decides the task: integers are classes, floats are values to predict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from zipfile import BadZipFile
+
+import numpy as np
+import torch
+
+from .base import DataBundle, DataError, DataInfo, Split, channel_stats
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (BadZipFile, OSError, ValueError, EOFError) as exc:
+        # ValueError: object arrays, which would need unpickling: never done
+        raise DataError(f"data.path: {path} is not a readable .npz of plain arrays "
+                        f"({str(exc).splitlines()[0][:120]})") from None
+
+
+def _inputs(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:
+    """Return (x as a tensor in deqctl's layout, "image" | "sequence")."""
+    if x.dtype == np.uint8:
+        if x.ndim not in (3, 4) or layout == "sequence":
+            raise DataError(f"{key}: uint8 arrays are images, (N, H, W) or (N, C, H, W); "
+                            f"got {x.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return (t.unsqueeze(1) if x.ndim == 3 else t), "image"
+    if x.dtype.kind != "f":
+        raise DataError(f"{key}: expected float (or uint8 image) values, got {x.dtype}")
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if x.ndim == 2 and layout != "image":
+        return t.unsqueeze(2), "sequence"
+    if x.ndim == 3:
+        return (t.unsqueeze(1), "image") if layout == "image" else (t, "sequence")
+    if x.ndim == 4 and layout != "sequence":
+        return t, "image"
+    raise DataError(f"{key}: shape {x.shape} with data.layout={layout} is neither a sequence "
+                    f"(N, L) / (N, L, C) nor an image (N, C, H, W)")
+
+
+def _targets(y: np.ndarray, key: str, n: int) -> torch.Tensor:
+    if y.shape[:1] != (n,):
+        raise DataError(f"{key}: {y.shape[0] if y.ndim else 0} samples, its x has {n}")
+    if y.dtype.kind in "iu":
+        if y.ndim != 1:
+            raise DataError(f"{key}: integer labels must be (N,), got {y.shape}")
+        if (y < 0).any():
+            raise DataError(f"{key}: class labels must be >= 0")
+        return torch.from_numpy(y.astype(np.int64))
+    if y.dtype.kind == "f":
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
+    raise DataError(f"{key}: expected integer classes or float values, got {y.dtype}")
+
+
+def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return the arrays of data.path as a classification or regression bundle; scaling
+    statistics come from the training part."""
+    if cfg.path is None:
+        raise DataError("data.path: required for npz (x, y, x_test, y_test arrays)")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path: {path} not found")
+    arrays = _arrays(path)
+    missing = [k for k in ("x", "y", "x_test", "y_test") if k not in arrays]
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        missing.append("y_val" if "x_val" in arrays else "x_val")
+    if missing:
+        raise DataError(f"data.path: {path.name} lacks array(s) {', '.join(missing)} "
+                        f"(has: {', '.join(arrays) or 'none'})")
+    splits, kind = {}, None
+    for part, suffix in (("train", ""), ("test", "_test"), ("val", "_val")):
+        if f"x{suffix}" not in arrays:
+            continue
+        x, this = _inputs(arrays[f"x{suffix}"], f"x{suffix}", cfg.layout)
+        y = _targets(arrays[f"y{suffix}"], f"y{suffix}", x.shape[0])
+        if splits and (this != kind or x.shape[1:] != splits["train"].inputs.shape[1:]):
+            raise DataError(f"x{suffix}: shape {tuple(x.shape)} does not match x "
+                            f"{tuple(splits['train'].inputs.shape)}")
+        if splits and (y.dtype != splits["train"].targets.dtype
+                       or y.shape[1:] != splits["train"].targets.shape[1:]):
+            raise DataError(f"y{suffix}: {y.dtype} {tuple(y.shape)} does not match y "
+                            f"{splits['train'].targets.dtype} {tuple(splits['train'].targets.shape)}")
+        if cfg.augment and this != "image":
+            raise DataError("data.augment: shifts apply to images; this x holds sequences")
+        splits[part], kind = Split(x, y, augment="shift" if this == "image" else None), this
+    return _bundle(f"npz:{path.stem}", splits, kind)
+
+
+def _bundle(name: str, splits: dict[str, Split], kind: str) -> DataBundle:
+    train = splits["train"]
+    x, y = train.inputs, train.targets
+    mean, std = channel_stats(x, dim=1 if kind == "image" else 2)
+    common = dict(name=name, inputs=kind, shape=tuple(x.shape[1:]), mean=mean, std=std)
+    if y.dtype == torch.int64:
+        classes = int(max(s.targets.max() for s in splits.values())) + 1
+        info = DataInfo(task="classify", num_classes=classes, **common)
+    else:
+        # values per target channel: the last axis of (N, H, C) targets, else one channel
+        t_mean, t_std = channel_stats(y.unsqueeze(-1) if y.dim() < 3 else y, dim=-1)
+        target_shape = tuple(y.shape[1:])
+        # the targets continue the input series when they have its channels (naive
+        # baselines then exist: last value, and the same with season 1)
+        c = x.shape[-1]
+        continues = kind == "sequence" and (target_shape[-1:] == (c,) and len(target_shape) == 2
+                                            or (c == 1 and len(target_shape) == 1))
+        info = DataInfo(task="forecast", target_shape=target_shape, target_mean=t_mean,
+                        target_std=t_std, target_channels=tuple(range(c)) if continues else None,
+                        season=1 if continues else None, **common)
+    return DataBundle(info=info, train=train, test=splits["test"], val=splits.get("val"))

@@ -1,0 +1,104 @@
+"""Any Hugging Face dataset: a hub name (downloaded, or read from the cache offline) or a
+folder written by `save_to_disk`. A text column makes a language-modelling bundle; an
+image column with a label column an image-classification bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import DataBundle, DataError, DataInfo, Split
+from .images import colour_mode, decode_images, image_bundle
+from .text import lm_bundle
+
+TEXT_COLUMNS = ("text", "content", "sentence")
+IMAGE_COLUMNS = ("image", "img", "pixel_values")
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+
+def _open(src, cache_dir: str | None) -> Any:
+    """Return the DatasetDict of data.hf.path (a save_to_disk folder or a hub name)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    folder = Path(src.path).expanduser()
+    try:
+        if folder.is_dir():
+            ds = datasets.load_from_disk(str(folder))
+        else:
+            ds = datasets.load_dataset(src.path, src.config, cache_dir=cache_dir)
+    except FileNotFoundError as exc:
+        raise DataError(f"data.hf.path: {src.path} not found ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:   # hub, network and format errors come in many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"data.hf.path: cannot load {src.path!r} ({first}); offline, only "
+                        f"datasets already in the cache (data.root) or saved with "
+                        f"save_to_disk can be read") from None
+    if isinstance(ds, datasets.Dataset):
+        raise DataError(f"data.hf.path: {src.path} holds a single split; save a DatasetDict "
+                        f"with train and test splits")
+    return ds
+
+
+def _pick(given: str | None, candidates: tuple[str, ...], columns: list[str]) -> str | None:
+    if given is not None:
+        return given
+    return next((c for c in candidates if c in columns), None)
+
+
+def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return the splits data.hf.{train,val,test}_split of data.hf.path as a bundle."""
+    src = cfg.hf
+    if src.path is None:
+        raise DataError("data.hf.path: required for hf (e.g. wikitext, or a save_to_disk folder)")
+    ds = _open(src, cfg.root)
+    wanted = {"train": src.train_split, "test": src.test_split}
+    if src.val_split is not None:
+        wanted["val"] = src.val_split
+    if like is not None and src.train_split not in ds:
+        del wanted["train"]      # evaluating a trained model: no training split needed
+    for part, split in wanted.items():
+        if split not in ds:
+            raise DataError(f"data.hf.{part}_split: {split!r} not in {src.path} "
+                            f"(splits: {', '.join(ds)})")
+    columns = list(ds[wanted["test"]].column_names)
+    text = _pick(src.text_column, TEXT_COLUMNS, columns) if src.image_column is None else None
+    image = _pick(src.image_column, IMAGE_COLUMNS, columns) if text is None else None
+    label = _pick(src.label_column, LABEL_COLUMNS, columns)
+    for key, col in (("text_column", text), ("image_column", image),
+                     ("label_column", label if image else None)):
+        if col is not None and col not in columns:
+            raise DataError(f"data.hf.{key}: {col!r} not in {src.path} (columns: {', '.join(columns)})")
+    name = f"hf:{src.path}" + (f"/{src.config}" if src.config else "")
+    if text is not None:
+        texts = {part: _join(ds[split][text]) for part, split in wanted.items()}
+        return lm_bundle(name, texts, cfg, like)
+    if image is not None and label is not None:
+        return _images(name, ds, wanted, image, label, cfg)
+    raise DataError(f"data.hf: cannot tell what {src.path} holds; set data.hf.text_column "
+                    f"(language modelling) or data.hf.image_column and data.hf.label_column "
+                    f"(columns: {', '.join(columns)})")
+
+
+def _join(rows: list[str]) -> str:
+    """One text from rows: line datasets (wikitext) keep their own newlines."""
+    return "".join(rows) if all(r.endswith("\n") for r in rows if r) else "\n".join(rows)
+
+
+def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg) -> DataBundle:
+    read = {part: (ds[split][image], ds[split][label]) for part, split in wanted.items()}
+    mode = colour_mode([im for images, _ in read.values() for im in images])
+    splits = {}
+    for part, (images, labels) in read.items():
+        x = decode_images(images, cfg.image_size, f"{name} {wanted[part]}", mode)
+        splits[part] = Split(x, torch.tensor(labels, dtype=torch.int64),
+                             augment="shift+flip" if mode == "RGB" else "shift")
+    if "train" not in splits:
+        raise DataError(f"data.hf.train_split: {name} has no training split")
+    feature = ds[wanted["train"]].features.get(label)
+    classes = getattr(feature, "num_classes", None) or int(
+        max(int(s.targets.max()) for s in splits.values())) + 1
+    return image_bundle(name, splits["train"], splits["test"], classes, val=splits.get("val"))

@@ -1,0 +1,176 @@
+"""Time-series forecasting data: a table of measurements (CSV) cut into windows of
+`window` past steps and `horizon` future steps, and the embedded Mauna Loa CO2 series.
+
+The series is split chronologically into train | val | test rows before anything else
+happens. Gaps are interpolated inside each part from that part's own values, scaling
+statistics come from the train rows, a training window's inputs and targets lie inside
+the train rows, and an evaluation window's targets lie inside its own part (its inputs
+may reach back). So no value of a later part ever shapes training.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from datetime import date, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import DataBundle, DataError, DataInfo, Split
+from .images import EMBEDDED
+
+
+def parse_time(text: str) -> float | None:
+    """Return a time as a number: YYYYMMDD (8 digits) and ISO dates as days since
+    0001-01-01, anything numeric as itself; None when unparseable."""
+    text = text.strip()
+    if len(text) == 8 and text.isdigit():
+        try:
+            return float(date(int(text[:4]), int(text[4:6]), int(text[6:])).toordinal())
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.toordinal() + (moment.hour * 3600 + moment.minute * 60 + moment.second) / 86400
+
+
+def read_table(path: Path, time_column: str | None, columns: list[str]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (times (T,), values (T, C) with NaN for empty cells) of a CSV with a header
+    row, sorted by time (file order when `time_column` is None)."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError:
+        raise DataError(f"data.path: {path} is not UTF-8 text") from None
+    if not rows:
+        raise DataError(f"data.path: {path} is empty")
+    header = [h.strip() for h in rows[0]]
+    wanted = ([time_column] if time_column else []) + columns
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        key = "data.time_column" if time_column in missing else "data.columns"
+        raise DataError(f"{key}: {', '.join(missing)} not in {path.name} "
+                        f"(columns: {', '.join(header)})")
+    index = {c: header.index(c) for c in wanted}
+    times, values = [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue                                    # blank line
+        cells = {c: (row[i].strip() if i < len(row) else "") for c, i in index.items()}
+        if time_column:
+            t = parse_time(cells[time_column])
+            if t is None:
+                raise DataError(f"{path.name} line {line}: time {cells[time_column]!r} is "
+                                f"neither a number nor a date")
+            times.append(t)
+        else:
+            times.append(float(len(times)))
+        vals = []
+        for c in columns:
+            try:
+                vals.append(float(cells[c]) if cells[c] else math.nan)
+            except ValueError:
+                raise DataError(f"{path.name} line {line}: {c} = {cells[c]!r} is not a "
+                                f"number") from None
+        values.append(vals)
+    if not values:
+        raise DataError(f"data.path: {path} has a header but no rows")
+    t, v = np.asarray(times), np.asarray(values, dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    return t[order], v[order]
+
+
+def fill_gaps(times: np.ndarray, values: np.ndarray, where: str) -> np.ndarray:
+    """Return `values` (T, C) with NaNs interpolated linearly in time from the known values
+    of the same array (ends take the nearest known value)."""
+    out = values.copy()
+    for c in range(values.shape[1]):
+        known = ~np.isnan(values[:, c])
+        if not known.any():
+            raise DataError(f"{where}: channel {c} has no values at all")
+        out[~known, c] = np.interp(times[~known], times[known], values[known, c])
+    return out
+
+
+def windows(values: torch.Tensor, ends: range, window: int, horizon: int) -> Split:
+    """Inputs values[e - window + 1 .. e] and targets values[e + 1 .. e + horizon] for
+    every last-input index e in `ends`."""
+    e = torch.tensor(list(ends), dtype=torch.int64)
+    past = e[:, None] + torch.arange(-window + 1, 1)
+    future = e[:, None] + torch.arange(1, horizon + 1)
+    return Split(values[past].contiguous(), values[future].contiguous())
+
+
+def forecast_bundle(name: str, times: np.ndarray, values: np.ndarray, columns: list[str],
+                    cfg) -> DataBundle:
+    """Split the series chronologically, fill gaps per part, scale from train, cut windows."""
+    n, w, h = len(times), cfg.window, cfg.horizon
+    test_start = n - round(n * cfg.test_fraction)
+    val_start = test_start - round(n * cfg.val_fraction)
+    if cfg.season > w:
+        raise DataError(f"data.window: {w} is shorter than data.season {cfg.season}; the "
+                        f"seasonal-naive baseline needs a whole season of past values")
+    if val_start < w + h:
+        raise DataError(f"{name}: {val_start} training rows cannot hold one window of "
+                        f"data.window + data.horizon = {w + h} rows")
+    bounds = {"train": (0, val_start), "val": (val_start, test_start), "test": (test_start, n)}
+    gaps = {part: int(np.isnan(values[a:b]).sum()) for part, (a, b) in bounds.items()}
+    filled = np.concatenate([fill_gaps(times[a:b], values[a:b], f"{name} {part}")
+                             for part, (a, b) in bounds.items() if b > a])
+    series = torch.from_numpy(filled).to(torch.float32)
+
+    train_rows = series[:val_start].double()
+    mean = tuple(float(f"{v:.6g}") for v in train_rows.mean(0))
+    std = tuple(float(f"{v:.6g}") for v in train_rows.std(0).clamp_min(1e-6))
+    splits = {"train": windows(series, range(w - 1, val_start - h), w, h)}
+    for part in ("val", "test"):
+        a, b = bounds[part]
+        if b - a >= h:   # targets inside the part; inputs may reach back into earlier parts
+            splits[part] = windows(series, range(max(a - 1, w - 1), b - h), w, h)
+    if "test" not in splits:
+        raise DataError(f"data.test_fraction: the last {n - test_start} rows hold no test "
+                        f"window of data.horizon = {h} steps")
+    c = len(columns)
+    info = DataInfo(name=name, task="forecast", inputs="sequence", shape=(w, c),
+                    target_shape=(h, c), mean=mean, std=std, target_mean=mean, target_std=std,
+                    target_channels=tuple(range(c)), season=cfg.season, columns=tuple(columns))
+    total = sum(gaps.values())
+    notes = [f"{name}: {total} empty cell(s) interpolated linearly within their own part "
+             f"(train {gaps['train']}, val {gaps['val']}, test {gaps['test']})"] if total else []
+    return DataBundle(info=info, train=splits["train"], test=splits["test"],
+                      val=splits.get("val"), notes=notes, facts={"gaps_interpolated": gaps})
+
+
+def load_csv(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return a forecasting bundle from data.path (CSV with a header row): data.columns
+    are both the model's input channels and its targets."""
+    if cfg.path is None:
+        raise DataError("data.path: required for csv (a CSV file with a header row)")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path: {path} not found")
+    if not cfg.columns:
+        raise DataError("data.columns: name at least one column to forecast, e.g. "
+                        "data.columns=[a,b]")
+    times, values = read_table(path, cfg.time_column, cfg.columns)
+    return forecast_bundle(f"csv:{path.stem}", times, values, list(cfg.columns), cfg)
+
+
+def load_co2(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return the embedded weekly Mauna Loa CO2 series (ppm), 1958-03-29 to 2001-12-29,
+    2284 weeks of which 59 have no measurement (Scripps / CDIAC, public domain; see
+    deqctl/data/embedded/README.md)."""
+    path = EMBEDDED / "co2" / "co2.csv"
+    if not path.is_file():
+        raise DataError(f"embedded co2 missing from {path}; reinstall deqctl")
+    times, values = read_table(path, "date", ["co2"])
+    return forecast_bundle("co2", times, values, ["co2"], cfg)

@@ -1,0 +1,161 @@
+"""Language-modelling data: char / byte tokenizers, text files read through Hugging Face
+`datasets`, and the embedded Shakespeare corpus.
+
+A text becomes one token stream, cut into consecutive sequences of `seq_len` tokens whose
+targets are the same tokens shifted by one: every token of a split except the first is
+predicted exactly once (the last partial sequence is dropped), with the context available
+inside its own sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import DataBundle, DataError, DataInfo, Split
+from .images import EMBEDDED
+
+UNKNOWN = 0   # char vocabularies: the id of every character the training text lacks
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """`char`: id i + 1 is the i-th character of `vocab` (built from the training text),
+    0 is unknown. `byte`: ids are the UTF-8 bytes, nothing is unknown."""
+
+    kind: str
+    vocab: str | None = None
+
+    @classmethod
+    def fit(cls, kind: str, text: str) -> Tokenizer:
+        """Return the tokenizer of `kind` for a training text."""
+        return cls(kind, "".join(sorted(set(text))) if kind == "char" else None)
+
+    @classmethod
+    def of(cls, info: DataInfo) -> Tokenizer:
+        """Return the tokenizer a model was trained with."""
+        return cls(info.tokenizer, info.vocab)
+
+    @property
+    def size(self) -> int:
+        return 256 if self.kind == "byte" else len(self.vocab) + 1
+
+    def encode(self, text: str) -> tuple[torch.Tensor, int]:
+        """Return (int64 ids, number of characters mapped to the unknown id)."""
+        if self.kind == "byte":
+            return torch.from_numpy(np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)), 0
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        index = {ord(c): i + 1 for i, c in enumerate(self.vocab)}
+        mapped = np.array([index.get(int(c), UNKNOWN) for c in uniq], dtype=np.int64)
+        ids = mapped[inverse]
+        return torch.from_numpy(ids), int((ids == UNKNOWN).sum())
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        """Return the text of `ids` (unknown ids as U+FFFD)."""
+        ids = [int(i) for i in ids]
+        if self.kind == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return "".join(self.vocab[i - 1] if i > 0 else "\ufffd" for i in ids)
+
+
+def sequences(ids: torch.Tensor, seq_len: int, where: str) -> Split:
+    """Cut a token stream into (inputs, next-token targets), each (N, seq_len)."""
+    n = (ids.numel() - 1) // seq_len
+    if n < 1:
+        raise DataError(f"{where}: {ids.numel()} tokens, fewer than data.seq_len + 1 = "
+                        f"{seq_len + 1}")
+    return Split(ids[:n * seq_len].view(n, seq_len).clone(),
+                 ids[1:n * seq_len + 1].view(n, seq_len).clone())
+
+
+def read_text_files(files: dict[str, Path], cache_dir: str | None) -> dict[str, str]:
+    """Return {split: whole file as one string}, read with `datasets`' "text" builder
+    (which caches the parsed files under `cache_dir`)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset("text", data_files={k: str(p) for k, p in files.items()},
+                                   sample_by="document", cache_dir=cache_dir)
+    except UnicodeDecodeError:
+        bad = next((k for k, p in files.items() if not _is_utf8(p)), "?")
+        raise DataError(f"data.files.{bad}: {files.get(bad)} is not UTF-8 text") from None
+    except Exception as exc:  # datasets wraps file problems in several types
+        raise DataError(f"reading {', '.join(map(str, files.values()))} failed: "
+                        f"{str(exc).splitlines()[0][:200]}") from None
+    return {k: "".join(ds[k]["text"]) for k in files}
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        path.read_bytes().decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def lm_bundle(name: str, texts: dict[str, str], cfg, like: DataInfo | None) -> DataBundle:
+    """Return a language-modelling bundle of `texts` ({"train"?, "val"?, "test"}).
+
+    The tokenizer comes from `like` (a trained model's data description) when given,
+    else it is fitted on the training text; unknown characters are counted per split.
+    """
+    if like is not None:
+        tok = Tokenizer.of(like)
+        if tok.kind != cfg.tokenizer:
+            raise DataError(f"data.tokenizer: the model was trained with {tok.kind!r}, "
+                            f"not {cfg.tokenizer!r}")
+    elif "train" in texts:
+        tok = Tokenizer.fit(cfg.tokenizer, texts["train"])
+    else:
+        raise DataError("data.files.train: required to train (the vocabulary comes from it)")
+    splits, notes, unknown = {}, [], {}
+    for part, text in texts.items():
+        ids, unk = tok.encode(text)
+        splits[part] = sequences(ids, cfg.seq_len, f"{name} {part}")
+        unknown[part] = unk
+        if unk:
+            notes.append(f"{name}: {unk} character(s) of the {part} text are not in the "
+                         f"training vocabulary; they are read as the unknown id 0")
+    info = DataInfo(name=name, task="lm", inputs="tokens", shape=(cfg.seq_len,),
+                    tokenizer=tok.kind, vocab=tok.vocab)
+    if "test" not in splits:
+        raise DataError("data.files.test: required (the split evaluation reports)")
+    return DataBundle(info=info, train=splits.get("train"), test=splits["test"],
+                      val=splits.get("val"), notes=notes, facts={"unknown_tokens": unknown})
+
+
+def load_shakespeare(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return the embedded Shakespeare corpus: 8 plays to train, A Midsummer Night's
+    Dream to validate, The Merchant of Venice to test (public domain; see
+    deqctl/data/embedded/README.md)."""
+    folder = EMBEDDED / "shakespeare"
+    files = {"train": folder / "train.txt", "val": folder / "valid.txt", "test": folder / "test.txt"}
+    if not all(p.is_file() for p in files.values()):
+        raise DataError(f"embedded shakespeare missing from {folder}; reinstall deqctl")
+    return lm_bundle("shakespeare", read_text_files(files, None), cfg, like)
+
+
+def load_text(cfg, like: DataInfo | None = None) -> DataBundle:
+    """Return UTF-8 text files data.files.{train,val,test} as a language-modelling bundle.
+    With `like` (evaluating a trained model) no training file is needed."""
+    files = {}
+    for part in ("train", "val", "test"):
+        given = getattr(cfg.files, part)
+        if given is None:
+            continue
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.files.{part}: {path} not found")
+        files[part] = path
+    if "train" not in files and like is None:
+        raise DataError("data.files.train: required to train (the vocabulary comes from it)")
+    if "test" not in files:
+        raise DataError("data.files.test: required (the split evaluation reports)")
+    name = f"text:{files.get('train', files['test']).stem}"
+    return lm_bundle(name, read_text_files(files, cfg.root), cfg, like)

@@ -1,0 +1,65 @@
+"""`SolveSpec`: how to solve one fixed-point problem (solver, budget, tolerance, knobs), as
+plain Python with errors that list the valid choices. The DEQ layer holds three of them
+(forward, backward, eval); recipes are one way to fill them in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..solvers import SOLVERS, SolveResult, check_options, solve
+
+STOP_MODES = ("abs", "rel")
+
+
+@dataclass(frozen=True)
+class SolveSpec:
+    """Settings of one solve. `options` are the solver's own knobs (Anderson's m, lam,
+    beta; Broyden's history, line_search, ls_steps; fixed_point's damping)."""
+
+    solver: str = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-3
+    stop_mode: str = "rel"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    check_every: int | None = None     # None: every evaluation on CPU, every 4 on GPUs
+    compact: bool = False              # evaluate f only on unconverged samples
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver {self.solver!r} is unknown (valid: {', '.join(SOLVERS)})")
+        if self.stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode {self.stop_mode!r} is unknown (valid: abs, rel)")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"tol must be a finite number > 0, got {self.tol!r}")
+        if self.check_every is not None and self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1 or None, got {self.check_every!r}")
+        check_options(self.solver, dict(self.options))
+        object.__setattr__(self, "options", dict(self.options))
+
+    def but(self, **changes: Any) -> SolveSpec:
+        """Return a copy with `changes`; switching `solver` drops the old solver's options
+        unless new ones are given."""
+        if "solver" in changes and changes["solver"] != self.solver and "options" not in changes:
+            changes["options"] = {}
+        return replace(self, **changes)
+
+    def run(self, f: Callable, z0: torch.Tensor, **extra: Any) -> SolveResult:
+        """Solve z = f(z) from z0 with these settings (`extra`: trace, snapshot_at)."""
+        return solve(f, z0, self.solver, tol=self.tol, max_iter=self.max_iter,
+                     stop_mode=self.stop_mode, check_every=self.check_every,
+                     compact=self.compact, **self.options, **extra)
+
+    def describe(self) -> str:
+        """e.g. "anderson, tol 0.001 rel, max_iter 30"."""
+        return f"{self.solver}, tol {self.tol:g} {self.stop_mode}, max_iter {self.max_iter}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form: solver, max_iter, tol, stop_mode."""
+        return {"solver": self.solver, "max_iter": self.max_iter, "tol": self.tol,
+                "stop_mode": self.stop_mode}

@@ -1,0 +1,103 @@
+"""`transformer_deq`: a DEQ-Transformer (Bai, Kolter, Koltun, 2019). One weight-tied block
+of multi-head self-attention and a feed-forward layer, with the embedded input injected
+at every application, solved to its fixed point.
+
+    post-LN (default): a = z + u;  h = LN(a + Attn(a));      f = LN(h + FF(h))
+    pre-LN:            a = z + u;  h = a + Attn(LN(a));      f = h + FF(LN(h))
+
+Post-LN bounds every application's output, which keeps the solve well posed; pre-LN
+cells are unbounded and known to diverge more often in DEQs (they are offered to
+compare). Attention is causal for lm and forecast, bidirectional for classify unless the
+recipe says otherwise. State: (N, L, d_model).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import DataInfo
+from ..implicit import DEQ
+from ..recipe import TransformerDEQSettings
+from .base import DEQModel
+from .norms import normalised
+from .sequence import (InputReader, TaskHead, causal_for, check_inputs, dropout,
+                       sinusoidal_positions, variational_mask)
+
+
+class AttentionCell(nn.Module):
+    """f(z, u): one transformer block applied to z + u. Per sample (LayerNorm only), so
+    the solvers' `compact` option may skip converged samples."""
+
+    def __init__(self, cfg: TransformerDEQSettings, causal: bool):
+        super().__init__()
+        d, ff = cfg.d_model, cfg.d_ff
+        if d % cfg.heads:
+            raise ValueError(f"model.d_model={d} is not divisible by model.heads={cfg.heads}")
+        self.heads, self.causal, self.pre = cfg.heads, causal, cfg.norm_placement == "pre"
+        lin = (lambda i, o: normalised(nn.Linear(i, o), cfg.norm, cfg.init_std))
+        self.qkv, self.proj = lin(d, 3 * d), lin(d, d)
+        self.ff1, self.ff2 = lin(d, ff), lin(ff, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.p = cfg.dropout
+        self.masks: tuple[torch.Tensor, torch.Tensor] | tuple[None, None] = (None, None)
+
+    def draw_masks(self, u: torch.Tensor, training: bool) -> None:
+        """Variational dropout on the attention output and the feed-forward hidden layer:
+        one mask per sample and channel, shared by all positions and all f calls."""
+        if not (training and self.p):
+            self.masks = (None, None)
+            return
+        n = u.shape[0]
+        self.masks = (variational_mask((n, 1, u.shape[-1]), self.p, u),
+                      variational_mask((n, 1, self.ff1.out_features), self.p, u))
+
+    def attention(self, a: torch.Tensor) -> torch.Tensor:
+        n, length, d = a.shape
+        q, k, v = self.qkv(a).view(n, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.proj(out.transpose(1, 2).reshape(n, length, d))
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ff2(dropout(F.gelu(self.ff1(h)), self.masks[1]))
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        a = z + u
+        if self.pre:
+            h = a + dropout(self.attention(self.ln1(a)), self.masks[0])
+            return h + self.feed_forward(self.ln2(h))
+        h = self.ln1(a + dropout(self.attention(a), self.masks[0]))
+        return self.ln2(h + self.feed_forward(h))
+
+
+class TransformerDEQ(DEQModel):
+    """Input embedding + sinusoidal positions -> DEQ transformer block -> task head."""
+
+    inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
+    dynamic_length = True
+
+    def __init__(self, cfg: TransformerDEQSettings, info: DataInfo, deq: DEQ,
+                 warm_start: bool = False):
+        check_inputs(info, "transformer_deq")
+        super().__init__(info, deq, warm_start)
+        causal = causal_for(cfg.causal, info)
+        self.dynamic_length = info.task != "forecast"   # a forecast head reads a fixed window
+        self.reader = InputReader(info, cfg.d_model)
+        self.body = AttentionCell(cfg, causal)
+        self.head = TaskHead(cfg.head, info, cfg.d_model, causal)
+
+    def inject(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.reader(x)
+        u = e + sinusoidal_positions(e.shape[1], e.shape[2], e.device, e.dtype)
+        self.body.draw_masks(u, self.training)     # once per forward pass, like u itself
+        return u
+
+    def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.body(z, u)
+
+    def init_state(self, u: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(u)
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.head(z, x)

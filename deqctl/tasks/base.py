@@ -1,0 +1,68 @@
+"""What a task is: the one place that knows what a model's output means. Its loss, the
+per-batch statistics and how they become metrics, which direction is better, the live
+table's columns and the eval JSON keys all come from here; the engine, the live view and
+the commands only ever ask a Task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..data import DataInfo
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported number: its metrics.jsonl / eval JSON key, its short label (table
+    header, plain lines), its format, its direction, and whether the live table shows it."""
+
+    key: str
+    label: str
+    fmt: Callable[[Any], str]
+    higher_is_better: bool = False
+    column: bool = True
+
+
+class Task:
+    """Base class. Subclasses set `name` and `metrics` (the headline first) and define
+    `loss`, `stats`, `finish` and `agree`."""
+
+    name: str = ""
+    output_name: str = "output"        # what exported graphs call their output
+    metrics: tuple[Metric, ...] = ()
+
+    def __init__(self, info: DataInfo):
+        self.info = info
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training criterion: a scalar mean over the batch."""
+        raise NotImplementedError
+
+    def stats(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-batch means as device scalars (no host sync); an interval or an evaluation
+        averages them weighted by batch size, then `finish` derives the metrics."""
+        return {}
+
+    def finish(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Return `row` (reduced statistics, "loss" the mean task loss) with the metrics."""
+        return row
+
+    def agree(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per prediction, whether two outputs for the same inputs agree (export parity)."""
+        raise NotImplementedError
+
+    @property
+    def headline(self) -> Metric:
+        """The metric that says how good a model is."""
+        return self.metrics[0]
+
+    def better(self, a: float, b: float) -> bool:
+        """True when headline value `a` is better than `b`."""
+        return a > b if self.headline.higher_is_better else a < b
+
+    def summary(self, row: dict[str, Any]) -> str:
+        """The metrics of a row as one short phrase, e.g. "accuracy 97.9%"."""
+        return ", ".join(f"{m.label} {m.fmt(row.get(m.key))}" for m in self.metrics
+                         if m.key in row)
