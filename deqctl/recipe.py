@@ -282,10 +282,13 @@ class ResNetDEQSettings(Block):
 
 
 class SequenceHead(Block):
-    pool: Literal["mean", "last"] = Field("mean", description="classify: how the sequence "
-                                          "becomes one vector")
-    from_last: bool = Field(True, description="forecast: predict the change from the last "
-                            "observed value of each target channel")
+    pool: Literal["mean", "last", "flatten"] = Field(
+        "mean", description="classify / forecast: how the sequence's states become one "
+        "vector (flatten: all positions, fixed length; causal forecasts default to last)")
+    window_norm: Literal["none", "last", "last_std"] = Field(
+        "last", description="forecast: read each continued channel relative to the "
+        "window's last value (last), also in units of the window's spread (last_std, as "
+        "RevIN), and predict in the same frame; none: the data's global scale only")
 
 
 class TransformerDEQSettings(Block):

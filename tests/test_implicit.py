@@ -180,3 +180,52 @@ def test_dropout_mask_is_fixed_within_a_forward_pass():
     r.deq.forward.compact = True
     with pytest.raises(ModelError, match="compact"):
         build_model(r, info)
+
+
+@pytest.mark.parametrize("activation", [torch.tanh, torch.sigmoid, torch.nn.functional.silu])
+def test_jacobian_reg_with_ift_is_exact_on_cells_that_save_their_output(activation):
+    """d(task + w * JR)/dW = IFT gradient of the task loss + the gradient of the same
+    Hutchinson estimate taken at z* held fixed (the JR paper's definition), computed here
+    independently. tanh and sigmoid save their output for backward; silu does not."""
+    W, x, target, _ = small_problem(seed=4)
+
+    def cell(z, u):
+        return activation(z @ W.T + u)
+
+    layer = deq_layer(jacobian_reg=2.0)
+    torch.manual_seed(7)
+    z, info = layer(cell, x, torch.zeros_like(x))
+    (got,) = torch.autograd.grad(loss_of(z, target) + 2.0 * info.jac_loss, W)
+
+    (task_grad,) = torch.autograd.grad(deq_loss(deq_layer(), cell, x, target)[0], W)
+    z_star = info.forward.z.detach().requires_grad_()
+    torch.manual_seed(7)
+    v = torch.randn_like(z_star)
+    (vjp,) = torch.autograd.grad(cell(z_star, x), z_star, v, create_graph=True)
+    jac = vjp.pow(2).sum(dim=1).mean() / z_star[0].numel()
+    (jac_grad,) = torch.autograd.grad(2.0 * jac, W)
+    assert torch.allclose(info.jac_loss, jac)
+    assert torch.allclose(got, task_grad + jac_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_second_backward_through_a_retained_graph_is_still_implicit():
+    W, x, target, cell = small_problem(seed=5)
+    loss, info = deq_loss(deq_layer(), cell, x, target)
+    (first,) = torch.autograd.grad(loss, W, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, W)
+    assert torch.allclose(first, second, rtol=1e-10, atol=1e-12)
+    rW, _ = unrolled_grads(W, x, target, cell)
+    assert torch.allclose(second, rW, rtol=1e-7, atol=1e-9)
+
+
+def test_plain_keyword_errors_list_the_valid_choices():
+    with pytest.raises(ValueError, match=r"DEQ: solver 'newton' is unknown \(valid: fixed_point, anderson, broyden\)"):
+        DEQ(solver="newton")
+    with pytest.raises(ValueError, match="DEQ: backward must be one of ift, phantom, jfb"):
+        DEQ(backward="exact")
+    with pytest.raises(ValueError, match="solver 'anderson' has no option history"):
+        DEQ(solver_options={"history": 3})
+    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+        DEQ(tol=float("inf"))
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
+        DEQ(backward_max_iter=True)

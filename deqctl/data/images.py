@@ -143,6 +143,9 @@ def _read_folder(folder: Path, classes: list[str]) -> tuple[list, list[int]]:
     """Return (PIL images, labels) of folder/<class>/*; classes not in `classes` are an error."""
     from PIL import Image, UnidentifiedImageError
 
+    extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:
+        raise DataError(f"{folder}: class folder(s) {', '.join(extra)} do not exist in train/")
     images, labels = [], []
     for label, name in enumerate(classes):
         sub = folder / name
@@ -158,9 +161,6 @@ def _read_folder(folder: Path, classes: list[str]) -> tuple[list, list[int]]:
             labels.append(label)
     if not images:
         raise DataError(f"{folder}: no images (.png/.jpg/...) in its class folders")
-    extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
-    if extra:
-        raise DataError(f"{folder}: class folder(s) {', '.join(extra)} do not exist in train/")
     return images, labels
 
 

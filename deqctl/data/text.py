@@ -82,10 +82,10 @@ def read_text_files(files: dict[str, Path], cache_dir: str | None) -> dict[str, 
     try:
         ds = datasets.load_dataset("text", data_files={k: str(p) for k, p in files.items()},
                                    sample_by="document", cache_dir=cache_dir)
-    except UnicodeDecodeError:
-        bad = next((k for k, p in files.items() if not _is_utf8(p)), "?")
-        raise DataError(f"data.files.{bad}: {files.get(bad)} is not UTF-8 text") from None
-    except Exception as exc:  # datasets wraps file problems in several types
+    except Exception as exc:  # datasets wraps file problems (decoding among them) in its own types
+        bad = next((k for k, p in files.items() if not _is_utf8(p)), None)
+        if bad is not None:
+            raise DataError(f"data.files.{bad}: {files[bad]} is not UTF-8 text") from None
         raise DataError(f"reading {', '.join(map(str, files.values()))} failed: "
                         f"{str(exc).splitlines()[0][:200]}") from None
     return {k: "".join(ds[k]["text"]) for k in files}

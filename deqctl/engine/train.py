@@ -158,12 +158,13 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
            if recipe.runtime.precision == "bf16" else contextlib.nullcontext())
     acc, last_log, last_ok = Accumulator(), time.perf_counter(), at.step
     jac_weight = recipe.deq.jacobian_reg.weight
+    augment = getattr(recipe.data, "augment", False)   # only image-like sources have the key
     model.train()
     with _StopOnSignal() as stop:
         while at.step < total:
             batches = iterate_batches(data.train, recipe.data.batch_size, shuffle=True,
                                       seed=recipe.seed, epoch=at.epoch, start=at.pos,
-                                      augment=recipe.data.augment, device=device)
+                                      augment=augment, device=device)
             for x, y in batches:
                 lr = recipe.optim.lr * lr_factor(at.step, total, recipe.schedule)
                 for group in opt.param_groups:

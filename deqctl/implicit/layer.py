@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
 from ..solvers import SolveResult
@@ -183,8 +184,12 @@ class DEQ(nn.Module):
             # directly, never through z_out, whose IFT hook would send it through the
             # adjoint solve (cells whose last op saves its output, e.g. tanh, route it there).
             z_probe = z_star.detach().requires_grad_()
+            # The estimate is differentiated twice; fused attention kernels have no double
+            # backward, the math one does.
+            with sdpa_kernel(SDPBackend.MATH):
+                f_probe = cell(z_probe, u)
             info.jac_loss = hutchinson_jacobian_sq(
-                cell(z_probe, u), z_probe, self.jacobian_samples).mean() / z_probe[0].numel()
+                f_probe, z_probe, self.jacobian_samples).mean() / z_probe[0].numel()
         if self.training:
             k = len(res.snapshots)
             for i, (_, z_k) in enumerate(sorted(res.snapshots.items())):

@@ -39,62 +39,106 @@ def variational_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> to
     return torch.bernoulli(torch.full(shape, keep, dtype=like.dtype, device=like.device)) / keep
 
 
-class InputReader(nn.Module):
-    """Token ids -> embeddings; values -> (values - mean) / std -> linear. Returns (N, L, width)."""
+class WindowNorm(nn.Module):
+    """How a forecaster reads the channels it continues (DataInfo.target_channels):
+    "none": in the data's global scale; "last": relative to each window's last value, so
+    the model sees a window's shape, never its level, and predicts the change from it (a
+    trend the training rows never reached is then no extrapolation); "last_std": the same
+    in units of each window's own spread (as RevIN), so a faster-rising window gets a
+    proportionally steeper forecast. Other channels and other tasks: untouched."""
 
-    def __init__(self, info: DataInfo, width: int):
+    def __init__(self, mode: str, info: DataInfo):
+        super().__init__()
+        self.mode = mode if info.task == "forecast" and info.baselines else "none"
+        self.channels = list(info.target_channels or ())
+
+    def frame(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(origin, unit) per sample for the continued channels of raw x (N, L, C), in the
+        units of `mean` / `std` (per continued channel): shapes (N, 1, c)."""
+        v = (x[:, :, self.channels] - mean) / std
+        unit = v.std(dim=1, keepdim=True).clamp_min(1e-3) if self.mode == "last_std" \
+            else torch.ones_like(v[:, -1:])
+        return v[:, -1:], unit
+
+    def read(self, v: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+             ) -> torch.Tensor:
+        """Globally scaled inputs v (N, L, C) with the continued channels re-framed."""
+        if self.mode == "none":
+            return v
+        origin, unit = self.frame(x, mean[self.channels], std[self.channels])
+        framed = (v[:, :, self.channels] - origin) / unit
+        return v.index_copy(2, torch.tensor(self.channels, device=v.device), framed)
+
+    def write(self, y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+              ) -> torch.Tensor:
+        """Head outputs y (N, H, c) in the frame -> the targets' global scale."""
+        if self.mode == "none":
+            return y
+        origin, unit = self.frame(x, mean, std)
+        return y * unit + origin
+
+
+class InputReader(nn.Module):
+    """Token ids -> embeddings; values -> (values - mean) / std, framed by the WindowNorm
+    -> linear. Returns (N, L, width)."""
+
+    def __init__(self, info: DataInfo, width: int, window: WindowNorm):
         super().__init__()
         self.tokens = info.inputs == "tokens"
         if self.tokens:
             self.embed = nn.Embedding(info.vocab_size, width)
-        else:
-            self.register_buffer("mean", torch.tensor(info.mean))
-            self.register_buffer("std", torch.tensor(info.std))
-            self.embed = nn.Linear(info.channels, width)
-
-    def scaled(self, x: torch.Tensor) -> torch.Tensor:
-        """Values in units of the training data's per-channel spread."""
-        return (x - self.mean) / self.std
+            return
+        self.register_buffer("mean", torch.tensor(info.mean))
+        self.register_buffer("std", torch.tensor(info.std))
+        self.embed = nn.Linear(info.channels, width)
+        self.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(x if self.tokens else self.scaled(x))
+        if self.tokens:
+            return self.embed(x)
+        return self.embed(self.window.read((x - self.mean) / self.std, x, self.mean, self.std))
 
 
 class TaskHead(nn.Module):
     """Features (N, L, width) of the fixed point -> the task's output."""
 
-    def __init__(self, cfg: SequenceHead, info: DataInfo, width: int, causal: bool):
+    def __init__(self, cfg: SequenceHead, info: DataInfo, width: int, causal: bool,
+                 window: WindowNorm):
         super().__init__()
+        if cfg.pool == "flatten" and info.task == "lm":
+            raise ValueError("model.head.pool=flatten: a language model predicts at every "
+                             "position; flatten is for classify and forecast")
         self.task = info.task
         self.norm = nn.LayerNorm(width)
         # a causal state sees the whole window only at its last position
-        self.pool = "last" if causal and self.task == "forecast" else cfg.pool
+        self.pool = "last" if causal and self.task == "forecast" and cfg.pool == "mean" else cfg.pool
+        features = width * info.length if self.pool == "flatten" else width
         if self.task == "lm":
             self.out = nn.Linear(width, info.vocab_size)
         elif self.task == "classify":
-            self.out = nn.Linear(width, info.num_classes)
+            self.out = nn.Linear(features, info.num_classes)
         else:
             self.target_shape = tuple(info.target_shape)
-            self.out = nn.Linear(width, math.prod(self.target_shape))
+            self.out = nn.Linear(features, math.prod(self.target_shape))
             self.register_buffer("target_mean", torch.tensor(info.target_mean))
             self.register_buffer("target_std", torch.tensor(info.target_std))
-            self.from_last = cfg.from_last and info.baselines
-            self.target_channels = list(info.target_channels or ())
+            self.window = window
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.task == "lm":
             return self.out(self.norm(h))
-        v = h[:, -1] if self.pool == "last" else h.mean(dim=1)
-        y = self.out(self.norm(v))
+        if self.pool == "flatten":
+            y = self.out(self.norm(h).flatten(1))
+        else:
+            y = self.out(self.norm(h[:, -1] if self.pool == "last" else h.mean(dim=1)))
         if self.task == "classify":
             return y
         y = y.view(-1, *self.target_shape)
-        if self.from_last:
-            # predict the change from the last observation: a trend the training rows never
-            # reached (a rising series) is then no extrapolation for the network
-            last = (x[:, -1, self.target_channels] - self.target_mean) / self.target_std
-            y = y + (last.unsqueeze(1) if y.dim() == 3 else last)         # (N, [1,] C)
-        return y * self.target_std + self.target_mean
+        # (N, H, C) targets continue channels; (N, H) ones continue the single channel
+        framed = self.window.write(y if y.dim() == 3 else y.unsqueeze(-1), x,
+                                   self.target_mean, self.target_std).view_as(y)
+        return framed * self.target_std + self.target_mean
 
 
 def causal_for(cfg_causal: bool | None, info: DataInfo) -> bool:

@@ -22,7 +22,8 @@ from ..implicit import DEQ
 from ..recipe import TcnDEQSettings
 from .base import DEQModel
 from .norms import normalised
-from .sequence import InputReader, TaskHead, check_inputs, dropout, variational_mask
+from .sequence import (InputReader, TaskHead, WindowNorm, check_inputs, dropout,
+                       variational_mask)
 
 
 def causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -66,11 +67,12 @@ class TcnDEQ(DEQModel):
         check_inputs(info, "tcn_deq")
         super().__init__(info, deq, warm_start)
         d = cfg.channels
-        self.dynamic_length = info.task != "forecast"
-        self.reader = InputReader(info, d)
+        self.dynamic_length = info.task != "forecast" and cfg.head.pool != "flatten"
+        window = WindowNorm(cfg.head.window_norm, info)
+        self.reader = InputReader(info, d, window)
         self.inject_conv = nn.Conv1d(d, 4 * d, cfg.kernel_size)
         self.body = TrellisCell(cfg)
-        self.head = TaskHead(cfg.head, info, d, causal=True)
+        self.head = TaskHead(cfg.head, info, d, True, window)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         u = causal_conv(self.reader(x).transpose(1, 2), self.inject_conv)     # (N, 4d, L)

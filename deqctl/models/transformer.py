@@ -3,12 +3,15 @@ of multi-head self-attention and a feed-forward layer, with the embedded input i
 at every application, solved to its fixed point.
 
     post-LN (default): a = z + u;  h = LN(a + Attn(a));      f = LN(h + FF(h))
-    pre-LN:            a = z + u;  h = a + Attn(LN(a));      f = h + FF(LN(h))
+    pre-LN:                         h = u + Attn(LN(z + u));  f = h + FF(LN(h))
 
-Post-LN bounds every application's output, which keeps the solve well posed; pre-LN
-cells are unbounded and known to diverge more often in DEQs (they are offered to
-compare). Attention is causal for lm and forecast, bidirectional for classify unless the
-recipe says otherwise. State: (N, L, d_model).
+Post-LN bounds every application's output, which keeps the solve well posed. The pre-LN
+cell's residual stream starts at the injection u, not at z: a residual from z would make
+df/dz = I + ..., whose spectral radius is about 1 or more, so plain iteration could not
+converge; z enters only through a LayerNorm, so f is bounded in z and a fixed point
+exists, but its output scale is free (pre-LN DEQs are known to be less stable; offered
+to compare). Attention is causal for lm and forecast, bidirectional for classify unless
+the recipe says otherwise. State: (N, L, d_model).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ..implicit import DEQ
 from ..recipe import TransformerDEQSettings
 from .base import DEQModel
 from .norms import normalised
-from .sequence import (InputReader, TaskHead, causal_for, check_inputs, dropout,
+from .sequence import (InputReader, TaskHead, WindowNorm, causal_for, check_inputs, dropout,
                        sinusoidal_positions, variational_mask)
 
 
@@ -65,7 +68,7 @@ class AttentionCell(nn.Module):
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         a = z + u
         if self.pre:
-            h = a + dropout(self.attention(self.ln1(a)), self.masks[0])
+            h = u + dropout(self.attention(self.ln1(a)), self.masks[0])
             return h + self.feed_forward(self.ln2(h))
         h = self.ln1(a + dropout(self.attention(a), self.masks[0]))
         return self.ln2(h + self.feed_forward(h))
@@ -82,10 +85,12 @@ class TransformerDEQ(DEQModel):
         check_inputs(info, "transformer_deq")
         super().__init__(info, deq, warm_start)
         causal = causal_for(cfg.causal, info)
-        self.dynamic_length = info.task != "forecast"   # a forecast head reads a fixed window
-        self.reader = InputReader(info, cfg.d_model)
+        # a forecast head reads a fixed window, a flattening head every position of one
+        self.dynamic_length = info.task != "forecast" and cfg.head.pool != "flatten"
+        window = WindowNorm(cfg.head.window_norm, info)
+        self.reader = InputReader(info, cfg.d_model, window)
         self.body = AttentionCell(cfg, causal)
-        self.head = TaskHead(cfg.head, info, cfg.d_model, causal)
+        self.head = TaskHead(cfg.head, info, cfg.d_model, causal, window)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         e = self.reader(x)
