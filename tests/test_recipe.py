@@ -127,3 +127,16 @@ def test_the_deq_block_is_an_adapter_onto_the_plain_layer():
         ("anderson", 40, {"m": 5, "lam": 1e-4, "beta": 1.0})
     assert (layer.backward_mode, layer.phantom_steps) == ("phantom", 3)
     assert (layer.jacobian_reg, layer.jacobian_every) == (0.5, 2)
+
+
+def test_the_readme_example_of_the_plain_layer_runs():
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## The DEQ layer in your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    info = scope["info"]
+    assert info.forward.converged.all() and info.backward is not None
+    assert info.backward.converged.all()

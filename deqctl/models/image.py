@@ -14,6 +14,7 @@ from ..data import DataInfo
 from ..implicit import DEQ
 from ..recipe import ResNetDEQSettings
 from .base import DEQModel
+from .dropout import dropout, variational_mask
 from .norms import normalised
 
 
@@ -39,17 +40,11 @@ class ResNetCell(nn.Module):
         """Variational dropout: one channel mask per forward pass, shared by every f call
         of the solve and its backward, so the solver iterates one fixed map (a fresh mask
         per call, as nn.Dropout2d would draw, moves the fixed point under the solver)."""
-        if not (training and self.dropout):
-            self.mask = None
-            return
-        keep = 1.0 - self.dropout
-        shape = (u.shape[0], self.inner, 1, 1)
-        self.mask = torch.bernoulli(torch.full(shape, keep, dtype=u.dtype, device=u.device)) / keep
+        self.mask = variational_mask((u.shape[0], self.inner, 1, 1), self.dropout, u) \
+            if training and self.dropout else None
 
     def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        y = self.norm1(F.relu(self.conv1(z)))
-        if self.mask is not None:
-            y = y * self.mask
+        y = dropout(self.norm1(F.relu(self.conv1(z))), self.mask)
         return self.norm3(F.relu(z + self.norm2(u + self.conv2(y))))
 
 

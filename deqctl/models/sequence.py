@@ -31,14 +31,6 @@ def sinusoidal_positions(length: int, width: int, device: torch.device,
     return code.to(dtype)
 
 
-def variational_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
-    """A dropout mask drawn once per forward pass and shared by every f call of the solve
-    and its backward: the solver then iterates one fixed map (a fresh mask per call, as
-    nn.Dropout draws, moves the fixed point under the solver)."""
-    keep = 1.0 - p
-    return torch.bernoulli(torch.full(shape, keep, dtype=like.dtype, device=like.device)) / keep
-
-
 class WindowNorm(nn.Module):
     """How a forecaster reads the channels it continues (DataInfo.target_channels):
     "none": in the data's global scale; "last": relative to each window's last value, so
@@ -51,6 +43,8 @@ class WindowNorm(nn.Module):
         super().__init__()
         self.mode = mode if info.task == "forecast" and info.baselines else "none"
         self.channels = list(info.target_channels or ())
+        self.register_buffer("index", torch.tensor(self.channels, dtype=torch.int64),
+                             persistent=False)
 
     def frame(self, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +62,7 @@ class WindowNorm(nn.Module):
             return v
         origin, unit = self.frame(x, mean[self.channels], std[self.channels])
         framed = (v[:, :, self.channels] - origin) / unit
-        return v.index_copy(2, torch.tensor(self.channels, device=v.device), framed)
+        return v.index_copy(2, self.index, framed)
 
     def write(self, y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
               ) -> torch.Tensor:
@@ -156,9 +150,3 @@ def check_inputs(info: DataInfo, name: str) -> None:
     if info.inputs not in ("tokens", "sequence"):
         raise ValueError(f"model.name={name} reads sequences; data {info.name} holds "
                          f"{info.inputs}s (use resnet_deq)")
-
-
-def dropout(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return x if mask is None else x * mask
-
-

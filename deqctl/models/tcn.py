@@ -21,9 +21,9 @@ from ..data import DataInfo
 from ..implicit import DEQ
 from ..recipe import TcnDEQSettings
 from .base import DEQModel
+from .dropout import dropout, variational_mask
 from .norms import normalised
-from .sequence import (InputReader, TaskHead, WindowNorm, check_inputs, dropout,
-                       variational_mask)
+from .sequence import InputReader, TaskHead, WindowNorm, check_inputs
 
 
 def causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:

@@ -24,9 +24,10 @@ from ..data import DataInfo
 from ..implicit import DEQ
 from ..recipe import TransformerDEQSettings
 from .base import DEQModel
+from .dropout import dropout, variational_mask
 from .norms import normalised
-from .sequence import (InputReader, TaskHead, WindowNorm, causal_for, check_inputs, dropout,
-                       sinusoidal_positions, variational_mask)
+from .sequence import (InputReader, TaskHead, WindowNorm, causal_for, check_inputs,
+                       sinusoidal_positions)
 
 
 class AttentionCell(nn.Module):
