@@ -479,8 +479,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `raw` with each `key.sub=value` applied (validation comes later)."""
+    """Return a copy of `raw` with each `key.sub=value` applied (validation comes later).
+
+    An override of `data.name` (or `model.name`) moves the block to another source: the
+    keys the old block had that the new one does not take are dropped, unless an override
+    sets them, so a recipe moves to other data by `data.*` overrides alone.
+    """
     out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    given: set[tuple[str, ...]] = set()
     for text in overrides:
         path, value = parse_override(text)
         node = out
@@ -490,7 +496,35 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise RecipeError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
             node = child
         node[path[-1]] = value
+        given.add(tuple(path))
+    for section in DEFAULT_NAMES:
+        if (section, "name") in given:
+            _keep_keys_of_new_block(out, section, lambda key: (section, key) in given)
     return out
+
+
+def _keep_keys_of_new_block(raw: dict[str, Any], section: str, keep) -> None:
+    """Drop keys of raw[section] that the block its `name` chooses does not take (and
+    `keep(key)` does not protect); unknown names are left for validation to report."""
+    block = raw.get(section)
+    if not isinstance(block, dict):
+        return
+    members = _union_members(Recipe.model_fields[section].annotation)
+    cls = members.get(block.get("name", DEFAULT_NAMES[section]))
+    if cls is None:
+        return
+    for key in [k for k in block if k not in cls.model_fields and not keep(k)]:
+        del block[key]
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """A recipe stored by an earlier version as this version reads it: before data blocks
+    were chosen by name, every data block carried `root` and `download`, which most
+    sources do not take."""
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict):
+        _keep_keys_of_new_block(raw, "data", lambda key: key not in ("root", "download"))
+    return raw
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

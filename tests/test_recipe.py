@@ -140,3 +140,29 @@ def test_the_readme_example_of_the_plain_layer_runs():
     info = scope["info"]
     assert info.forward.converged.all() and info.backward is not None
     assert info.backward.converged.all()
+
+
+def test_recipes_stored_by_the_previous_version_still_load():
+    """Before data blocks were chosen by name, every data block carried root/download."""
+    from pathlib import Path
+    old = Path(__file__).parent / "fixtures" / "old-recipe.yaml"
+    raw = recipes.load_raw(old)
+    assert raw["data"]["root"] is None and "download" in raw["data"]
+    with pytest.raises(recipes.RecipeError, match="data.root: unknown key"):
+        recipes.validate(raw)                      # a user's recipe stays strict
+    r = recipes.validate(recipes.migrate(raw))
+    assert r.data.name == "mnist-5k" and r.model.init_std == 0.01
+
+
+def test_switching_source_by_override_drops_the_old_blocks_keys():
+    stored = recipes.validate({"data": {"name": "hf", "hf": {"path": "wikitext"}, "seq_len": 64,
+                                        "augment": False}}).model_dump(mode="json")
+    r = recipes.validate(recipes.apply_overrides(stored, ["data.name=text",
+                                                          "data.files.test=t.txt"]))
+    assert (r.data.name, r.data.seq_len, r.data.files.test) == ("text", 64, "t.txt")
+    # keys given in the same overrides are the user's: still checked
+    with pytest.raises(recipes.RecipeError, match="data.window: unknown key"):
+        recipes.validate(recipes.apply_overrides(stored, ["data.name=text", "data.window=3"]))
+    # without a name override nothing is dropped
+    with pytest.raises(recipes.RecipeError, match="data.hf: unknown key"):
+        recipes.validate(recipes.apply_overrides({**stored, "data": {**stored["data"], "name": "text"}}, []))

@@ -119,9 +119,11 @@ def test_csv_windows_gaps_and_scaling(series_csv):
     info = b.info
     assert (info.task, info.shape, info.target_shape, info.season) == ("forecast", (8, 2), (3, 2), 4)
     assert info.columns == ("a", "b") and info.baselines
-    # sorted by time, gaps interpolated linearly: the series is exactly a = i, b = 100 + 2i
+    # sorted by time; input gaps carry the last value, target gaps are interpolated: the
+    # series is exactly a = i, b = 100 + 2i
     x, y = b.train.inputs[0], b.train.targets[0]
-    assert torch.equal(x[:, 0], torch.arange(8.0)) and torch.equal(y[:, 1], 100 + 2 * torch.arange(8.0, 11))
+    assert x[:, 0].tolist() == [0, 1, 2, 3, 4, 4, 4, 7]
+    assert torch.equal(y[:, 0], torch.arange(8.0, 11)) and torch.equal(y[:, 1], 100 + 2 * torch.arange(8.0, 11))
     assert b.facts["gaps_interpolated"] == {"train": 2, "val": 0, "test": 1}
     # rows: train 0..41, val 42..47, test 48..59; scaling from the train rows only
     assert info.mean == pytest.approx((20.5, 141.0))
@@ -346,3 +348,46 @@ def test_sequential_mnist_is_the_embedded_subset_as_rows():
     assert torch.equal(seq.train.inputs, img.train.inputs[:, 0])
     x, _ = next(iterate_batches(seq.train, 8, shuffle=False, augment=True))
     assert x.shape == (8, 28, 28) and x.dtype == torch.float32
+
+
+def test_an_input_gap_never_borrows_from_the_targets_after_it(tmp_path):
+    # row 20 is empty and row 21 jumps: a window ending at row 20 must read row 19's value
+    rows = [f"{i},{'' if i == 20 else (100.0 if i >= 21 else 1.0)}" for i in range(60)]
+    path = write_csv(tmp_path / "jump.csv", rows, header="t,a")
+    b = build_data(data(name="csv", path=str(path), time_column="t", columns="a", window=8,
+                        horizon=3, season=4, test_fraction=0.2))
+    ends = list(range(7, 48 - 3))
+    i = ends.index(20)
+    assert float(b.train.inputs[i, -1, 0]) == 1.0                  # carried forward
+    assert float(b.train.targets[ends.index(19), 0, 0]) == pytest.approx(50.5)  # interpolated target
+
+
+def test_npz_edge_cases(tmp_path):
+    x = np.zeros((4, 5), np.float32)
+    path = write_npz(tmp_path / "e.npz", x=x, y=np.zeros(4, int), x_test=x[:0], y_test=np.zeros(0, int))
+    assert "x_test: no samples" in one_line_error(name="npz", path=path)
+    trained = build_data(data(name="npz", path=write_npz(tmp_path / "t.npz", x=x, y=np.arange(4),
+                                                         x_test=x, y_test=np.arange(4))))
+    fewer = write_npz(tmp_path / "f.npz", x=x, y=np.arange(4), x_test=x[:2], y_test=np.array([0, 1]))
+    assert build_data(data(name="npz", path=fewer), like=trained.info).info.num_classes == 4
+
+
+def test_hf_unlabelled_or_non_text_columns_are_one_line(tmp_path):
+    from datasets import Dataset, DatasetDict
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)) for _ in range(3)]
+    DatasetDict({"train": Dataset.from_dict({"image": imgs, "label": [0, 1, 0]}),
+                 "test": Dataset.from_dict({"image": imgs, "label": [-1, -1, -1]})}
+                ).save_to_disk(tmp_path / "u")
+    assert "not class ids >= 0 (unlabelled split?)" in one_line_error(
+        name="hf", hf={"path": str(tmp_path / "u")})
+    DatasetDict({"train": Dataset.from_dict({"text": [1, 2, 3]}),
+                 "test": Dataset.from_dict({"text": [4]})}).save_to_disk(tmp_path / "t")
+    assert "does not hold text" in one_line_error(name="hf", hf={"path": str(tmp_path / "t")})
+
+
+def test_a_model_rejects_channels_in_another_order(series_csv):
+    kw = dict(name="csv", path=str(series_csv), time_column="t", window=8, horizon=3, season=4)
+    trained = build_data(data(columns=["a", "b"], **kw))
+    with pytest.raises(DataError, match=r"columns \['b', 'a'\] vs \['a', 'b'\]"):
+        build_data(data(columns=["b", "a"], **kw), like=trained.info)

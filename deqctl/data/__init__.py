@@ -50,6 +50,10 @@ def build_data(cfg, like: DataInfo | None = None) -> DataBundle:
     if cfg.name not in SOURCES:
         raise DataError(f"data.name: unknown source {cfg.name!r} (valid: {', '.join(SOURCES)})")
     bundle = SOURCES[cfg.name](cfg, like)
+    for part in ("train", "val", "test"):
+        split = getattr(bundle, part)
+        if split is not None and len(split) == 0:
+            raise DataError(f"{bundle.info.name}: the {part} split holds no samples")
     if like is not None:
         diff = like.fits(bundle.info)
         if diff:

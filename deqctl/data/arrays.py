@@ -28,6 +28,8 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
 
 def _inputs(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:
     """Return (x as a tensor in deqctl's layout, "image" | "sequence")."""
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"{key}: no samples (shape {x.shape})")
     if x.dtype == np.uint8:
         if x.ndim not in (3, 4) or layout == "sequence":
             raise DataError(f"{key}: uint8 arrays are images, (N, H, W) or (N, C, H, W); "
@@ -92,16 +94,21 @@ def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
         if cfg.augment and this != "image":
             raise DataError("data.augment: shifts apply to images; this x holds sequences")
         splits[part], kind = Split(x, y, augment="shift" if this == "image" else None), this
-    return _bundle(f"npz:{path.stem}", splits, kind)
+    return _bundle(f"npz:{path.stem}", splits, kind, like)
 
 
-def _bundle(name: str, splits: dict[str, Split], kind: str) -> DataBundle:
+def _bundle(name: str, splits: dict[str, Split], kind: str, like: DataInfo | None) -> DataBundle:
     train = splits["train"]
     x, y = train.inputs, train.targets
     mean, std = channel_stats(x, dim=1 if kind == "image" else 2)
     common = dict(name=name, inputs=kind, shape=tuple(x.shape[1:]), mean=mean, std=std)
     if y.dtype == torch.int64:
         classes = int(max(s.targets.max() for s in splits.values())) + 1
+        if like is not None and like.num_classes is not None:
+            if classes > like.num_classes:
+                raise DataError(f"y: class {classes - 1} is beyond the model's "
+                                f"{like.num_classes} classes")
+            classes = like.num_classes     # a test set need not hold every class
         info = DataInfo(task="classify", num_classes=classes, **common)
     else:
         # values per target channel: the last axis of (N, H, C) targets, else one channel

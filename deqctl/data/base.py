@@ -92,8 +92,12 @@ class DataInfo:
         """Return how data described by `other` differs from this in what a model built for
         this one depends on (empty when it can feed that model)."""
         keys = ("task", "inputs", "shape", "num_classes", "tokenizer", "vocab", "target_shape")
-        return [f"{k} {getattr(other, k)!r} vs {getattr(self, k)!r}" for k in keys
+        diff = [f"{k} {getattr(other, k)!r} vs {getattr(self, k)!r}" for k in keys
                 if getattr(self, k) != getattr(other, k)]
+        if self.columns and other.columns and self.columns != other.columns:
+            diff.append(f"columns {list(other.columns)} vs {list(self.columns)} (the channels "
+                        f"must come in the order the model learned)")
+        return diff
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-able dict (tuples become lists) that `from_dict` turns back."""

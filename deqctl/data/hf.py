@@ -14,7 +14,7 @@ from .images import colour_mode, decode_images, image_bundle
 from .text import lm_bundle
 
 TEXT_COLUMNS = ("text", "content", "sentence")
-IMAGE_COLUMNS = ("image", "img", "pixel_values")
+IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 
 
@@ -74,30 +74,46 @@ def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
             raise DataError(f"data.hf.{key}: {col!r} not in {src.path} (columns: {', '.join(columns)})")
     name = f"hf:{src.path}" + (f"/{src.config}" if src.config else "")
     if text is not None:
-        texts = {part: _join(ds[split][text]) for part, split in wanted.items()}
+        texts = {part: _join(ds[split][text], f"data.hf.text_column: {text!r} in {split}")
+                 for part, split in wanted.items()}
         return lm_bundle(name, texts, cfg, like)
     if image is not None and label is not None:
-        return _images(name, ds, wanted, image, label, cfg)
+        return _images(name, ds, wanted, image, label, cfg, like)
     raise DataError(f"data.hf: cannot tell what {src.path} holds; set data.hf.text_column "
                     f"(language modelling) or data.hf.image_column and data.hf.label_column "
                     f"(columns: {', '.join(columns)})")
 
 
-def _join(rows: list[str]) -> str:
-    """One text from rows: line datasets (wikitext) keep their own newlines."""
+def _join(rows: list, where: str) -> str:
+    """One text from rows (empty and missing rows skipped): line datasets (wikitext) keep
+    their own newlines, others are joined by one."""
+    rows = [r for r in rows if r is not None]
+    if not all(isinstance(r, str) for r in rows):
+        raise DataError(f"{where} does not hold text")
     return "".join(rows) if all(r.endswith("\n") for r in rows if r) else "\n".join(rows)
 
 
-def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg) -> DataBundle:
-    read = {part: (ds[split][image], ds[split][label]) for part, split in wanted.items()}
+def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg,
+            like: DataInfo | None) -> DataBundle:
+    from PIL.Image import Image
+
+    read = {}
+    for part, split in wanted.items():
+        images, labels = ds[split][image], ds[split][label]
+        if not all(isinstance(im, Image) for im in images):
+            raise DataError(f"data.hf.image_column: {image!r} in {split} does not hold images")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
+            raise DataError(f"data.hf.label_column: {label!r} in {split} holds labels that are "
+                            f"not class ids >= 0 (unlabelled split?)")
+        read[part] = images, labels
     mode = colour_mode([im for images, _ in read.values() for im in images])
     splits = {}
     for part, (images, labels) in read.items():
         x = decode_images(images, cfg.image_size, f"{name} {wanted[part]}", mode)
         splits[part] = Split(x, torch.tensor(labels, dtype=torch.int64),
                              augment="shift+flip" if mode == "RGB" else "shift")
-    if "train" not in splits:
-        raise DataError(f"data.hf.train_split: {name} has no training split")
+    if like is not None and "train" not in splits:   # evaluating: the model knows the rest
+        return DataBundle(info=like, train=None, test=splits["test"], val=splits.get("val"))
     feature = ds[wanted["train"]].features.get(label)
     classes = getattr(feature, "num_classes", None) or int(
         max(int(s.targets.max()) for s in splits.values())) + 1

@@ -2,10 +2,12 @@
 `window` past steps and `horizon` future steps, and the embedded Mauna Loa CO2 series.
 
 The series is split chronologically into train | val | test rows before anything else
-happens. Gaps are interpolated inside each part from that part's own values, scaling
-statistics come from the train rows, a training window's inputs and targets lie inside
-the train rows, and an evaluation window's targets lie inside its own part (its inputs
-may reach back). So no value of a later part ever shapes training.
+happens. Empty cells are filled twice: as targets, by linear interpolation inside each
+part from that part's own values; as inputs, with the last value observed before them
+(a forecaster cannot see later values, so an input gap never borrows from the targets
+that follow it). Scaling statistics come from the train rows, a training window's inputs
+and targets lie inside the train rows, and an evaluation window's targets lie inside its
+own part (its inputs may reach back). So no value of a later part ever shapes training.
 """
 
 from __future__ import annotations
@@ -89,25 +91,38 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
     return t[order], v[order]
 
 
-def fill_gaps(times: np.ndarray, values: np.ndarray, where: str) -> np.ndarray:
+def interpolate(times: np.ndarray, values: np.ndarray, columns: list[str], where: str
+                ) -> np.ndarray:
     """Return `values` (T, C) with NaNs interpolated linearly in time from the known values
     of the same array (ends take the nearest known value)."""
     out = values.copy()
-    for c in range(values.shape[1]):
+    for c, name in enumerate(columns):
         known = ~np.isnan(values[:, c])
         if not known.any():
-            raise DataError(f"{where}: channel {c} has no values at all")
+            raise DataError(f"{where}: column {name} has no values at all")
         out[~known, c] = np.interp(times[~known], times[known], values[known, c])
     return out
 
 
-def windows(values: torch.Tensor, ends: range, window: int, horizon: int) -> Split:
-    """Inputs values[e - window + 1 .. e] and targets values[e + 1 .. e + horizon] for
+def carry_forward(values: np.ndarray) -> np.ndarray:
+    """Return `values` (T, C) with each NaN replaced by the last value before it (leading
+    NaNs by the first value, as nothing earlier exists)."""
+    out = values.copy()
+    for c in range(values.shape[1]):
+        known = np.flatnonzero(~np.isnan(values[:, c]))
+        last = np.maximum.accumulate(np.where(np.isnan(values[:, c]), -1, np.arange(len(values))))
+        out[:, c] = values[np.where(last < 0, known[0], last), c]
+    return out
+
+
+def windows(inputs: torch.Tensor, targets: torch.Tensor, ends: range, window: int,
+            horizon: int) -> Split:
+    """Inputs inputs[e - window + 1 .. e] and targets targets[e + 1 .. e + horizon] for
     every last-input index e in `ends`."""
     e = torch.tensor(list(ends), dtype=torch.int64)
     past = e[:, None] + torch.arange(-window + 1, 1)
     future = e[:, None] + torch.arange(1, horizon + 1)
-    return Split(values[past].contiguous(), values[future].contiguous())
+    return Split(inputs[past].contiguous(), targets[future].contiguous())
 
 
 def forecast_bundle(name: str, times: np.ndarray, values: np.ndarray, columns: list[str],
@@ -124,18 +139,19 @@ def forecast_bundle(name: str, times: np.ndarray, values: np.ndarray, columns: l
                         f"data.window + data.horizon = {w + h} rows")
     bounds = {"train": (0, val_start), "val": (val_start, test_start), "test": (test_start, n)}
     gaps = {part: int(np.isnan(values[a:b]).sum()) for part, (a, b) in bounds.items()}
-    filled = np.concatenate([fill_gaps(times[a:b], values[a:b], f"{name} {part}")
-                             for part, (a, b) in bounds.items() if b > a])
-    series = torch.from_numpy(filled).to(torch.float32)
+    interpolated = np.concatenate([interpolate(times[a:b], values[a:b], columns, f"{name} {part}")
+                                   for part, (a, b) in bounds.items() if b > a])
+    targets = torch.from_numpy(interpolated).to(torch.float32)
+    inputs = torch.from_numpy(carry_forward(values)).to(torch.float32)
 
-    train_rows = series[:val_start].double()
+    train_rows = targets[:val_start].double()
     mean = tuple(float(f"{v:.6g}") for v in train_rows.mean(0))
     std = tuple(float(f"{v:.6g}") for v in train_rows.std(0).clamp_min(1e-6))
-    splits = {"train": windows(series, range(w - 1, val_start - h), w, h)}
+    splits = {"train": windows(inputs, targets, range(w - 1, val_start - h), w, h)}
     for part in ("val", "test"):
         a, b = bounds[part]
         if b - a >= h:   # targets inside the part; inputs may reach back into earlier parts
-            splits[part] = windows(series, range(max(a - 1, w - 1), b - h), w, h)
+            splits[part] = windows(inputs, targets, range(a - 1, b - h), w, h)
     if "test" not in splits:
         raise DataError(f"data.test_fraction: the last {n - test_start} rows hold no test "
                         f"window of data.horizon = {h} steps")
@@ -144,8 +160,9 @@ def forecast_bundle(name: str, times: np.ndarray, values: np.ndarray, columns: l
                     target_shape=(h, c), mean=mean, std=std, target_mean=mean, target_std=std,
                     target_channels=tuple(range(c)), season=cfg.season, columns=tuple(columns))
     total = sum(gaps.values())
-    notes = [f"{name}: {total} empty cell(s) interpolated linearly within their own part "
-             f"(train {gaps['train']}, val {gaps['val']}, test {gaps['test']})"] if total else []
+    notes = [f"{name}: {total} empty cell(s) (train {gaps['train']}, val {gaps['val']}, test "
+             f"{gaps['test']}): as targets interpolated linearly within their part, as "
+             f"inputs the last value observed before them"] if total else []
     return DataBundle(info=info, train=splits["train"], test=splits["test"],
                       val=splits.get("val"), notes=notes, facts={"gaps_interpolated": gaps})
 

@@ -52,7 +52,7 @@ def read_bundle(path: str | Path, overrides: list[str] = ()
     meta = bundle_metadata(path)
     if meta is None:
         raise ValueError(f"{path}: safetensors file without deqctl metadata")
-    raw = recipes.apply_overrides(yaml_load(meta["recipe"]), list(overrides))
+    raw = recipes.apply_overrides(recipes.migrate(yaml_load(meta["recipe"])), list(overrides))
     recipe = recipes.validate(raw, source=f"{path} (stored recipe)")
     return load_file(str(path)), recipe, json.loads(meta["data_info"])
 

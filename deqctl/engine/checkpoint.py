@@ -88,7 +88,8 @@ def resolve(path: str | Path) -> Path:
 def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
     """Return (recipe, meta) of a checkpoint folder."""
     try:
-        recipe = recipes.load(folder / "recipe.yaml")
+        recipe = recipes.validate(recipes.migrate(recipes.load_raw(folder / "recipe.yaml")),
+                                  source=str(folder / "recipe.yaml"))
         meta = json.loads((folder / "meta.json").read_text())
     except recipes.RecipeError as exc:
         raise CheckpointError(f"{folder}: stored recipe is invalid: {exc}") from None

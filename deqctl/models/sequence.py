@@ -145,6 +145,12 @@ def causal_for(cfg_causal: bool | None, info: DataInfo) -> bool:
     return cfg_causal
 
 
+def takes_any_length(info: DataInfo, head: SequenceHead) -> bool:
+    """Whether a sequence model reads inputs of any length: a forecast reads a fixed
+    window, and a flattening head every position of one."""
+    return info.task != "forecast" and head.pool != "flatten"
+
+
 def check_inputs(info: DataInfo, name: str) -> None:
     """Raise ValueError unless `info` describes sequence data (tokens or values)."""
     if info.inputs not in ("tokens", "sequence"):

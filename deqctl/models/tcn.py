@@ -23,7 +23,7 @@ from ..recipe import TcnDEQSettings
 from .base import DEQModel
 from .dropout import dropout, variational_mask
 from .norms import normalised
-from .sequence import InputReader, TaskHead, WindowNorm, check_inputs
+from .sequence import InputReader, TaskHead, WindowNorm, check_inputs, takes_any_length
 
 
 def causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -61,13 +61,12 @@ class TcnDEQ(DEQModel):
     """Input embedding -> causal input injection -> DEQ TrellisNet cell -> task head."""
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
-    dynamic_length = True
 
     def __init__(self, cfg: TcnDEQSettings, info: DataInfo, deq: DEQ, warm_start: bool = False):
         check_inputs(info, "tcn_deq")
         super().__init__(info, deq, warm_start)
         d = cfg.channels
-        self.dynamic_length = info.task != "forecast" and cfg.head.pool != "flatten"
+        self.dynamic_length = takes_any_length(info, cfg.head)
         window = WindowNorm(cfg.head.window_norm, info)
         self.reader = InputReader(info, d, window)
         self.inject_conv = nn.Conv1d(d, 4 * d, cfg.kernel_size)

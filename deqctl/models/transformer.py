@@ -27,7 +27,7 @@ from .base import DEQModel
 from .dropout import dropout, variational_mask
 from .norms import normalised
 from .sequence import (InputReader, TaskHead, WindowNorm, causal_for, check_inputs,
-                       sinusoidal_positions)
+                       sinusoidal_positions, takes_any_length)
 
 
 class AttentionCell(nn.Module):
@@ -79,15 +79,13 @@ class TransformerDEQ(DEQModel):
     """Input embedding + sinusoidal positions -> DEQ transformer block -> task head."""
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
-    dynamic_length = True
 
     def __init__(self, cfg: TransformerDEQSettings, info: DataInfo, deq: DEQ,
                  warm_start: bool = False):
         check_inputs(info, "transformer_deq")
         super().__init__(info, deq, warm_start)
         causal = causal_for(cfg.causal, info)
-        # a forecast head reads a fixed window, a flattening head every position of one
-        self.dynamic_length = info.task != "forecast" and cfg.head.pool != "flatten"
+        self.dynamic_length = takes_any_length(info, cfg.head)
         window = WindowNorm(cfg.head.window_norm, info)
         self.reader = InputReader(info, cfg.d_model, window)
         self.body = AttentionCell(cfg, causal)
