@@ -8,7 +8,9 @@ injected at every application:
 
 Each position mixes its own and the previous k-1 positions, and the cell state arrives
 from the previous position, so information travels one step further back per
-application: the fixed point sees the whole past. Much cheaper per f call than attention.
+application: the fixed point sees the whole past. Cheaper per f call than attention
+(measured on 2 CPU cores, B=32, L=128: 0.8x the transformer cell's time at width 128,
+0.53x at width 256).
 """
 
 from __future__ import annotations
