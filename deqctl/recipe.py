@@ -100,7 +100,17 @@ class FixedPointCorrection(Block):
     gamma: float = Field(0.8, gt=0, le=1, description="weight decay towards early states")
 
 
+class UnrolledSettings(Block):
+    depth: int | None = Field(None, ge=1, description="applications of the cell "
+                              "(None: deq.forward.max_iter)")
+
+
 class DEQSettings(Block):
+    mode: Literal["implicit", "unrolled"] = Field(
+        "implicit", description="implicit: solve for the fixed point, implicit gradients; "
+        "unrolled: the explicit twin, the same cell applied deq.unrolled.depth times with "
+        "backprop through every application")
+    unrolled: UnrolledSettings = UnrolledSettings()
     forward: SolverSettings = SolverSettings()
     backward: BackwardSettings = BackwardSettings()
     eval: EvalSettings = EvalSettings()
@@ -128,7 +138,8 @@ class DEQSettings(Block):
             eval_stop_mode=e.stop_mode, eval_options=e.options(),
             jacobian_reg=self.jacobian_reg.weight, jacobian_every=self.jacobian_reg.every,
             jacobian_samples=self.jacobian_reg.samples, fp_correction=self.fp_correction.states,
-            fp_gamma=self.fp_correction.gamma)
+            fp_gamma=self.fp_correction.gamma, mode=self.mode,
+            unrolled_depth=self.unrolled.depth)
 
 
 # --- data: one block per source, chosen by data.name ----------------------------------

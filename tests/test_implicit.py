@@ -229,3 +229,27 @@ def test_plain_keyword_errors_list_the_valid_choices():
         DEQ(tol=float("inf"))
     with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
         DEQ(backward_max_iter=True)
+
+
+def test_unrolled_twin_is_autograd_through_the_same_cell():
+    W, x, target, cell = small_problem(seed=6)
+    twin = DEQ(mode="unrolled", unrolled_depth=7, tol=1e-3).train()
+    z, info = twin(cell, x, torch.zeros_like(x))
+    (got,) = torch.autograd.grad(loss_of(z, target), W)
+    ref = torch.zeros_like(x)
+    prev = ref
+    for _ in range(7):
+        prev, ref = ref, cell(ref, x)
+    (want,) = torch.autograd.grad(loss_of(ref, target), W)
+    assert torch.equal(z, ref) and torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    res = info.forward
+    assert res.nfe == 7 and info.backward_steps == 7 and info.backward is None
+    step = (ref - prev).norm(dim=1)
+    assert torch.allclose(res.abs_residual, step.float())
+    assert torch.equal(res.converged, res.rel_residual <= 1e-3)
+    # the depth is fixed: evaluation settings do not change it
+    with torch.no_grad():
+        z_eval, info = twin.eval()(cell, x, torch.zeros_like(x))
+    assert torch.equal(z_eval, ref.detach()) and info.forward.nfe == 7
+    with pytest.raises(ValueError, match="fp_correction must be 0 with mode='unrolled'"):
+        DEQ(mode="unrolled", fp_correction=2)

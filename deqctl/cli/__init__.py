@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from . import compare as _compare
 from . import eval as _eval
 from . import export as _export
 from . import solve_trace as _solve_trace
@@ -23,6 +24,7 @@ app.command("train", no_args_is_help=True)(_train.train)
 app.command("eval", no_args_is_help=True)(_eval.eval_command)
 app.command("solve-trace", no_args_is_help=True)(_solve_trace.solve_trace)
 app.command("export", no_args_is_help=True)(_export.export)
+app.command("compare", no_args_is_help=True)(_compare.compare)
 
 
 def main() -> None:

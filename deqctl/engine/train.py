@@ -24,6 +24,7 @@ from ..tasks import Task, task_for
 from . import checkpoint
 from .device import pick_device
 from .evaluate import evaluate
+from .memory import PeakMemory
 from .metrics import Accumulator, JsonlSink, step_stats
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
@@ -59,6 +60,26 @@ class Progress:
     step: int = 0
     epoch: int = 0                 # epochs completed
     pos: int = 0                   # batches done in the current epoch
+    wall_s: float = 0.0            # training time so far, evaluations excluded
+
+
+class TrainClock:
+    """Training time: wall time since the loop started (plus a resumed run's earlier
+    time), evaluations excluded (they are timed in their own rows)."""
+
+    def __init__(self, before: float = 0.0):
+        self.before, self.start, self.excluded = before, time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - started
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start - self.excluded
 
 
 def total_steps(recipe: recipes.Recipe, batches_per_epoch: int) -> int:
@@ -137,6 +158,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                f"{len(data.train)} train / {len(data.test)} test; {total} steps")
 
     def save(name: str, final: dict | None = None) -> Path:
+        at.wall_s = clock.elapsed()
         tensors, opt_json = optimizer_state(opt)
         trainer = {"tensors": {**tensors, **rng_state()},
                    "json": {"progress": at.__dict__, "optimizer": opt_json,
@@ -148,15 +170,18 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         return folder
 
     def run_eval() -> dict[str, Any]:
-        row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device)
-        row = {"step": at.step, "epoch": at.step / nb, **row}
+        with clock.paused():
+            row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device)
+        row = {"step": at.step, "epoch": at.step / nb, **row, "wall_s": clock.elapsed(),
+               "peak_mem_mb": memory.peak_mb()}
         sink.write(row)
         view.log(row)
         return row
 
     amp = (torch.autocast(device.type, dtype=torch.bfloat16)
            if recipe.runtime.precision == "bf16" else contextlib.nullcontext())
-    acc, last_log, last_ok = Accumulator(), time.perf_counter(), at.step
+    memory, clock = PeakMemory(device), TrainClock(at.wall_s)
+    acc, last_wall, last_ok = Accumulator(), clock.elapsed(), at.step
     jac_weight = recipe.deq.jacobian_reg.weight
     augment = getattr(recipe.data, "augment", False)   # only image-like sources have the key
     model.train()
@@ -188,20 +213,18 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
 
                 if at.step % recipe.train.log_every == 0 or at.step == total or stop.requested:
                     row = task.finish(acc.reduce())   # sync point
-                    now = time.perf_counter()
-                    steps = at.step - last_ok
+                    now = clock.elapsed()
                     row = {"step": at.step, "epoch": at.step / nb, "split": "train", "lr": lr,
-                           **row, "step_time_s": (now - last_log) / steps,
-                           "samples_per_s": row["n"] / (now - last_log)}
+                           **row, "step_time_s": (now - last_wall) / (at.step - last_ok),
+                           "samples_per_s": row["n"] / (now - last_wall), "wall_s": now,
+                           "peak_mem_mb": memory.peak_mb()}
                     sink.write(row)
                     view.log(row)
                     if not math.isfinite(row["loss"]):
                         raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
-                    last_log, last_ok = time.perf_counter(), at.step
+                    last_wall, last_ok = clock.elapsed(), at.step
                 if epoch_done and recipe.train.eval_every_epoch and at.step < total:
-                    paused = time.perf_counter()
                     run_eval()
-                    last_log += time.perf_counter() - paused   # ms/step counts training only
                 if recipe.train.save_every and at.step % recipe.train.save_every == 0:
                     save(f"step-{at.step:06d}")
                 if stop.requested:

@@ -19,11 +19,13 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
-from ..solvers import SolveResult
+from ..solvers import CONVERGED, MAX_ITER, SolveResult
+from ..solvers.tracker import EPS
 from .spec import SolveSpec
 
 Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 BACKWARD_MODES = ("ift", "phantom", "jfb")
+MODES = ("implicit", "unrolled")
 
 
 @dataclass
@@ -76,6 +78,25 @@ def hutchinson_jacobian_sq(f_out: torch.Tensor, z_in: torch.Tensor, samples: int
     return total / samples
 
 
+def last_step_result(z: torch.Tensor, prev: torch.Tensor, steps: int, spec: SolveSpec
+                     ) -> SolveResult:
+    """Statistics of a fixed number of applications of f, as a solve reports them: the
+    residual is that of the last application, ||z_K - z_{K-1}|| = ||f(z_{K-1}) - z_{K-1}||,
+    which says how far from a fixed point the iteration ends."""
+    with torch.no_grad():
+        diff = (z - prev).flatten(1).float()
+        abs_r = torch.linalg.vector_norm(diff, dim=1)
+        rel_r = abs_r / (torch.linalg.vector_norm(z.flatten(1).float(), dim=1) + EPS)
+        converged = (rel_r if spec.stop_mode == "rel" else abs_r) <= spec.tol
+    n = z.shape[0]
+    return SolveResult(
+        z=z.detach(), nfe=steps, sample_nfe=torch.full((n,), steps, dtype=torch.int32, device=z.device),
+        abs_residual=abs_r, rel_residual=rel_r, converged=converged,
+        status=torch.where(converged, CONVERGED, MAX_ITER).to(torch.int32),
+        fallbacks=torch.zeros(n, dtype=torch.int32, device=z.device), tol=spec.tol,
+        stop_mode=spec.stop_mode)
+
+
 def _check(name: str, value: Any, ok: bool, expected: str) -> None:
     if not ok:
         raise ValueError(f"DEQ: {name} must be {expected}, got {value!r}")
@@ -99,6 +120,10 @@ class DEQ(nn.Module):
     add to its loss) every `jacobian_every` calls; `fp_correction` earlier solver states
     returned in info.corrections with weights `fp_gamma`^k.
 
+    `mode="unrolled"` makes the explicit twin of the same cell: `unrolled_depth`
+    applications from z0 (default: `max_iter`), back-propagated through every one, with
+    the statistics of its last application; the gradient settings do not apply to it.
+
     Call as `z, info = deq(cell, u, z0)`; `cell(z, u)` must return a tensor shaped like z.
     """
 
@@ -114,8 +139,15 @@ class DEQ(nn.Module):
                  eval_tol: float | None = None, eval_stop_mode: str | None = None,
                  eval_options: Mapping[str, Any] | None = None,
                  jacobian_reg: float = 0.0, jacobian_every: int = 1, jacobian_samples: int = 1,
-                 fp_correction: int = 0, fp_gamma: float = 0.8):
+                 fp_correction: int = 0, fp_gamma: float = 0.8, mode: str = "implicit",
+                 unrolled_depth: int | None = None):
         super().__init__()
+        _check("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
+        _check("unrolled_depth", unrolled_depth,
+               unrolled_depth is None or (_is_int(unrolled_depth) and unrolled_depth >= 1),
+               "an integer >= 1 or None")
+        _check("fp_correction", fp_correction, mode == "implicit" or not fp_correction,
+               "0 with mode='unrolled' (the twin back-propagates through every state)")
         _check("backward", backward, backward in BACKWARD_MODES,
                f"one of {', '.join(BACKWARD_MODES)}")
         _check("phantom_steps", phantom_steps, _is_int(phantom_steps) and phantom_steps >= 1,
@@ -146,6 +178,7 @@ class DEQ(nn.Module):
         self.jacobian_reg, self.jacobian_every = float(jacobian_reg), jacobian_every
         self.jacobian_samples = jacobian_samples
         self.fp_correction, self.fp_gamma = fp_correction, fp_gamma
+        self.mode, self.unrolled_depth = mode, unrolled_depth or max_iter
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
@@ -154,6 +187,8 @@ class DEQ(nn.Module):
         """Return (z, info): z is the fixed point with gradients attached per `backward`;
         `solver` replaces the forward (training) or eval settings for this call."""
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
+        if self.mode == "unrolled":
+            return self._unrolled(cell, u, z0, fwd)
         snapshots = self._snapshot_points(fwd) if self.training else ()
 
         # cached(): weight/spectral norm are computed once per solve, not once per f call,
@@ -180,22 +215,41 @@ class DEQ(nn.Module):
             else:
                 info.backward_steps = 1
         if self.training and self._jac_due():
-            # A separate application of f: the estimate's gradient must reach the weights
-            # directly, never through z_out, whose IFT hook would send it through the
-            # adjoint solve (cells whose last op saves its output, e.g. tanh, route it there).
-            z_probe = z_star.detach().requires_grad_()
-            # The estimate is differentiated twice; fused attention kernels have no double
-            # backward, the math one does.
-            with sdpa_kernel(SDPBackend.MATH):
-                f_probe = cell(z_probe, u)
-            info.jac_loss = hutchinson_jacobian_sq(
-                f_probe, z_probe, self.jacobian_samples).mean() / z_probe[0].numel()
+            info.jac_loss = self._jacobian_loss(cell, u, z_star)
         if self.training:
             k = len(res.snapshots)
             for i, (_, z_k) in enumerate(sorted(res.snapshots.items())):
                 info.corrections.append((self.fp_gamma ** (k - i), cell(z_k.detach(), u)))
             self.step += 1
         return z_out, info
+
+    def _unrolled(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor, spec: SolveSpec
+                  ) -> tuple[torch.Tensor, DEQInfo]:
+        """The explicit twin: a fixed-depth network that reuses the cell, whatever the
+        solver settings of this call (they only give the tolerance its statistics use)."""
+        z = prev = z0
+        for _ in range(self.unrolled_depth):
+            prev, z = z, cell(z, u)
+        info = DEQInfo(forward=last_step_result(z, prev, self.unrolled_depth, spec))
+        if torch.is_grad_enabled():
+            info.backward_steps = self.unrolled_depth      # backprop through every application
+            if self.training and self._jac_due():
+                info.jac_loss = self._jacobian_loss(cell, u, z.detach())
+        if self.training:
+            self.step += 1
+        return z, info
+
+    def _jacobian_loss(self, cell: Cell, u: torch.Tensor, z_star: torch.Tensor) -> torch.Tensor:
+        """Hutchinson estimate of ||df/dz||_F^2 / dim at z_star, on its own application of f:
+        the estimate's gradient must reach the weights directly, never through the output
+        the IFT hook sits on, which would send it through the adjoint solve (cells whose
+        last op saves its output, e.g. tanh, route it there)."""
+        z_probe = z_star.detach().requires_grad_()
+        # differentiated twice: fused attention kernels have no double backward, math has
+        with sdpa_kernel(SDPBackend.MATH):
+            f_probe = cell(z_probe, u)
+        return hutchinson_jacobian_sq(f_probe, z_probe, self.jacobian_samples).mean() \
+            / z_probe[0].numel()
 
     def _jac_due(self) -> bool:
         return self.jacobian_reg > 0 and self.step % self.jacobian_every == 0

@@ -87,3 +87,44 @@ def sparkline(values: list[float], width: int = 40, log: bool = True) -> str:
         else:
             chars.append(BLOCKS[min(int((b - lo) / span * len(BLOCKS)), len(BLOCKS) - 1)])
     return "".join(chars)
+
+
+def plot_runs(runs: list[dict], path: str | Path, *, metric: str, metric_label: str,
+              log_metric: bool = False) -> Path:
+    """Plot runs side by side; return the PNG path written. Each run is {"name", "train":
+    rows, "evals": rows} (metrics.jsonl rows). Panels: training loss and the evaluation
+    metric against step and against training time, forward NFE and forward relative
+    residual against step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(13, 7.5), dpi=110)
+    FigureCanvasAgg(fig)
+    panels = [("train", "step", "loss", "training loss", "step", False),
+              ("train", "wall_s", "loss", "training loss", "training time (s)", False),
+              ("evals", "step", metric, metric_label, "step", log_metric),
+              ("evals", "wall_s", metric, metric_label, "training time (s)", log_metric),
+              ("train", "step", "fwd_nfe", "forward NFE (mean)", "step", False),
+              ("train", "step", "fwd_rel_residual", "forward rel residual (mean)", "step", True)]
+    for i, (rows, x, y, ylabel, xlabel, log) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, i + 1)
+        drawn = 0
+        for run in runs:
+            pts = [(r[x], r[y]) for r in run[rows] if _usable(r.get(x), False)
+                   and _usable(r.get(y), log)]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) <= 30 else None, markersize=3,
+                        label=run["name"])
+                drawn += 1
+        if log and drawn:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,90 @@
+"""`deqctl compare RUN [RUN ...] [--plot out.png] [--json] [--target METRIC=VALUE]`"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..inspect.runs import RunSummary, same_task, summarise
+from ..ui import plot_runs
+from ..ui.fmt import fmt_float, fmt_int, fmt_pct
+from .common import USAGE, fail, user_errors
+
+
+@user_errors
+def compare(
+    runs: List[Path] = typer.Argument(..., help="run directories (e.g. a DEQ and its deq.mode=unrolled twin)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: loss and metric against "
+                                        "step and training time, forward NFE and residual"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON document on stdout, nothing else"),
+    target: Optional[str] = typer.Option(None, "--target", help="METRIC=VALUE, e.g. accuracy=0.97: "
+                                         "when each run first reached it (step, training time)"),
+) -> None:
+    """Compare runs: final and best metric, training time, time to a target, peak memory,
+    forward NFE and how many solves converged at the start and end of training."""
+    wanted = _parse_target(target) if target is not None else None
+    try:    # unreadable runs, runs of other tasks, a target that is no metric: one line
+        summaries = [summarise(run, wanted) for run in runs]
+        same_task(summaries)
+    except ValueError as exc:
+        fail(str(exc), USAGE)
+    head = summaries[0].task.headline
+    result = {"task": summaries[0].task.name, "metric": head.key,
+              "higher_is_better": head.higher_is_better,
+              "target": None if wanted is None else {"metric": wanted[0], "value": wanted[1]},
+              "runs": [s.to_json() for s in summaries]}
+    if plot is not None:
+        written = plot_runs([{"name": s.name, "train": s.train, "evals": s.evals} for s in summaries],
+                            plot, metric=head.key, metric_label=f"test {head.key}",
+                            log_metric=head.key in ("ppl",))
+        result["plot"] = str(written)
+    if as_json:
+        typer.echo(json.dumps(result, allow_nan=False))
+        return
+    console = Console()
+    if not console.is_terminal:     # a log file or pipe: no truncated cells
+        console = Console(width=200)
+    console.print(_table(summaries, wanted))
+    if plot is not None:
+        typer.echo(f"plot: {result['plot']}")
+
+
+def _parse_target(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    try:
+        if not sep or not key:
+            raise ValueError
+        return key.strip(), float(value)
+    except ValueError:
+        fail(f"--target: expected METRIC=VALUE such as accuracy=0.97 (got {text!r})", USAGE)
+
+
+def _table(runs: list[RunSummary], target: tuple[str, float] | None) -> Table:
+    head = runs[0].task.headline
+    better = "higher" if head.higher_is_better else "lower"
+    table = Table(title=f"{runs[0].task.name}: final and best test {head.key} ({better} is "
+                        f"better); time: training time in s, evaluations excluded; conv: "
+                        f"training solves converged, first -> last logged interval")
+    cols = ["run", "mode", "final", "best", "steps", "time"]
+    if target is not None:
+        cols.append(f"to {target[0]}={target[1]:g}")
+    cols += ["peak MB", "NFE", "conv", "test conv"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("run", "mode") else "right",
+                         no_wrap=c != "run", min_width=12 if c == "run" else None)
+    for r in runs:
+        cells = [r.name, r.mode, head.fmt(r.final), head.fmt(r.best), str(r.steps),
+                 fmt_int(r.wall_s)]
+        if target is not None:
+            cells.append(f"{fmt_int(r.target_wall_s)} s @{r.target_step}"
+                         if r.target_step is not None else "never")
+        cells += [fmt_int(r.peak_mem_mb), fmt_float(r.fwd_nfe, 3),
+                  f"{fmt_pct(r.converged_start)}->{fmt_pct(r.converged_end)}",
+                  fmt_pct(r.test_converged)]
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,131 @@
+"""Runs side by side: what `deqctl compare` reports of each run directory (its metrics.jsonl,
+its recipe, and the task its checkpoint's data description implies)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import recipe as recipes
+from ..data import DataInfo
+from ..engine import checkpoint
+from ..engine.checkpoint import CheckpointError
+from ..tasks import Metric, Task, task_for
+
+
+@dataclass
+class RunSummary:
+    """One run's figures for the comparison table (None where the run has no data)."""
+
+    name: str
+    path: Path
+    task: Task = field(repr=False)
+    mode: str                          # implicit | unrolled
+    model: str
+    final: float | None                # headline metric of the last evaluation
+    best: float | None                 # ... of the best evaluation
+    steps: int
+    wall_s: float | None               # training time (evaluations excluded)
+    peak_mem_mb: float | None
+    fwd_nfe: float | None              # mean forward NFE over training
+    converged_start: float | None      # fraction of training solves converged, first row
+    converged_end: float | None        # ... last row
+    test_converged: float | None       # fraction of test solves converged, last evaluation
+    target_step: int | None = None     # first evaluation meeting --target
+    target_wall_s: float | None = None
+    train: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    evals: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        keys = ("mode", "model", "final", "best", "steps", "wall_s", "peak_mem_mb", "fwd_nfe",
+                "converged_start", "converged_end", "test_converged", "target_step",
+                "target_wall_s")
+        return {"name": self.name, "path": str(self.path),
+                **{k: _finite(getattr(self, k)) for k in keys}}
+
+
+def read_rows(run: Path) -> list[dict[str, Any]]:
+    """Return the rows of RUN/metrics.jsonl; CheckpointError (one line) if unreadable."""
+    path = run / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+    except OSError:
+        raise CheckpointError(f"{run}: no metrics.jsonl (not a run directory)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: line {exc.lineno} is not JSON") from None
+
+
+def summarise(run: str | Path, target: tuple[str, float] | None = None) -> RunSummary:
+    """Return the RunSummary of a run directory; `target` = (metric key, value)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"{run}: no such run directory")
+    rows = read_rows(run)
+    folder = checkpoint.resolve(run)         # its meta holds the data description
+    recipe, meta = checkpoint.read_meta(folder)
+    task = task_for(DataInfo.from_dict(meta["data_info"]))
+    train = [r for r in rows if r.get("split") == "train"]
+    evals = [r for r in rows if r.get("split") == "test"]
+    key = task.headline.key
+    scores = [r[key] for r in evals if _num(r.get(key)) is not None]
+    best = (max if task.headline.higher_is_better else min)(scores) if scores else None
+    s = RunSummary(
+        name=run.name, path=run, task=task, mode=recipe.deq.mode, model=recipe.model.name,
+        final=scores[-1] if scores else None, best=best,
+        steps=max((r.get("step", 0) for r in rows), default=0),
+        wall_s=_max(rows, "wall_s"), peak_mem_mb=_max(rows, "peak_mem_mb"),
+        fwd_nfe=_mean(train, "fwd_nfe"),
+        converged_start=_num(train[0].get("fwd_converged")) if train else None,
+        converged_end=_num(train[-1].get("fwd_converged")) if train else None,
+        test_converged=_num(evals[-1].get("fwd_converged")) if evals else None,
+        train=train, evals=evals)
+    if target is not None:
+        metric = metric_for(task, target[0])
+        for r in evals:
+            v = _num(r.get(metric.key))
+            if v is not None and (v >= target[1] if metric.higher_is_better else v <= target[1]):
+                s.target_step, s.target_wall_s = r.get("step"), _num(r.get("wall_s"))
+                break
+    return s
+
+
+def metric_for(task: Task, key: str) -> Metric:
+    """The task's metric named `key` (or the loss, lower is better); ValueError otherwise."""
+    if key == "loss":
+        return Metric("loss", "loss", str)
+    for m in task.metrics:
+        if m.key == key:
+            return m
+    valid = ", ".join(["loss", *(m.key for m in task.metrics)])
+    raise ValueError(f"--target: {key!r} is not a metric of {task.name} runs (valid: {valid})")
+
+
+def same_task(runs: list[RunSummary]) -> None:
+    """Raise ValueError (one line) unless every run trained the same task."""
+    tasks = {r.task.name for r in runs}
+    if len(tasks) > 1:
+        listing = ", ".join(f"{r.name}: {r.task.name}" for r in runs)
+        raise ValueError(f"runs of different tasks cannot be compared ({listing})")
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
+        and math.isfinite(v) else None
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _max(rows: list[dict], key: str) -> float | None:
+    vals = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+    return max(vals) if vals else None
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+    return sum(vals) / len(vals) if vals else None
