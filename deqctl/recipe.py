@@ -292,6 +292,29 @@ class ResNetDEQSettings(Block):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class MDEQSettings(Block):
+    """Multiscale DEQ image classifier: 2-4 resolution branches solved jointly."""
+
+    name: Literal["mdeq"]
+    channels: list[int] = Field([24, 48], min_length=2, max_length=4,
+                                description="channels per branch, finest first; branch i "
+                                "runs at 1/2^i of the stem's resolution")
+    expansion: int = Field(2, ge=1, description="inner channels of each branch's block")
+    groups: int = Field(4, ge=1, description="GroupNorm groups")
+    stem_stride: int = Field(1, ge=1)
+    norm: Literal["weight", "spectral", "none"] = "weight"
+    init_std: float | None = Field(None, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    head_width: int = Field(128, ge=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(c < 1 for c in v):
+            raise ValueError("every branch needs at least one channel")
+        return v
+
+
 class SequenceHead(Block):
     pool: Literal["mean", "last", "flatten"] = Field(
         "mean", description="classify / forecast: how the sequence's states become one "
@@ -330,8 +353,8 @@ class TcnDEQSettings(Block):
     head: SequenceHead = SequenceHead()
 
 
-ModelSettings = Annotated[Union[ResNetDEQSettings, TransformerDEQSettings, TcnDEQSettings],
-                          Field(discriminator="name")]
+ModelSettings = Annotated[Union[ResNetDEQSettings, MDEQSettings, TransformerDEQSettings,
+                                TcnDEQSettings], Field(discriminator="name")]
 
 
 # --- the rest of the recipe ----------------------------------------------------------

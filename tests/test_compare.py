@@ -103,3 +103,16 @@ def test_compare_refuses_other_tasks_and_bad_targets(pair, tmp_path):
         assert result.exit_code == 2 and needle in result.stderr
     missing = runner.invoke(app, ["compare", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "no such run directory" in missing.stderr
+
+
+def test_mdeq_trains_evaluates_traces_and_exports(tmp_path):
+    out = tmp_path / "mdeq"
+    result = runner.invoke(app, ["train", RECIPE, *TINY, "model={name: mdeq, channels: [4, 8], "
+                                 "init_std: 0.01}", "--out", str(out), "--plain"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["eval", str(out), "--json"]).exit_code == 0
+    traced = runner.invoke(app, ["solve-trace", str(out), "--batch", "4", "--power-iters", "8"])
+    assert traced.exit_code == 0 and "spectral radius" in traced.stdout
+    exported = runner.invoke(app, ["export", str(out), "--format", "pt2", "--out", str(tmp_path / "m.pt2"),
+                                   "--solver", "anderson"])
+    assert exported.exit_code == 0 and "parity ok" in exported.stdout, exported.output

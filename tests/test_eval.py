@@ -31,14 +31,14 @@ def test_json_keys_and_values_match_the_training_evaluation(run):
     got = eval_json(str(run))
     assert JSON_KEYS <= set(got), JSON_KEYS - set(got)
     assert got["split"] == "test" and got["n"] == 64
-    assert got["solver"] == {"solver": "anderson", "max_iter": 30, "tol": 1e-3, "stop_mode": "rel"}
+    assert got["solver"] == {"solver": "anderson", "max_iter": 50, "tol": 1e-3, "stop_mode": "rel"}
     # same checkpoint, data and eval settings as train's final evaluation -> same numbers
     final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["split"] == "test"
     for key in ("loss", "accuracy", "fwd_nfe", "fwd_rel_residual", "fwd_converged"):
         assert got[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
     assert got["fwd_converged"] == 1.0 and got["fwd_rel_residual"] <= 1e-3
-    assert 1 < got["fwd_nfe"] <= got["fwd_nfe_max"] <= 30
+    assert 1 < got["fwd_nfe"] <= got["fwd_nfe_max"] <= 50
     assert 0.0 <= got["accuracy"] <= 1.0 and got["samples_per_s"] > 0
 
 

@@ -188,3 +188,60 @@ def test_pre_and_post_norm_cells_both_solve():
         out = m.eval().run(inputs("classify")[0])
         assert out.info.forward.converged.all(), placement
         assert torch.isfinite(out.out).all()
+
+
+# --- mdeq: a state of several tensors -------------------------------------------------
+
+IMAGES = DataInfo(name="t", task="classify", inputs="image", shape=(3, 12, 12), num_classes=4,
+                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def make_mdeq(**kw):
+    r = recipes.validate({"model": {"name": "mdeq", "channels": [4, 6, 8], "init_std": 0.01,
+                                    **kw}})
+    torch.manual_seed(0)
+    return build_model(r, IMAGES)
+
+
+def test_mdeq_branches_are_solved_jointly_at_their_resolutions():
+    m = make_mdeq()
+    x = torch.rand(3, 3, 12, 12)
+    out = m.eval().run(x)
+    z = out.info.forward.z
+    assert [tuple(t.shape) for t in z] == [(3, 4, 12, 12), (3, 6, 6, 6), (3, 8, 3, 3)]
+    assert out.out.shape == (3, 4) and out.info.forward.converged.all()
+    for a, b in zip(m.cell(z, m.inject(x)), z):      # every branch at its fixed point
+        assert (a - b).norm() <= 2e-3 * a.norm()
+
+
+def test_mdeq_ift_gradient_matches_the_unrolled_reference():
+    m = make_mdeq(channels=[3, 5]).double().train()
+    x = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    u = m.inject(x)
+    params = [p for n, p in m.named_parameters() if n.startswith(("branches", "fusion", "injections"))]
+
+    def loss(z):
+        return sum(((t - 0.1) ** 2).sum() for t in z)
+
+    settings = dict(tol=1e-12, max_iter=300, backward_solver="anderson", backward_tol=1e-12,
+                    backward_max_iter=300)
+    reports = compare_to_unrolled(m.cell, u, m.init_state(u), params, settings, loss=loss)
+    assert reports["ift"].cosine > 0.99999 and reports["ift"].rel_error < 1e-5
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "broyden"])
+def test_mdeq_trains_a_step_with_every_solver(solver):
+    r = recipes.validate({"model": {"name": "mdeq", "channels": [4, 6], "init_std": 0.01,
+                                    "dropout": 0.1},
+                          "deq": {"forward": {"solver": solver, "max_iter": 40},
+                                  "jacobian_reg": {"weight": 0.5}, "fp_correction": {"states": 1}}})
+    torch.manual_seed(0)
+    m = build_model(r, IMAGES).train()
+    out = m.run(torch.rand(4, 3, 12, 12))
+    task = task_for(IMAGES)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = task.loss(out.out, y) + 0.5 * out.info.jac_loss + sum(w * task.loss(o, y) for w, o in out.corrections)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in m.parameters() if p.requires_grad)
+    assert out.info.backward is not None and out.info.backward.nfe >= 1

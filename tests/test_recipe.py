@@ -97,7 +97,7 @@ def test_data_and_model_blocks_are_chosen_by_name_and_checked_as_their_own():
                                "model.name=transformer_deq: name, d_model")
     assert lines[2].startswith("deq.forward.max_iter:")
     with pytest.raises(recipes.RecipeError, match=r"model.name: unknown 'mlp' \(valid: "
-                                                  r"'resnet_deq', 'transformer_deq', 'tcn_deq'\)"):
+                                                  r"'resnet_deq', 'mdeq', 'transformer_deq', 'tcn_deq'\)"):
         recipes.validate({"model": {"name": "mlp"}})
 
 

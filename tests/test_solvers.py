@@ -194,3 +194,49 @@ def test_state_stays_float32_under_bf16():
                 tol=1e-2, max_iter=100)
     assert res.z.dtype == torch.bfloat16 and res.rel_residual.dtype == torch.float32
     assert res.converged.all() and set(seen) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "broyden"])
+def test_a_state_of_several_tensors_is_solved_as_one(method):
+    """Two coupled parts of different shapes with a known fixed point:
+    a = 0.5 a + 0.1 mean(b) + c,  b = 0.3 b + 0.2 sum(a) + d."""
+    g = torch.Generator().manual_seed(0)
+    c, d = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, 2, 2, generator=g, dtype=torch.float64)
+
+    def f(z):
+        a, b = z
+        return (0.5 * a + 0.1 * b.mean((1, 2))[:, None] + c,
+                0.3 * b + 0.2 * a.sum(1)[:, None, None] + d)
+
+    res = solve(f, (torch.zeros_like(c), torch.zeros_like(d)), method, tol=1e-12, max_iter=300,
+                stop_mode="abs")
+    a, b = res.z
+    assert isinstance(res.z, tuple) and a.shape == (4, 3) and b.shape == (4, 2, 2)
+    fa, fb = f(res.z)
+    assert torch.allclose(fa, a, atol=1e-10) and torch.allclose(fb, b, atol=1e-10)
+    assert res.converged.all() and res.abs_residual.shape == (4,)
+
+
+def test_implicit_gradient_through_a_state_of_several_tensors():
+    from deqctl.implicit import DEQ
+    g = torch.Generator().manual_seed(1)
+    W = (0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    V = (0.3 * torch.randn(4, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def cell(z, u):
+        a, b = z
+        return torch.tanh(a @ W.T + u), torch.tanh(0.5 * b + (a @ V.T).view(-1, 2, 2))
+
+    z0 = (torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 2, 2, dtype=torch.float64))
+    layer = DEQ(tol=1e-13, max_iter=300, backward_tol=1e-12, backward_max_iter=300).train()
+    (a, b), info = layer(cell, x, z0)
+    loss = (a ** 2).sum() + (b * torch.arange(4.0, dtype=torch.float64).view(2, 2)).sum()
+    got = torch.autograd.grad(loss, (W, V))
+    z = z0
+    for _ in range(300):
+        z = cell(z, x)
+    want = torch.autograd.grad((z[0] ** 2).sum() + (z[1] * torch.arange(4.0, dtype=torch.float64).view(2, 2)).sum(), (W, V))
+    for gw, ww in zip(got, want):
+        assert torch.allclose(gw, ww, rtol=1e-8, atol=1e-10)
+    assert isinstance(info.forward.z, tuple) and info.backward.converged.all()

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..implicit import SolveSpec
 from ..models import DEQModel
+from ..solvers import Packing, State, packing_of
 
 UNROLLABLE = ("fixed_point", "anderson")
 
@@ -48,20 +49,21 @@ class Unrolled(nn.Module):
         if self.solver == "fixed_point":
             for _ in range(self.iters):
                 fz = self.model.cell(z, u)
-                z = fz if self.damping == 1.0 else z + self.damping * (fz - z)
+                z = fz if self.damping == 1.0 else _state(
+                    tuple(a + self.damping * (b - a) for a, b in zip(_parts(z), _parts(fz))), z)
         else:
             z = self._anderson(z, u)
         return self.model.decode(z, x)
 
-    def _anderson(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _anderson(self, z: State, u: torch.Tensor) -> State:
         """The steps of deqctl.solvers.anderson, without early stopping: keep the last m
         f-values F and residuals G, move to F^T alpha - (1 - beta) G^T alpha."""
-        shape = z.shape
-        zf = z.flatten(1)
+        packing = packing_of(z) or Packing([z])
+        zf = packing.pack(z if isinstance(z, (tuple, list)) else [z])
         fs: list[torch.Tensor] = []
         gs: list[torch.Tensor] = []
         for _ in range(self.iters):
-            fz = self.model.cell(zf.reshape(shape), u).flatten(1)
+            fz = packing.pack(_parts(self.model.cell(_state(packing.unpack(zf), z), u)))
             g = fz - zf
             fs, gs = (fs + [fz])[-self.m:], (gs + [g])[-self.m:]
             if len(gs) == 1:
@@ -72,7 +74,16 @@ class Unrolled(nn.Module):
             zf = torch.bmm(a, F).squeeze(1)
             if self.beta != 1.0:
                 zf = zf - (1.0 - self.beta) * torch.bmm(a, G).squeeze(1)
-        return zf.reshape(shape)
+        return _state(packing.unpack(zf), z)
+
+
+def _parts(z: State) -> tuple[torch.Tensor, ...]:
+    return tuple(z) if isinstance(z, (tuple, list)) else (z,)
+
+
+def _state(parts: tuple[torch.Tensor, ...], like: State) -> State:
+    """`parts` in the form of `like`: a tuple, or the one tensor."""
+    return parts if isinstance(like, (tuple, list)) else parts[0]
 
 
 def _mix_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:

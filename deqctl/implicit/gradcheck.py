@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..solvers import packing_of
 from .layer import DEQ
 
 Loss = Callable[[torch.Tensor], torch.Tensor]
@@ -67,10 +68,20 @@ def deq_gradient(cell, u, z0, params, settings: Mapping[str, Any], loss: Loss = 
     return _flat(torch.autograd.grad(loss(z), params, allow_unused=True), params)
 
 
+def _packed(cell, z0, loss):
+    """A state of several tensors as the one packed tensor the reference iterates."""
+    packing = packing_of(z0)
+    if packing is None:
+        return cell, z0, loss
+    return packing.wrap(cell), packing.pack(z0), (lambda z: loss(packing.unpack(z)))
+
+
 def compare_to_unrolled(cell, u, z0, params, settings: Mapping[str, Any],
                         modes: Sequence[str] = ("ift", "phantom", "jfb"),
                         loss: Loss = _default_loss) -> dict[str, GradReport]:
-    """Return {mode: GradReport} of each gradient rule against the unrolled reference."""
+    """Return {mode: GradReport} of each gradient rule against the unrolled reference
+    (z0 may be a tuple of tensors; `loss` then takes the tuple)."""
+    cell, z0, loss = _packed(cell, z0, loss)
     ref = unrolled_gradient(cell, u, z0, params, loss)
     out = {}
     for mode in modes:
@@ -89,6 +100,7 @@ def ift_vs_finite_differences(cell, u, z0, params, settings: Mapping[str, Any],
                               loss: Loss = _default_loss, eps: float = 1e-6) -> GradReport:
     """IFT gradient against central differences over every parameter entry (float64;
     keep the problem small: two solves per entry)."""
+    cell, z0, loss = _packed(cell, z0, loss)
     s = {**settings, "backward": "ift"}
     g = deq_gradient(cell, u, z0, params, s, loss)
     fd = []

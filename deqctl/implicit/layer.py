@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
-from ..solvers import CONVERGED, MAX_ITER, SolveResult
+from ..solvers import CONVERGED, MAX_ITER, SolveResult, State, packing_of
 from ..solvers.tracker import EPS
 from .spec import SolveSpec
 
@@ -182,10 +182,22 @@ class DEQ(nn.Module):
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
-    def forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
-                solver: SolveSpec | None = None) -> tuple[torch.Tensor, DEQInfo]:
+    def forward(self, cell: Cell, u: torch.Tensor, z0: State,
+                solver: SolveSpec | None = None) -> tuple[State, DEQInfo]:
         """Return (z, info): z is the fixed point with gradients attached per `backward`;
-        `solver` replaces the forward (training) or eval settings for this call."""
+        `solver` replaces the forward (training) or eval settings for this call. z0 may be
+        a tuple of tensors (the cell then maps tuples to tuples): they are solved as one
+        state, and z, info.forward.z and the corrections come back as tuples."""
+        packing = packing_of(z0)
+        if packing is None:
+            return self._forward(cell, u, z0, solver)
+        z, info = self._forward(packing.wrap(cell), u, packing.pack(z0), solver)
+        info.forward.z = packing.unpack(info.forward.z)
+        info.corrections = [(w, packing.unpack(c)) for w, c in info.corrections]
+        return packing.unpack(z), info
+
+    def _forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
+                 solver: SolveSpec | None) -> tuple[torch.Tensor, DEQInfo]:
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
         if self.mode == "unrolled":
             return self._unrolled(cell, u, z0, fwd)

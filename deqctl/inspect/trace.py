@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..implicit import SolveSpec, adjoint_map, cell_map
 from ..models import DEQModel
+from ..solvers import packing_of
 from ..tasks import Task
 from .spectral import linear_rate, spectral_radius
 
@@ -122,14 +123,20 @@ def trace_model(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
     with torch.no_grad():
         u = model.inject(x)
         z0 = model.init_state(u)
+    # a state of several tensors is traced as the one packed state the solvers see
+    packing = packing_of(z0)
+    cell = packing.wrap(model.cell) if packing else model.cell
+    decode = (lambda z: model.decode(packing.unpack(z), x)) if packing else \
+        (lambda z: model.decode(z, x))
+    z0 = packing.pack(z0) if packing else z0
 
-    f = cell_map(model.cell, u)
+    f = cell_map(cell, u)
     # cached(): the normalised weights are computed once, not on every f call.
     with parametrize.cached():
         fwd = compare_solvers(f, z0, forward)
         best = min(fwd.values(), key=lambda t: (-t.converged, _finite(t.rel_residual)))
         z_star = best.z
-        rho = spectral_radius(lambda z: model.cell(z, u), z_star, iters=power_iters)
+        rho = spectral_radius(lambda z: cell(z, u), z_star, iters=power_iters)
         rate = None
         if "fixed_point" in fwd:
             rate = linear_rate(fwd["fixed_point"].trace_abs)
@@ -138,11 +145,11 @@ def trace_model(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
                              fixed_point_rate=rate)
         if backward:
             report.backward_settings = backward[0]
-            report.backward = _trace_adjoint(model, task, x, u, z_star, y, backward)
+            report.backward = _trace_adjoint(cell, decode, task, u, z_star, y, backward)
     return report
 
 
-def _trace_adjoint(model: DEQModel, task: Task, x: torch.Tensor, u: torch.Tensor,
+def _trace_adjoint(cell: Callable, decode: Callable, task: Task, u: torch.Tensor,
                    z_star: torch.Tensor, y: torch.Tensor, specs: Sequence[SolveSpec]
                    ) -> dict[str, SolverTrace]:
     """Trace the implicit-gradient solve y = J^T y + g, g = dL/dz at z*, as the DEQ
@@ -150,8 +157,8 @@ def _trace_adjoint(model: DEQModel, task: Task, x: torch.Tensor, u: torch.Tensor
     z_in = z_star.detach().clone().requires_grad_()
     z_dec = z_star.detach().clone().requires_grad_()
     with torch.enable_grad():
-        z_out = model.cell(z_in, u)
-        (g,) = torch.autograd.grad(task.loss(model.decode(z_dec, x), y), z_dec)
+        z_out = cell(z_in, u)
+        (g,) = torch.autograd.grad(task.loss(decode(z_dec), y), z_dec)
 
     # from where the layer's adjoint solve starts (implicit.adjoint_solve), never compacted
     return compare_solvers(adjoint_map(z_out, z_in, g), g, [s.but(compact=False) for s in specs])

@@ -8,11 +8,12 @@ from ..implicit import DEQ
 from ..recipe import Recipe
 from .base import DEQModel, ModelOutput
 from .image import ResNetDEQ
+from .mdeq import MDEQ
 from .tcn import TcnDEQ
 from .transformer import TransformerDEQ
 
-MODELS: dict[str, type[DEQModel]] = {"resnet_deq": ResNetDEQ, "transformer_deq": TransformerDEQ,
-                                     "tcn_deq": TcnDEQ}
+MODELS: dict[str, type[DEQModel]] = {"resnet_deq": ResNetDEQ, "mdeq": MDEQ,
+                                     "transformer_deq": TransformerDEQ, "tcn_deq": TcnDEQ}
 
 
 class ModelError(ValueError):

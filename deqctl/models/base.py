@@ -76,13 +76,21 @@ class DEQModel(nn.Module):
         u = self.inject(x)
         z0 = self.init_state(u)
         if self.training and self.warm_start and self._warm is not None \
-                and self._warm.shape == z0.shape:
+                and _shapes(self._warm) == _shapes(z0):
             z0 = self._warm
         z, info = self.deq(self.cell, u, z0, solver=solver)
         if self.training and self.warm_start:
-            self._warm = info.forward.z.detach()
+            self._warm = _detach(info.forward.z)
         corrections = [(w, self.decode(zk, x)) for w, zk in info.corrections]
         return ModelOutput(self.decode(z, x), info, corrections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).out
+
+
+def _shapes(z) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in (z if isinstance(z, (tuple, list)) else (z,))]
+
+
+def _detach(z):
+    return tuple(t.detach() for t in z) if isinstance(z, (tuple, list)) else z.detach()

@@ -14,13 +14,14 @@ import torch
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import fixed_point
+from .pack import Packing, State, packing_of
 from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
 
 SOLVERS: dict[str, Callable] = {"fixed_point": fixed_point, "anderson": anderson,
                                 "broyden": broyden}
 
 __all__ = ["solve", "check_options", "SolveResult", "SOLVERS", "CONVERGED", "MAX_ITER",
-           "NONFINITE"]
+           "NONFINITE", "Packing", "State", "packing_of"]
 
 
 def check_options(method: str, knobs: dict) -> None:
@@ -34,11 +35,13 @@ def check_options(method: str, knobs: dict) -> None:
                          f"(valid: {', '.join(allowed) or 'none'})")
 
 
-def solve(f: Callable, z0: torch.Tensor, method: str = "anderson", tol: float = 1e-4,
+def solve(f: Callable, z0: State, method: str = "anderson", tol: float = 1e-4,
           max_iter: int = 50, stop_mode: str = "rel", *, check_every: int | None = None,
           compact: bool = False, trace: bool = False, snapshot_at: tuple[int, ...] = (),
           **knobs) -> SolveResult:
-    """Find z = f(z) for every sample of the batch z0 (first dimension).
+    """Find z = f(z) for every sample of the batch z0 (first dimension). z0 may be a tuple
+    of tensors (f then maps tuples to tuples): they are solved as one state, and res.z and
+    the snapshots come back as tuples.
 
     Returns a SolveResult with the lowest-residual iterate per sample and honest
     statistics. `max_iter` bounds the number of f evaluations. With `compact=True`, f is
@@ -49,9 +52,16 @@ def solve(f: Callable, z0: torch.Tensor, method: str = "anderson", tol: float = 
     """
     check_options(method, knobs)
     run = SOLVERS[method]
+    packing = packing_of(z0)
+    if packing is not None:
+        f, z0 = packing.wrap(f), packing.pack(z0)
     with torch.no_grad():
         tr = Tracker(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode,
                      check_every=check_every, compact=compact, trace=trace,
                      snapshot_at=tuple(snapshot_at))
         run(tr, tr.z0.clone(), **knobs)
-        return tr.result()
+        res = tr.result()
+    if packing is not None:
+        res.z = packing.unpack(res.z)
+        res.snapshots = {k: packing.unpack(v) for k, v in res.snapshots.items()}
+    return res

@@ -24,7 +24,7 @@ CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
 class SolveResult:
     """Outcome of a fixed-point solve; per-sample tensors have shape (B,)."""
 
-    z: torch.Tensor                 # best iterate per sample, shape and dtype of z0
+    z: torch.Tensor                 # best iterate per sample, shape and dtype of z0 (tuple: solve())
     nfe: int                        # f calls actually made (setup and line search included)
     sample_nfe: torch.Tensor        # evaluations each sample took until it stopped
     abs_residual: torch.Tensor      # ||f(z) - z|| of the returned iterate
