@@ -78,6 +78,8 @@ class BackwardSettings(SolverSettings):
     tol: float = Field(1e-4, gt=0)
     phantom_steps: int = Field(5, ge=1, description="unrolled steps for mode=phantom")
     phantom_tau: float = Field(0.5, gt=0, le=1, description="damping for mode=phantom")
+    shine: bool = Field(False, description="mode=ift with a broyden forward: start the "
+                        "adjoint solve from the forward's inverse-Jacobian estimate (SHINE)")
 
 
 class EvalSettings(Block):
@@ -118,6 +120,9 @@ class DEQSettings(Block):
     fp_correction: FixedPointCorrection = FixedPointCorrection()
     warm_start: bool = Field(False, description="start from z* of the previous batch "
                              "when shapes match (training only)")
+    cache_fixed_points: bool = Field(False, description="start each training example's "
+                                     "solve from its own z* of the previous epoch (kept "
+                                     "on the device, saved in checkpoints)")
 
     def eval_settings(self) -> SolverSettings:
         """The forward settings with deq.eval's fields applied on top."""
@@ -133,7 +138,7 @@ class DEQSettings(Block):
             solver_options=f.options(), check_every=f.check_every, compact=f.compact,
             backward=b.mode, backward_solver=b.solver, backward_max_iter=b.max_iter,
             backward_tol=b.tol, backward_stop_mode=b.stop_mode, backward_options=b.options(),
-            phantom_steps=b.phantom_steps, phantom_tau=b.phantom_tau,
+            phantom_steps=b.phantom_steps, phantom_tau=b.phantom_tau, shine=b.shine,
             eval_solver=e.solver, eval_max_iter=e.max_iter, eval_tol=e.tol,
             eval_stop_mode=e.stop_mode, eval_options=e.options(),
             jacobian_reg=self.jacobian_reg.weight, jacobian_every=self.jacobian_reg.every,
@@ -381,6 +386,13 @@ class TrainSettings(Block):
     log_every: int = Field(20, ge=1)
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     eval_every_epoch: bool = True
+    eval_every: int = Field(0, ge=0, description="also evaluate every N steps (0: never); "
+                            "time-to-target measurements need it finer than an epoch")
+
+
+class LogSettings(Block):
+    tensorboard: bool = Field(False, description="also write every metrics row as TensorBoard "
+                              "scalars into RUN/tensorboard (pip install 'deqctl[tensorboard]')")
 
 
 class RuntimeSettings(Block):
@@ -403,6 +415,7 @@ class Recipe(Block):
     optim: OptimSettings = OptimSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     train: TrainSettings = TrainSettings()
+    log: LogSettings = LogSettings()
     runtime: RuntimeSettings = RuntimeSettings()
 
     @model_validator(mode="before")

@@ -124,3 +124,47 @@ def test_inexact_gradient_rows_report_their_backward_cost(tmp_path, mode, steps)
     assert REQUIRED <= set(row), REQUIRED - set(row)
     assert row["bwd_nfe"] == steps and row["bwd_rel_residual"] is None   # nothing was solved
     assert row["jac_loss"] > 0
+
+
+def test_fixed_point_cache_starts_each_example_at_its_own_last_fixed_point(tmp_path):
+    """Two epochs of the tiny recipe: with deq.cache_fixed_points the second epoch's solves
+    start at the first epoch's z* and take fewer iterations; the cache travels in the
+    checkpoint, so a resume from the middle of epoch 2 is still bit-exact."""
+    common = [RECIPE, *TINY, "train.max_steps=12", "deq.forward.tol=1e-4",
+              "deq.forward.max_iter=30"]
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert train(*common, "--out", str(plain)).exit_code == 0
+    assert train(*common, "deq.cache_fixed_points=true", "train.save_every=9",
+                 "--out", str(cached)).exit_code == 0
+
+    def epoch2_nfe(run):
+        return sum(r["fwd_nfe"] for r in rows(run) if r["split"] == "train" and r["step"] > 6)
+    assert epoch2_nfe(cached) < 0.8 * epoch2_nfe(plain)
+
+    resumed = tmp_path / "resumed"
+    result = train("--resume", str(cached / "checkpoints" / "step-000009"), "--out", str(resumed))
+    assert result.exit_code == 0, result.output
+    original = {r["step"]: r["loss"] for r in rows(cached) if r["split"] == "train"}
+    again = {r["step"]: r["loss"] for r in rows(resumed) if r["split"] == "train"}
+    assert sorted(again) == [10, 11, 12] and all(again[s] == original[s] for s in again)
+
+
+def test_tensorboard_scalars_are_the_metrics_rows(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    result = train(RECIPE, *TINY, "train.max_steps=3", "log.tensorboard=true", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for row in rows(out):
+        for key in ("loss", "fwd_nfe", "wall_s"):
+            scalars = {e.step: e.value for e in events.Scalars(f"{row['split']}/{key}")}
+            assert scalars[row["step"]] == pytest.approx(row[key], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)   # import fails
+    out = tmp_path / "tb"
+    result = train(RECIPE, *TINY, "log.tensorboard=true", "--out", str(out))
+    assert result.exit_code == 2 and "pip install 'deqctl[tensorboard]'" in result.output
+    assert "Traceback" not in result.output and not out.exists()

@@ -253,3 +253,67 @@ def test_unrolled_twin_is_autograd_through_the_same_cell():
     assert torch.equal(z_eval, ref.detach()) and info.forward.nfe == 7
     with pytest.raises(ValueError, match="fp_correction must be 0 with mode='unrolled'"):
         DEQ(mode="unrolled", fp_correction=2)
+
+
+@pytest.mark.parametrize("mode", ["ift", "phantom", "jfb"])
+def test_a_finished_step_leaves_nothing_alive(mode):
+    """Once the step's tensors are dropped, its graph and statistics must be freed: an IFT
+    hook whose closure held its own output kept every step alive (a leak of megabytes a
+    step that Python's collector cannot see through the C++ graph)."""
+    import gc
+    import weakref
+
+    W, x, target, cell = small_problem()
+    layer = deq_layer(mode, jacobian_reg=1.0)
+    loss, info = deq_loss(layer, cell, x, target)
+    loss = loss + info.jac_loss
+    loss.backward()
+    alive = weakref.ref(info)
+    del loss, info
+    gc.collect()
+    assert alive() is None
+
+
+def test_fixed_point_cache_keeps_finite_states_by_example_index():
+    from deqctl.implicit.cache import FixedPointCache
+    cache = FixedPointCache(5)
+    z0 = (torch.zeros(2, 3), torch.zeros(2, 1, 2))
+    assert cache.start(torch.tensor([0, 1]), z0) is z0            # empty: the default start
+    z = (torch.tensor([[1., 2, 3], [float("nan"), 0, 0]]), torch.ones(2, 1, 2))
+    cache.store(torch.tensor([4, 2]), z)
+    start = cache.start(torch.tensor([2, 4, 0]), (torch.zeros(3, 3), torch.zeros(3, 1, 2)))
+    assert torch.equal(start[0], torch.tensor([[0., 0, 0], [1, 2, 3], [0, 0, 0]]))  # NaN row not kept
+    assert torch.equal(start[1][:, 0, 0], torch.tensor([0., 1, 0]))
+    again = FixedPointCache(5)
+    again.load(cache.tensors())                 # as a checkpoint restores it
+    restored = again.start(torch.tensor([2, 4, 0]), (torch.zeros(3, 3), torch.zeros(3, 1, 2)))
+    assert all(torch.equal(a, b) for a, b in zip(start, restored))
+    with pytest.raises(ValueError):             # a state of another structure
+        again.start(torch.tensor([4]), torch.zeros(1, 3))
+
+
+def test_shine_starts_the_adjoint_nearer_its_solution_and_keeps_it_exact():
+    """SHINE: -Binv^T g from the forward Broyden's inverse estimate must be closer to the
+    exact adjoint (I - J)^-T g than g itself (a wrong sign or a missing transpose is not),
+    and the refined gradient must still be the exact implicit gradient."""
+    from deqctl.solvers import shine_adjoint, solve
+    W, x, target, cell = small_problem(seed=3, dim=8, batch=3)
+    with torch.no_grad():
+        res = solve(lambda z: cell(z, x), torch.zeros_like(x), "broyden", tol=1e-12,
+                    max_iter=60, history=60)
+    grad = torch.randn_like(x)
+    start = shine_adjoint(res.inverse, grad)
+    for b in range(x.shape[0]):
+        J = torch.autograd.functional.jacobian(lambda z: cell(z[None], x[b:b + 1])[0],
+                                               res.z[b])
+        exact = torch.linalg.solve(torch.eye(8, dtype=DT) - J.T, grad[b])
+        assert (start[b] - exact).norm() < (grad[b] - exact).norm()
+
+    layer = DEQ(**{**EXACT, "solver": "broyden", "solver_options": {"history": 300},
+                   "shine": True}).train()
+    loss, info = deq_loss(layer, cell, x, target)
+    gW, gx = torch.autograd.grad(loss, (W, x))
+    rW, rx = unrolled_grads(W, x, target, cell)
+    assert torch.allclose(gW, rW, rtol=1e-7, atol=1e-9) and torch.allclose(gx, rx, rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="shine"):
+        DEQ(solver="anderson", shine=True)

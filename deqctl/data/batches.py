@@ -85,27 +85,29 @@ def augment_batch(x: torch.Tensor, *, pad: int, flip: bool,
 
 def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0,
                     epoch: int = 0, start: int = 0, augment: bool = False,
-                    drop_last: bool = False, device: torch.device | str = "cpu"
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    drop_last: bool = False, device: torch.device | str = "cpu",
+                    with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
     """Return an iterator over (x, y) batches of one epoch, from batch `start` on.
 
     x on `device`: uint8 pixels become float32 in [0, 1], token ids stay int64, values
     stay float32; y as stored (int64 classes or tokens, float32 values). With
     `shuffle`, the order is a pure function of (seed, epoch); with `augment`, each batch's
     augmentation is a pure function of (seed, epoch, batch index). So batches `start`,
-    `start + 1`, ... are identical to those of a full pass from 0.
+    `start + 1`, ... are identical to those of a full pass from 0. `with_index` yields
+    (x, y, index) instead, index holding the examples' positions in the split (int64, on
+    `device`).
     Raises ValueError (eagerly, not at the first next()) for a bad `start`.
     """
     total = num_batches(split, batch_size, drop_last)
     if not 0 <= start <= total:
         raise ValueError(f"start must be in [0, {total}] (batches per epoch), got {start}")
     return _batches(split, batch_size, total, shuffle, seed, epoch, start, augment,
-                    torch.device(device))
+                    torch.device(device), with_index)
 
 
 def _batches(split: Split, batch_size: int, total: int, shuffle: bool, seed: int,
-             epoch: int, start: int, augment: bool, device: torch.device
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+             epoch: int, start: int, augment: bool, device: torch.device, with_index: bool
+             ) -> Iterator[tuple[torch.Tensor, ...]]:
     """The generator behind iterate_batches (arguments already checked)."""
     order = epoch_order(len(split), seed, epoch) if shuffle else None
     augment = augment and split.augment is not None
@@ -121,4 +123,8 @@ def _batches(split: Split, batch_size: int, total: int, shuffle: bool, seed: int
         x = x.to(device)
         if x.dtype == torch.uint8:   # moved as uint8 (4x fewer bytes), converted on the device
             x = x.to(torch.float32).div_(255.0)
-        yield x, y.to(device)
+        if with_index:
+            index = idx if order is not None else torch.arange(lo, hi)
+            yield x, y.to(device), index.to(device)
+        else:
+            yield x, y.to(device)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..models import ModelOutput
+from ..recipe import RecipeError
 from ..solvers import NONFINITE
 
 
@@ -98,3 +99,39 @@ class JsonlSink:
                  for k, v in row.items()}
         with self.path.open("a") as fh:
             fh.write(json.dumps(clean) + "\n")
+
+
+class TensorBoardSink:
+    """Writes the numbers of every metrics row as TensorBoard scalars `split/key` at its
+    step: the same values as metrics.jsonl, for people whose dashboards read event files."""
+
+    def __init__(self, folder: Path):
+        self.writer = self.writer_class()(log_dir=str(folder))
+
+    @staticmethod
+    def writer_class():
+        """torch's SummaryWriter; RecipeError (one line) if tensorboard is not installed."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RecipeError("log.tensorboard: needs the tensorboard package "
+                              "(pip install 'deqctl[tensorboard]')") from None
+        return SummaryWriter
+
+    def write(self, row: dict[str, Any]) -> None:
+        for key, value in row.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+        self.writer.flush()
+
+
+class Sinks:
+    """Every destination of the metrics rows, written in turn."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def write(self, row: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(row)

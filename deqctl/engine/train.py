@@ -19,13 +19,14 @@ import torch
 
 from .. import recipe as recipes
 from ..data import DataError, build_data, iterate_batches, num_batches
+from ..implicit.cache import FixedPointCache
 from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
 from . import checkpoint
 from .device import pick_device
 from .evaluate import evaluate
 from .memory import PeakMemory
-from .metrics import Accumulator, JsonlSink, step_stats
+from .metrics import Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
 
@@ -145,6 +146,10 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     nb = num_batches(data.train, recipe.data.batch_size, drop_last=False)
     total = total_steps(recipe, nb)
     view.set_total(total)
+    if recipe.deq.cache_fixed_points:
+        model.fixed_point_cache = FixedPointCache(len(data.train))
+    if recipe.log.tensorboard:
+        TensorBoardSink.writer_class()      # a missing package fails before any work
     at = Progress()
     if resume is not None:
         at = _restore(resume, model, opt, device)
@@ -152,7 +157,8 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipes.dump(recipe))
-    sink = JsonlSink(run_dir / "metrics.jsonl")
+    sink = Sinks(JsonlSink(run_dir / "metrics.jsonl"),
+                 *([TensorBoardSink(run_dir / "tensorboard")] if recipe.log.tensorboard else []))
     n_params = sum(p.numel() for p in model.parameters())
     view.event(f"{recipe.model.name}: {n_params:,} parameters; {data.info.name}: "
                f"{len(data.train)} train / {len(data.test)} test; {total} steps")
@@ -160,7 +166,8 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     def save(name: str, final: dict | None = None) -> Path:
         at.wall_s = clock.elapsed()
         tensors, opt_json = optimizer_state(opt)
-        trainer = {"tensors": {**tensors, **rng_state()},
+        cache = model.fixed_point_cache.tensors() if model.fixed_point_cache else {}
+        trainer = {"tensors": {**tensors, **rng_state(), **cache},
                    "json": {"progress": at.__dict__, "optimizer": opt_json,
                             "deq": {"step": model.deq.step, "last_nfe": model.deq._last_nfe}}}
         folder = checkpoint.save(run_dir / "checkpoints" / name, model, recipe, info,
@@ -170,7 +177,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         return folder
 
     def run_eval() -> dict[str, Any]:
-        with clock.paused():
+        with clock.paused(), memory.paused():
             row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device)
         row = {"step": at.step, "epoch": at.step / nb, **row, "wall_s": clock.elapsed(),
                "peak_mem_mb": memory.peak_mb()}
@@ -189,13 +196,13 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         while at.step < total:
             batches = iterate_batches(data.train, recipe.data.batch_size, shuffle=True,
                                       seed=recipe.seed, epoch=at.epoch, start=at.pos,
-                                      augment=augment, device=device)
-            for x, y in batches:
+                                      augment=augment, device=device, with_index=True)
+            for x, y, index in batches:
                 lr = recipe.optim.lr * lr_factor(at.step, total, recipe.schedule)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 with amp:
-                    out = model.run(x)
+                    out = model.run(x, index=index)
                     loss, task_loss = objective(task, out, y, jac_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -223,7 +230,9 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                     if not math.isfinite(row["loss"]):
                         raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
                     last_wall, last_ok = clock.elapsed(), at.step
-                if epoch_done and recipe.train.eval_every_epoch and at.step < total:
+                every = recipe.train.eval_every
+                if at.step < total and ((epoch_done and recipe.train.eval_every_epoch)
+                                        or (every and at.step % every == 0)):
                     run_eval()
                 if recipe.train.save_every and at.step % recipe.train.save_every == 0:
                     save(f"step-{at.step:06d}")
@@ -262,6 +271,8 @@ def _restore(path: Path, model, opt, device) -> Progress:
     load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
                                if k.startswith("optim.")}, meta["optimizer"])
     set_rng_state(tensors)
+    if model.fixed_point_cache is not None:
+        model.fixed_point_cache.load({k: v.to(device) for k, v in tensors.items()})
     model.deq.step = meta["deq"]["step"]
     model.deq._last_nfe = meta["deq"]["last_nfe"]
     return Progress(**meta["progress"])

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
-from ..solvers import CONVERGED, MAX_ITER, SolveResult, State, packing_of
+from ..solvers import CONVERGED, MAX_ITER, SolveResult, State, packing_of, shine_adjoint
 from ..solvers.tracker import EPS
 from .spec import SolveSpec
 
@@ -58,10 +58,16 @@ def adjoint_map(z_out: torch.Tensor, z_in: torch.Tensor, grad: torch.Tensor) -> 
 
 
 def adjoint_solve(z_out: torch.Tensor, z_in: torch.Tensor, grad: torch.Tensor,
-                  spec: SolveSpec) -> SolveResult:
-    """Solve y = J^T y + grad with the backward settings `spec`."""
-    # Start at grad, where the first step from y = 0 would land: saves one VJP.
-    return spec.but(compact=False).run(adjoint_map(z_out, z_in, grad), grad)
+                  spec: SolveSpec, inverse: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> SolveResult:
+    """Solve y = J^T y + grad with the backward settings `spec`. With `inverse` (the forward
+    Broyden's estimate of (J - I)^-1), start from the SHINE estimate of y."""
+    # Otherwise start at grad, where the first step from y = 0 would land: saves one VJP.
+    start = grad
+    if inverse is not None:
+        flat = grad.reshape(grad.shape[0], -1).to(inverse[0].dtype)
+        start = shine_adjoint(inverse, flat).view_as(grad).to(grad.dtype)
+    return spec.but(compact=False).run(adjoint_map(z_out, z_in, grad), start)
 
 
 def hutchinson_jacobian_sq(f_out: torch.Tensor, z_in: torch.Tensor, samples: int = 1,
@@ -120,6 +126,9 @@ class DEQ(nn.Module):
     add to its loss) every `jacobian_every` calls; `fp_correction` earlier solver states
     returned in info.corrections with weights `fp_gamma`^k.
 
+    `shine=True` (with solver="broyden", backward="ift") starts the adjoint solve from the
+    forward Broyden's inverse-Jacobian estimate (SHINE, Ramzi et al., 2022) instead of g.
+
     `mode="unrolled"` makes the explicit twin of the same cell: `unrolled_depth`
     applications from z0 (default: `max_iter`), back-propagated through every one, with
     the statistics of its last application; the gradient settings do not apply to it.
@@ -140,7 +149,7 @@ class DEQ(nn.Module):
                  eval_options: Mapping[str, Any] | None = None,
                  jacobian_reg: float = 0.0, jacobian_every: int = 1, jacobian_samples: int = 1,
                  fp_correction: int = 0, fp_gamma: float = 0.8, mode: str = "implicit",
-                 unrolled_depth: int | None = None):
+                 unrolled_depth: int | None = None, shine: bool = False):
         super().__init__()
         _check("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
         _check("unrolled_depth", unrolled_depth,
@@ -161,6 +170,10 @@ class DEQ(nn.Module):
         _check("fp_correction", fp_correction, _is_int(fp_correction) and fp_correction >= 0,
                "an integer >= 0")
         _check("fp_gamma", fp_gamma, 0 < fp_gamma <= 1, "in (0, 1]")
+        _check("shine", shine, not shine or (backward == "ift" and solver == "broyden"
+                                             and not compact),
+               "False unless backward='ift' and solver='broyden' without compact (it reuses "
+               "the forward Broyden's inverse estimate)")
         try:
             self.fwd_spec = SolveSpec(solver, max_iter, tol, stop_mode, solver_options or {},
                                       check_every, compact)
@@ -179,6 +192,7 @@ class DEQ(nn.Module):
         self.jacobian_samples = jacobian_samples
         self.fp_correction, self.fp_gamma = fp_correction, fp_gamma
         self.mode, self.unrolled_depth = mode, unrolled_depth or max_iter
+        self.shine = bool(shine)
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
@@ -223,7 +237,7 @@ class DEQ(nn.Module):
             z_in = z_star.requires_grad_(self.backward_mode == "ift")
             z_out = cell(z_in, u)
             if self.backward_mode == "ift":
-                self._attach_ift(z_out, z_in, info)
+                z_out = self._attach_ift(z_out, z_in, info)
             else:
                 info.backward_steps = 1
         if self.training and self._jac_due():
@@ -275,24 +289,30 @@ class DEQ(nn.Module):
         span = min(self._last_nfe or fwd.max_iter, fwd.max_iter)
         return tuple(sorted({max(1, round(span * (i + 1) / (k + 1))) for i in range(k)}))
 
-    def _attach_ift(self, z_out: torch.Tensor, z_in: torch.Tensor, info: DEQInfo) -> None:
-        """Replace the incoming gradient g by the solution of y = J^T y + g (J = df/dz at z*),
-        so back-propagating y through the single recorded f gives the implicit gradient.
+    def _attach_ift(self, z_out: torch.Tensor, z_in: torch.Tensor, info: DEQInfo
+                    ) -> torch.Tensor:
+        """z_out, with the incoming gradient g replaced by the solution of y = J^T y + g
+        (J = df/dz at z*) on its way back, so that back-propagating y through the single
+        recorded f gives the implicit gradient. Every backward through a retained graph
+        gets it; the adjoint solve's own vector-Jacobian products start below it."""
+        inverse = info.forward.inverse if self.shine else None
+        return _ImplicitGrad.apply(z_out, z_in, info, self.bwd_spec, inverse)
 
-        The hook stays for every backward through a retained graph; it only steps aside
-        for the vector-Jacobian products of its own adjoint solve, which pass through z_out.
-        """
-        inside = False
 
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            nonlocal inside
-            if inside:
-                return grad
-            inside = True
-            try:
-                info.backward = adjoint_solve(z_out, z_in, grad, self.bwd_spec)
-            finally:
-                inside = False
-            return info.backward.z
+class _ImplicitGrad(torch.autograd.Function):
+    """Identity forward; backward solves the IFT adjoint equation. A Function rather than
+    a tensor hook: a hook on z_out whose closure holds z_out is a reference cycle through
+    the C++ graph that Python's collector cannot see, and it kept every step's graph (and
+    the Jacobian estimate's) alive: memory grew by megabytes per training step."""
 
-        z_out.register_hook(hook)
+    @staticmethod
+    def forward(ctx, z_out, z_in, info, spec, inverse):
+        # z_out is an input of this node, so holding it makes no cycle: this node is
+        # owned by its output's consumers, and z_out's graph lies below it.
+        ctx.z_out, ctx.z_in, ctx.info, ctx.spec, ctx.inverse = z_out, z_in, info, spec, inverse
+        return z_out.view_as(z_out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.info.backward = adjoint_solve(ctx.z_out, ctx.z_in, grad, ctx.spec, ctx.inverse)
+        return ctx.info.backward.z, None, None, None, None

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from ..data import DataInfo
 from ..implicit import DEQ, DEQInfo, SolveSpec
+from ..implicit.cache import FixedPointCache
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DEQModel(nn.Module):
         self.deq = deq
         self.warm_start = warm_start
         self._warm: torch.Tensor | None = None
+        self.fixed_point_cache: FixedPointCache | None = None   # set by the trainer
 
     # -- the four pieces a model defines ------------------------------------------------
     def inject(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,8 +62,11 @@ class DEQModel(nn.Module):
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
-    def run(self, x: torch.Tensor, solver: SolveSpec | None = None) -> ModelOutput:
-        """Forward pass with solver statistics; `solver` overrides the recipe's settings."""
+    def run(self, x: torch.Tensor, solver: SolveSpec | None = None,
+            index: torch.Tensor | None = None) -> ModelOutput:
+        """Forward pass with solver statistics; `solver` overrides the recipe's settings.
+        `index` (the examples' positions in the training split) lets a training pass start
+        from, and update, `fixed_point_cache` when one is set."""
         # One set of normalised weights per pass, made with their graph before the no-grad
         # solve reads them: the map differentiated is then exactly the map solved (spectral
         # norm would otherwise take a power-iteration step on every later cell call).
@@ -70,17 +75,23 @@ class DEQModel(nn.Module):
                 for module in self.modules():
                     for name in getattr(module, "parametrizations", {}):
                         getattr(module, name)
-            return self._run(x, solver)
+            return self._run(x, solver, index)
 
-    def _run(self, x: torch.Tensor, solver: SolveSpec | None) -> ModelOutput:
+    def _run(self, x: torch.Tensor, solver: SolveSpec | None, index: torch.Tensor | None
+             ) -> ModelOutput:
         u = self.inject(x)
         z0 = self.init_state(u)
         if self.training and self.warm_start and self._warm is not None \
                 and _shapes(self._warm) == _shapes(z0):
             z0 = self._warm
+        cache = self.fixed_point_cache if self.training and index is not None else None
+        if cache is not None:
+            z0 = cache.start(index, z0)
         z, info = self.deq(self.cell, u, z0, solver=solver)
         if self.training and self.warm_start:
             self._warm = _detach(info.forward.z)
+        if cache is not None:
+            cache.store(index, info.forward.z)
         corrections = [(w, self.decode(zk, x)) for w, zk in info.corrections]
         return ModelOutput(self.decode(z, x), info, corrections)
 

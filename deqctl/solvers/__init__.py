@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .anderson import anderson
-from .broyden import broyden
+from .broyden import broyden, shine_adjoint
 from .fixed_point import fixed_point
 from .pack import Packing, State, packing_of
 from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
@@ -21,7 +21,7 @@ SOLVERS: dict[str, Callable] = {"fixed_point": fixed_point, "anderson": anderson
                                 "broyden": broyden}
 
 __all__ = ["solve", "check_options", "SolveResult", "SOLVERS", "CONVERGED", "MAX_ITER",
-           "NONFINITE", "Packing", "State", "packing_of"]
+           "NONFINITE", "Packing", "State", "packing_of", "shine_adjoint"]
 
 
 def check_options(method: str, knobs: dict) -> None:

@@ -47,7 +47,7 @@ def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool
         n = k % history                                    # live terms; 0 = (re)start
         z_new, g_new = _step(tr, z, g, step, line_search, ls_steps)
         if g_new is None:                                  # budget spent inside the search
-            return
+            break
         dz, dg = z_new - z, g_new - g
         binv_gnew = _apply(U[:, :n], V[:, :n], g_new)
         # Binv g = -step, except right after a restart, where the step came from the
@@ -62,6 +62,17 @@ def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool
         U[:, n], V[:, n] = u, v
         step = -(binv_gnew + u * (v * g_new).sum(dim=1, keepdim=True))
         z, g, k = z_new, g_new, k + 1
+    if tr.index is None:          # rows still line up with the batch (not compacted)
+        live = (k - 1) % history + 1 if k else 0
+        tr.inverse = (U[:, :live], V[:, :live])
+
+
+def shine_adjoint(inverse: tuple[torch.Tensor, torch.Tensor], grad: torch.Tensor
+                  ) -> torch.Tensor:
+    """SHINE (Ramzi et al., 2022): the adjoint y = (I - J)^-T grad from Broyden's estimate
+    Binv of (J - I)^-1 instead of a solve: y = -Binv^T grad, for a (B, D) grad."""
+    U, V = inverse
+    return -_apply_t(U, V, grad)
 
 
 def _step(tr: Tracker, z, g, step, line_search: bool, ls_steps: int):

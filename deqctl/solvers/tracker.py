@@ -37,6 +37,9 @@ class SolveResult:
     trace_abs: torch.Tensor | None = None   # (n_evals, B); NaN once a sample has stopped
     trace_rel: torch.Tensor | None = None
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # eval index -> iterate
+    # Broyden's final inverse-Jacobian estimate (U, V), each (B, n, D): (J_f - I)^-1 is about
+    # -I + U^T V per sample (flattened state); reused by the SHINE backward. None elsewhere.
+    inverse: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def trace(self) -> torch.Tensor | None:
@@ -84,6 +87,7 @@ class Tracker:
         self._trace: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if trace else None
         self.snapshot_at = set(snapshot_at)
         self.snapshots: dict[int, torch.Tensor] = {}
+        self.inverse: tuple[torch.Tensor, torch.Tensor] | None = None   # set by Broyden
 
     # -- working-set views --------------------------------------------------------------
 
@@ -208,4 +212,4 @@ class Tracker:
             sample_nfe=self.sample_nfe, abs_residual=self.best_abs, rel_residual=self.best_rel,
             converged=converged, status=status, fallbacks=self.fallbacks, tol=self.tol,
             stop_mode=self.stop_mode, trace_abs=trace_abs, trace_rel=trace_rel,
-            snapshots=self.snapshots)
+            snapshots=self.snapshots, inverse=self.inverse)
