@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      ValidationError, field_validator, model_validator)
 
 if TYPE_CHECKING:
     from .implicit.spec import SolveSpec
@@ -23,38 +24,73 @@ class RecipeError(ValueError):
     """A recipe or override a user wrote is invalid; str() is the full report."""
 
 
+INT_LIMIT = 2**31 - 1      # beyond this an integer setting is a typo, and overflows later
+
+
+def _integer(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {str(value).lower()}")
+    return value
+
+
+def _int_range(value: int) -> int:
+    if abs(value) > INT_LIMIT:
+        raise ValueError(f"{value} is too large (at most {INT_LIMIT})")
+    return value
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+def _boolean(value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+# Strict scalars for every setting: YAML reads `on`, `yes` and `true` as booleans, which
+# pydantic would turn into 1 for an integer; a boolean is only true/false, an integer never
+# a boolean, and floats are finite (no .inf, .nan: Block forbids them).
+Int = Annotated[int, BeforeValidator(_integer), AfterValidator(_int_range)]
+Float = Annotated[float, BeforeValidator(_number)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
+
+
 class Block(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --- solver settings: one symmetric shape for forward, backward and eval -------------
 
 
 class FixedPointKnobs(Block):
-    damping: float = Field(1.0, gt=0, le=1, description="z <- z + damping * (f(z) - z)")
+    damping: Float = Field(1.0, gt=0, le=1, description="z <- z + damping * (f(z) - z)")
 
 
 class AndersonKnobs(Block):
-    m: int = Field(5, ge=1, description="history size")
-    lam: float = Field(1e-4, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
-    beta: float = Field(1.0, gt=0, le=1, description="mixing between f-values and iterates")
+    m: Int = Field(5, ge=1, description="history size")
+    lam: Float = Field(1e-4, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
+    beta: Float = Field(1.0, gt=0, le=1, description="mixing between f-values and iterates")
 
 
 class BroydenKnobs(Block):
-    history: int = Field(8, ge=1, description="rank-one updates kept (limited memory)")
-    line_search: bool = False
-    ls_steps: int = Field(3, ge=1, description="step halvings tried by the line search")
+    history: Int = Field(8, ge=1, description="rank-one updates kept (limited memory)")
+    line_search: Bool = False
+    ls_steps: Int = Field(3, ge=1, description="step halvings tried by the line search")
 
 
 class SolverSettings(Block):
     solver: SolverName = "anderson"
-    max_iter: int = Field(30, ge=1)
-    tol: float = Field(1e-3, gt=0)
+    max_iter: Int = Field(30, ge=1)
+    tol: Float = Field(1e-3, gt=0)
     stop_mode: StopMode = "rel"
-    check_every: int | None = Field(
+    check_every: Int | None = Field(
         None, ge=1, description="read convergence back to the host every k iterations "
         "(None: every iteration on CPU, every 4 on accelerators)")
-    compact: bool = Field(False, description="evaluate f only on unconverged samples "
+    compact: Bool = Field(False, description="evaluate f only on unconverged samples "
                           "(needs a per-sample cell: no batch statistics)")
     fixed_point: FixedPointKnobs = FixedPointKnobs()
     anderson: AndersonKnobs = AndersonKnobs()
@@ -74,11 +110,11 @@ class SolverSettings(Block):
 class BackwardSettings(SolverSettings):
     mode: Literal["ift", "phantom", "jfb"] = "ift"
     solver: SolverName = "fixed_point"
-    max_iter: int = Field(30, ge=1)
-    tol: float = Field(1e-4, gt=0)
-    phantom_steps: int = Field(5, ge=1, description="unrolled steps for mode=phantom")
-    phantom_tau: float = Field(0.5, gt=0, le=1, description="damping for mode=phantom")
-    shine: bool = Field(False, description="mode=ift with a broyden forward: start the "
+    max_iter: Int = Field(30, ge=1)
+    tol: Float = Field(1e-4, gt=0)
+    phantom_steps: Int = Field(5, ge=1, description="unrolled steps for mode=phantom")
+    phantom_tau: Float = Field(0.5, gt=0, le=1, description="damping for mode=phantom")
+    shine: Bool = Field(False, description="mode=ift with a broyden forward: start the "
                         "adjoint solve from the forward's inverse-Jacobian estimate (SHINE)")
 
 
@@ -86,24 +122,24 @@ class EvalSettings(Block):
     """Test-time solve; unset fields inherit deq.forward."""
 
     solver: SolverName | None = None
-    max_iter: int | None = Field(None, ge=1)
-    tol: float | None = Field(None, gt=0)
+    max_iter: Int | None = Field(None, ge=1)
+    tol: Float | None = Field(None, gt=0)
     stop_mode: StopMode | None = None
 
 
 class JacobianReg(Block):
-    weight: float = Field(0.0, ge=0, description="weight of the Hutchinson ||df/dz||_F^2 loss")
-    every: int = Field(1, ge=1, description="apply on every k-th training step")
-    samples: int = Field(1, ge=1, description="Hutchinson probe vectors")
+    weight: Float = Field(0.0, ge=0, description="weight of the Hutchinson ||df/dz||_F^2 loss")
+    every: Int = Field(1, ge=1, description="apply on every k-th training step")
+    samples: Int = Field(1, ge=1, description="Hutchinson probe vectors")
 
 
 class FixedPointCorrection(Block):
-    states: int = Field(0, ge=0, description="extra solver states supervised (0: off)")
-    gamma: float = Field(0.8, gt=0, le=1, description="weight decay towards early states")
+    states: Int = Field(0, ge=0, description="extra solver states supervised (0: off)")
+    gamma: Float = Field(0.8, gt=0, le=1, description="weight decay towards early states")
 
 
 class UnrolledSettings(Block):
-    depth: int | None = Field(None, ge=1, description="applications of the cell "
+    depth: Int | None = Field(None, ge=1, description="applications of the cell "
                               "(None: deq.forward.max_iter)")
 
 
@@ -118,9 +154,9 @@ class DEQSettings(Block):
     eval: EvalSettings = EvalSettings()
     jacobian_reg: JacobianReg = JacobianReg()
     fp_correction: FixedPointCorrection = FixedPointCorrection()
-    warm_start: bool = Field(False, description="start from z* of the previous batch "
+    warm_start: Bool = Field(False, description="start from z* of the previous batch "
                              "when shapes match (training only)")
-    cache_fixed_points: bool = Field(False, description="start each training example's "
+    cache_fixed_points: Bool = Field(False, description="start each training example's "
                                      "solve from its own z* of the previous epoch (kept "
                                      "on the device, saved in checkpoints)")
 
@@ -153,14 +189,14 @@ class DEQSettings(Block):
 class DataBase(Block):
     """Keys every data source takes."""
 
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(500, ge=1)
-    limit_train: int | None = Field(None, ge=1, description="use only the first N training samples")
-    limit_eval: int | None = Field(None, ge=1, description="use only the first N eval samples")
+    batch_size: Int = Field(64, ge=1)
+    eval_batch_size: Int = Field(500, ge=1)
+    limit_train: Int | None = Field(None, ge=1, description="use only the first N training samples")
+    limit_eval: Int | None = Field(None, ge=1, description="use only the first N eval samples")
 
 
 class Augmentable(DataBase):
-    augment: bool = Field(False, description="random shifts (+ flips for natural images)")
+    augment: Bool = Field(False, description="random shifts (+ flips for natural images)")
 
 
 class Mnist5kData(Augmentable):
@@ -178,7 +214,7 @@ class SequentialMnistData(Augmentable):
 class TorchvisionData(Augmentable):
     name: Literal["mnist", "fashion-mnist", "cifar10"]
     root: str | None = Field(None, description="where the files live (default ~/.cache/deqctl/data)")
-    download: bool = False
+    download: Bool = False
 
 
 class ImageFolderData(Augmentable):
@@ -186,13 +222,13 @@ class ImageFolderData(Augmentable):
 
     name: Literal["imagefolder"]
     root: str | None = None
-    image_size: int | None = Field(None, ge=4, description="resize to this square size "
+    image_size: Int | None = Field(None, ge=4, description="resize to this square size "
                                    "(needed when image sizes differ)")
 
 
 class TextTokens(DataBase):
     tokenizer: Literal["char", "byte"] = "char"
-    seq_len: int = Field(128, ge=2, description="tokens per training sequence (context length)")
+    seq_len: Int = Field(128, ge=2, description="tokens per training sequence (context length)")
 
 
 class ShakespeareData(TextTokens):
@@ -226,11 +262,11 @@ class NpzData(Augmentable):
 
 
 class Forecasting(DataBase):
-    window: int = Field(104, ge=2, description="past steps the model sees")
-    horizon: int = Field(52, ge=1, description="future steps it predicts")
-    season: int = Field(52, ge=1, description="period of the seasonal-naive baseline")
-    val_fraction: float = Field(0.0, ge=0, lt=1, description="chronological, before test")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="the last part of the series")
+    window: Int = Field(104, ge=2, description="past steps the model sees")
+    horizon: Int = Field(52, ge=1, description="future steps it predicts")
+    season: Int = Field(52, ge=1, description="period of the seasonal-naive baseline")
+    val_fraction: Float = Field(0.0, ge=0, lt=1, description="chronological, before test")
+    test_fraction: Float = Field(0.2, gt=0, lt=1, description="the last part of the series")
 
 
 class Co2Data(Forecasting):
@@ -270,8 +306,8 @@ class HfData(TextTokens):
     name: Literal["hf"]
     hf: HfSource = HfSource()
     root: str | None = Field(None, description="datasets cache directory")
-    image_size: int | None = Field(None, ge=4)
-    augment: bool = False
+    image_size: Int | None = Field(None, ge=4)
+    augment: Bool = False
 
 
 DataSettings = Annotated[
@@ -287,14 +323,14 @@ class ResNetDEQSettings(Block):
     """DEQ-ResNet image classifier (stem -> one residual cell solved to equilibrium -> head)."""
 
     name: Literal["resnet_deq"]
-    channels: int = Field(32, ge=1)
-    inner_channels: int = Field(64, ge=1)
-    groups: int = Field(4, ge=1, description="GroupNorm groups")
-    stem_stride: int = Field(2, ge=1, description="downsampling of the stem")
+    channels: Int = Field(32, ge=1)
+    inner_channels: Int = Field(64, ge=1)
+    groups: Int = Field(4, ge=1, description="GroupNorm groups")
+    stem_stride: Int = Field(2, ge=1, description="downsampling of the stem")
     norm: Literal["weight", "spectral", "none"] = "weight"
-    head_pool: int = Field(4, ge=1, description="head pools to head_pool x head_pool cells")
-    init_std: float | None = Field(None, gt=0, description="N(0, std) init of cell convs")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    head_pool: Int = Field(4, ge=1, description="head pools to head_pool x head_pool cells")
+    init_std: Float | None = Field(None, gt=0, description="N(0, std) init of cell convs")
+    dropout: Float = Field(0.0, ge=0, lt=1)
 
 
 class MDEQSettings(Block):
@@ -304,13 +340,13 @@ class MDEQSettings(Block):
     channels: list[int] = Field([24, 48], min_length=2, max_length=4,
                                 description="channels per branch, finest first; branch i "
                                 "runs at 1/2^i of the stem's resolution")
-    expansion: int = Field(2, ge=1, description="inner channels of each branch's block")
-    groups: int = Field(4, ge=1, description="GroupNorm groups")
-    stem_stride: int = Field(1, ge=1)
+    expansion: Int = Field(2, ge=1, description="inner channels of each branch's block")
+    groups: Int = Field(4, ge=1, description="GroupNorm groups")
+    stem_stride: Int = Field(1, ge=1)
     norm: Literal["weight", "spectral", "none"] = "weight"
-    init_std: float | None = Field(None, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    head_width: int = Field(128, ge=1)
+    init_std: Float | None = Field(None, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    head_width: Int = Field(128, ge=1)
 
     @field_validator("channels")
     @classmethod
@@ -334,15 +370,15 @@ class TransformerDEQSettings(Block):
     """DEQ-Transformer: self-attention + feed-forward cell with input injection."""
 
     name: Literal["transformer_deq"]
-    d_model: int = Field(128, ge=8)
-    heads: int = Field(4, ge=1)
-    d_ff: int = Field(256, ge=8, description="feed-forward hidden width")
+    d_model: Int = Field(128, ge=8)
+    heads: Int = Field(4, ge=1)
+    d_ff: Int = Field(256, ge=8, description="feed-forward hidden width")
     norm_placement: Literal["pre", "post"] = "post"
-    causal: bool | None = Field(None, description="None: causal for lm and forecast, "
+    causal: Bool | None = Field(None, description="None: causal for lm and forecast, "
                                 "bidirectional for classify")
     norm: Literal["weight", "spectral", "none"] = "weight"
-    init_std: float | None = Field(None, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    init_std: Float | None = Field(None, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     head: SequenceHead = SequenceHead()
 
 
@@ -350,11 +386,11 @@ class TcnDEQSettings(Block):
     """TrellisNet-style DEQ: a weight-tied causal temporal convolution with LSTM gating."""
 
     name: Literal["tcn_deq"]
-    channels: int = Field(128, ge=4, description="hidden channels (the state holds h and c)")
-    kernel_size: int = Field(2, ge=1, description="causal kernel over time")
+    channels: Int = Field(128, ge=4, description="hidden channels (the state holds h and c)")
+    kernel_size: Int = Field(2, ge=1, description="causal kernel over time")
     norm: Literal["weight", "spectral", "none"] = "weight"
-    init_std: float | None = Field(None, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    init_std: Float | None = Field(None, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     head: SequenceHead = SequenceHead()
 
 
@@ -367,39 +403,39 @@ ModelSettings = Annotated[Union[ResNetDEQSettings, MDEQSettings, TransformerDEQS
 
 class OptimSettings(Block):
     name: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: Float = Field(2e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = Field(0.9, ge=0, description="sgd only")
-    grad_clip: float | None = Field(1.0, gt=0)
+    momentum: Float = Field(0.9, ge=0, description="sgd only")
+    grad_clip: Float | None = Field(1.0, gt=0)
 
 
 class ScheduleSettings(Block):
     name: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(50, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    warmup_steps: Int = Field(50, ge=0)
+    min_lr_ratio: Float = Field(0.0, ge=0, le=1)
 
 
 class TrainSettings(Block):
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps; wins over epochs")
-    log_every: int = Field(20, ge=1)
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
-    eval_every_epoch: bool = True
-    eval_every: int = Field(0, ge=0, description="also evaluate every N steps (0: never); "
+    epochs: Int = Field(1, ge=1)
+    max_steps: Int | None = Field(None, ge=1, description="stop after N optimizer steps; wins over epochs")
+    log_every: Int = Field(20, ge=1)
+    save_every: Int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    eval_every_epoch: Bool = True
+    eval_every: Int = Field(0, ge=0, description="also evaluate every N steps (0: never); "
                             "time-to-target measurements need it finer than an epoch")
 
 
 class LogSettings(Block):
-    tensorboard: bool = Field(False, description="also write every metrics row as TensorBoard "
+    tensorboard: Bool = Field(False, description="also write every metrics row as TensorBoard "
                               "scalars into RUN/tensorboard (pip install 'deqctl[tensorboard]')")
 
 
 class RuntimeSettings(Block):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads")
-    deterministic: bool = False
+    threads: Int | None = Field(None, ge=1, description="torch intra-op threads")
+    deterministic: Bool = False
 
 
 # defaults of the two blocks chosen by name, applied when a recipe leaves `name` out
@@ -408,7 +444,7 @@ DEFAULT_NAMES = {"data": "mnist-5k", "model": "resnet_deq"}
 
 class Recipe(Block):
     name: str = "deq"
-    seed: int = 0
+    seed: Int = 0
     data: DataSettings = Mnist5kData(name="mnist-5k")
     model: ModelSettings = ResNetDEQSettings(name="resnet_deq")
     deq: DEQSettings = DEQSettings()
@@ -448,6 +484,8 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
         ctx = err.get("ctx") or {}
         got = f"unknown {ctx['tag']!r}" if "tag" in ctx else "missing"
         return f"{key}.name: {got} (valid: {ctx.get('expected_tags') or _tags(block)})"
+    if err["type"] == "value_error":        # our own checks say what they got
+        return f"{key}: {err['ctx']['error']}"
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{key}: {err['msg']}{shown}"
@@ -580,7 +618,9 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise RecipeError(f"{p}: recipe file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(f"{p}: not a text (UTF-8) file; a recipe is YAML") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

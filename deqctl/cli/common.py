@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 import typer
@@ -53,8 +54,10 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
-    """Split positional args into an optional leading path and `key=value` overrides."""
+    """Split positional args into an optional leading path and `key=value` overrides. The
+    first argument is a path when it has no '=' or names an existing file or folder (a run
+    may well be called runs/lr=1e-3)."""
     args = list(args or [])
-    if args and "=" not in args[0]:
+    if args and ("=" not in args[0] or Path(args[0]).exists()):
         return args[0], args[1:]
     return None, args

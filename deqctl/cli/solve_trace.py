@@ -140,7 +140,7 @@ def _thin(n: int) -> list[int]:
 
 
 def _contraction_line(report: TraceReport) -> str:
-    rho = report.spectral_radius.double()
+    rho = report.spectral_radius.cpu().double()
     text = (f"spectral radius of df/dz at z* ({report.spectral_from}): max {rho.max():.4f}, "
             f"median {rho.median():.4f} over {rho.numel()} samples")
     if report.fixed_point_rate is not None:

@@ -11,9 +11,11 @@ from rich.console import Console
 
 from .. import recipe as recipes
 from ..engine import checkpoint
+from ..engine.checkpoint import CheckpointWriteError
+from ..engine.resume import check_changes, run_of
 from ..engine.train import Interrupted, TrainingDiverged, train as run_training
 from ..ui import TrainView
-from .common import FAILED, INTERRUPTED, USAGE, fail, split_args, user_errors
+from .common import FAILED, USAGE, fail, split_args, user_errors
 
 
 @user_errors
@@ -27,6 +29,7 @@ def train(
 ) -> None:
     """Train a DEQ from a YAML recipe, showing fixed-point residuals and solver NFE live."""
     path, overrides = split_args(args)
+    warnings: list[str] = []
     if resume is not None:
         if path is not None:
             fail("with --resume, give only overrides (the recipe comes from the checkpoint)", USAGE)
@@ -34,7 +37,14 @@ def train(
         base, _ = checkpoint.read_meta(folder)
         raw = recipes.apply_overrides(base.model_dump(mode="json"), overrides)
         recipe = recipes.validate(raw, source="overrides")
-        run_dir = out or folder.parent.parent
+        warnings = check_changes(base, recipe)
+        own = run_of(folder)
+        if out is None and own is None:
+            fail(f"{folder} is not inside a run's checkpoints folder; give --out DIR for the "
+                 f"resumed run", USAGE)
+        run_dir = out or own
+        if own is None or run_dir.resolve() != own.resolve():
+            _refuse_nonempty(run_dir)
     else:
         if path is None:
             fail("missing RECIPE.yaml (e.g. deqctl train configs/mnist-deq.yaml)", USAGE)
@@ -43,6 +53,7 @@ def train(
         if (run_dir / "metrics.jsonl").exists():
             fail(f"{run_dir} already holds a run; choose another --out or use --resume {run_dir}",
                  USAGE)
+        _refuse_nonempty(run_dir)
         folder = None
 
     console = Console()
@@ -50,13 +61,26 @@ def train(
                      bwd_tol=recipe.deq.backward.tol, stop_mode=recipe.deq.forward.stop_mode,
                      title=f"deqctl train: {recipe.name} -> {run_dir}", console=console,
                      plain=plain)
+    for warning in warnings:
+        console.print(f"warning: {warning}", markup=False)
     try:
         with view:
             result = run_training(recipe, run_dir, view, resume=folder)
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, CheckpointWriteError) as exc:
         fail(str(exc), FAILED)
     except Interrupted as exc:
-        fail(str(exc), INTERRUPTED)
+        fail(str(exc), exc.code)
+    if result.already_finished:
+        console.print(f"{run_dir} already finished at step {result.steps} "
+                      f"({view.task.summary(result.final)}); nothing to do (raise "
+                      f"train.max_steps or train.epochs to train on)", markup=False)
+        return
     console.print(f"done: {result.steps} steps, test loss {result.final['loss']:.4f}, "
                   f"{view.task.summary(result.final)}; run saved in {run_dir}", markup=False)
 
+
+
+def _refuse_nonempty(run_dir: Path) -> None:
+    """A new run never writes into a folder that holds anything: its files are the user's."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        fail(f"{run_dir} exists and is not empty; choose another --out", USAGE)

@@ -31,57 +31,103 @@ class CheckpointError(ValueError):
     """A path is not a usable run directory or checkpoint; str() says which and why."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (e.g. the disk is full); nothing partial was left."""
+
+
 def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
          meta: dict[str, Any], trainer: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically (to a temp folder, then rename); returns the folder."""
+    """Write a checkpoint atomically and durably; returns the folder.
+
+    Everything goes to NAME.tmp first, fsynced; then NAME (if any) becomes NAME.old and
+    NAME.tmp becomes NAME. A crash between the two renames leaves NAME.old, which is
+    complete and is picked in NAME's place, so the run always has a complete checkpoint.
+    """
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
-    (tmp / "recipe.yaml").write_text(recipes.dump(recipe))
-    (tmp / "meta.json").write_text(json.dumps({"data_info": data_info, **meta}, indent=2))
-    if trainer is not None:
-        tensors, scalars = trainer["tensors"], trainer["json"]
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "trainer.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(scalars, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        (tmp / "recipe.yaml").write_text(recipes.dump(recipe))
+        (tmp / "meta.json").write_text(json.dumps({"data_info": data_info, **meta}, indent=2))
+        if trainer is not None:
+            tensors, scalars = trainer["tensors"], trainer["json"]
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
+                      tmp / "trainer.safetensors")
+            (tmp / "trainer.json").write_text(json.dumps(scalars, indent=2))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except OSError as exc:     # a full disk, a quota, a read-only mount: leave no debris
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {folder} ({exc.strerror or exc}); "
+                                   f"the run's earlier checkpoints are intact") from None
     if folder.exists():
-        old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
+    os.replace(tmp, folder)
+    _fsync(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def step_of(folder: Path) -> int | None:
+    """The training step recorded inside a checkpoint, or None if its meta is unreadable."""
+    try:
+        step = json.loads((folder / "meta.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoint folders of a run, oldest first. A save in progress or cut
-    off by a crash (NAME.tmp, NAME.old) is skipped."""
+    """The complete checkpoint folders of a run, in training order: by the step recorded
+    inside each (not by name or file time, which copies change), `final` last among equals.
+    A save in progress or cut off (NAME.tmp) is skipped; NAME.old stands in for NAME when
+    a crash came between the two renames of a save."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    done = [c for c in folder.iterdir() if c.suffix not in (".tmp", ".old")
-            and (c / "model.safetensors").is_file() and (c / "meta.json").is_file()]
-    return sorted(done, key=lambda c: c.stat().st_mtime)
+    found = {}
+    for c in folder.iterdir():
+        if c.suffix == ".tmp" or not (c / "model.safetensors").is_file():
+            continue
+        name = c.stem if c.suffix == ".old" else c.name
+        if c.suffix == ".old" and (folder / name).exists():
+            continue
+        step = step_of(c)
+        if step is not None:
+            found[c] = (step, name == "final", c.stat().st_mtime)
+    return sorted(found, key=found.get)
 
 
 def resolve(path: str | Path) -> Path:
-    """Map a run directory or a checkpoint folder to the checkpoint folder to load.
-
-    A run directory resolves to checkpoints/final, else its newest complete checkpoint.
-    """
+    """Map a run directory or a checkpoint folder to the checkpoint folder to load: for a
+    run, the checkpoint of the latest step (`final` among equals)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such run directory or checkpoint")
     if (p / "model.safetensors").is_file():
         return p
     found = checkpoints(p)
-    final = [c for c in found if c.name == "final"]
-    if final or found:
-        return (final or found)[-1]
+    if found:
+        return found[-1]
     raise CheckpointError(f"{p}: not a run directory or checkpoint (no complete checkpoint found)")
 
 
@@ -93,8 +139,11 @@ def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
         meta = json.loads((folder / "meta.json").read_text())
     except recipes.RecipeError as exc:
         raise CheckpointError(f"{folder}: stored recipe is invalid: {exc}") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: meta.json missing or corrupt ({exc.__class__.__name__})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("data_info"), dict)
+            and step_of(folder) is not None):
+        raise CheckpointError(f"{folder}: meta.json is malformed (needs data_info and step)")
     return recipe, meta
 
 
@@ -152,11 +201,28 @@ def rebuild(recipe: recipes.Recipe, data_info: dict, state: dict[str, torch.Tens
     except (TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{where}: stored data description is unreadable ({exc})") from None
     model = build_model(recipe, info)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    check_weights(state, model.state_dict(), where)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                  where: Path) -> None:
+    """CheckpointError (one line) unless `state` has exactly the expected tensors, with
+    their shapes and dtypes, all finite."""
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not match the recipe's model "
-                              f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
-    return model.to(device).eval()
+                              f"(missing {len(missing)}, unexpected {len(unexpected)} tensors, "
+                              f"e.g. {sorted(missing or unexpected)[0]})")
+    for name, want in expected.items():
+        got = state[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise CheckpointError(f"{where}: tensor {name} is {got.dtype} {tuple(got.shape)}, "
+                                  f"the recipe's model needs {want.dtype} {tuple(want.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or inf values "
+                                  f"(a diverged run); use an earlier checkpoint")
 
 
 def load_trainer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -49,7 +49,7 @@ class Accumulator:
     """Collects step statistics and reduces them to one metrics row with a single sync."""
 
     MAX = ("fwd_nfe_max", "fwd_rel_residual_max", "bwd_rel_residual_max")
-    SUM = ("nonfinite", "fallbacks", "n")
+    SUM = ("nonfinite", "fallbacks", "n", "skipped_steps")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
@@ -69,7 +69,9 @@ class Accumulator:
         # One transfer for everything: stack all device scalars, then .tolist().
         flat = [r[k] for k in keys for r in cols[k]]
         dev = next((v.device for v in flat if torch.is_tensor(v)), torch.device("cpu"))
-        host = torch.stack([torch.as_tensor(v, device=dev).double() for v in flat]).tolist()
+        # float64 where the device has it (mps does not), else float32 until on the host
+        wide = torch.float32 if dev.type == "mps" else torch.float64
+        host = torch.stack([torch.as_tensor(v, device=dev).to(wide) for v in flat]).tolist()
         out: dict[str, Any] = {}
         i = 0
         for k in keys:

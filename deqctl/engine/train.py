@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from ..implicit.cache import FixedPointCache
 from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
 from . import checkpoint
+from .checkpoint import CheckpointError, CheckpointWriteError
 from .device import pick_device
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .metrics import Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats
+from .resume import trim_metrics
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
 
@@ -44,7 +47,16 @@ class TrainingDiverged(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """Ctrl-C stopped training after a completed step; a checkpoint was saved."""
+    """SIGINT (Ctrl-C) or SIGTERM stopped training after a completed step and a checkpoint
+    was saved; `code` is the exit status the signal calls for (130 or 143)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+class _EvalStopped(Exception):
+    """A signal arrived during an evaluation, which stops at the next batch."""
 
 
 @dataclass
@@ -52,6 +64,7 @@ class TrainResult:
     run_dir: Path
     steps: int
     final: dict[str, Any]          # the last evaluation row
+    already_finished: bool = False # a resumed run that had nothing left to do
 
 
 @dataclass
@@ -89,25 +102,38 @@ def total_steps(recipe: recipes.Recipe, batches_per_epoch: int) -> int:
 
 
 class _StopOnSignal:
-    """First Ctrl-C asks the loop to stop after the current step; a second one aborts."""
+    """SIGINT and SIGTERM ask the loop to stop after the current step (or an evaluation at
+    its next batch); a second signal aborts at once, leaving the last complete checkpoint."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "_StopOnSignal":
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
-            self.requested = True
+            self.signum = signum
         try:
-            self._old = signal.signal(signal.SIGINT, handler)
-        except ValueError:         # not the main thread: leave Ctrl-C alone
-            self._old = None
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, handler)
+        except ValueError:         # not the main thread: leave signals alone
+            pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def during_eval(self, done: int, total: int) -> None:
+        if self.requested:
+            raise _EvalStopped
 
 
 def objective(task: Task, out: ModelOutput, y: torch.Tensor, jac_weight: float
@@ -152,9 +178,16 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         TensorBoardSink.writer_class()      # a missing package fails before any work
     at = Progress()
     if resume is not None:
-        at = _restore(resume, model, opt, device)
+        at, done = _restore(resume, model, opt, device)
+        if at.step >= total and done is not None:      # nothing to do: write nothing
+            return TrainResult(run_dir, at.step, done, already_finished=True)
         view.event(f"resumed from {resume} at step {at.step}")
+        dropped = trim_metrics(run_dir / "metrics.jsonl", at.step)
+        if dropped:
+            view.event(f"dropped {dropped} metrics rows logged after step {at.step} "
+                       f"(after the checkpoint resumed from)")
 
+    _check_free_space(run_dir, opt, model)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.yaml").write_text(recipes.dump(recipe))
     sink = Sinks(JsonlSink(run_dir / "metrics.jsonl"),
@@ -164,6 +197,9 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                f"{len(data.train)} train / {len(data.test)} test; {total} steps")
 
     def save(name: str, final: dict | None = None) -> Path:
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise TrainingDiverged(f"weights became non-finite by step {at.step}; not saved; "
+                                   + _diverged_message(last_ok, at.step, run_dir))
         at.wall_s = clock.elapsed()
         tensors, opt_json = optimizer_state(opt)
         cache = model.fixed_point_cache.tensors() if model.fixed_point_cache else {}
@@ -178,7 +214,8 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
 
     def run_eval() -> dict[str, Any]:
         with clock.paused(), memory.paused():
-            row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device)
+            row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device,
+                           on_batch=stop.during_eval)
         row = {"step": at.step, "epoch": at.step / nb, **row, "wall_s": clock.elapsed(),
                "peak_mem_mb": memory.peak_mb()}
         sink.write(row)
@@ -206,12 +243,13 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                     loss, task_loss = objective(task, out, y, jac_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                _drop_nonfinite_grads(model, loss)
+                finite = _drop_nonfinite_grads(model, loss)
                 if recipe.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 opt.step()
                 with torch.no_grad():
-                    acc.add(step_stats(out, task_loss, task.stats(out.out, x, y)))
+                    acc.add({**step_stats(out, task_loss, task.stats(out.out, x, y)),
+                             "skipped_steps": (~finite).int()})
                 at.step, at.pos = at.step + 1, at.pos + 1
                 epoch_done = at.pos == nb
                 if epoch_done:
@@ -227,33 +265,64 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                            "peak_mem_mb": memory.peak_mb()}
                     sink.write(row)
                     view.log(row)
-                    if not math.isfinite(row["loss"]):
+                    if not math.isfinite(row["loss"]) or row["skipped_steps"]:
                         raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
                     last_wall, last_ok = clock.elapsed(), at.step
                 every = recipe.train.eval_every
                 if at.step < total and ((epoch_done and recipe.train.eval_every_epoch)
                                         or (every and at.step % every == 0)):
-                    run_eval()
+                    with contextlib.suppress(_EvalStopped):   # the signal is handled below
+                        run_eval()
                 if recipe.train.save_every and at.step % recipe.train.save_every == 0:
                     save(f"step-{at.step:06d}")
                 if stop.requested:
                     folder = save("interrupted")
                     raise Interrupted(f"interrupted at step {at.step}; checkpoint saved to "
-                                      f"{folder}; resume with: deqctl train --resume {folder}")
+                                      f"{folder}; resume with: deqctl train --resume {folder}",
+                                      stop.signum)
                 if at.step >= total or epoch_done:
                     break
-    final = run_eval()
-    save("final", final)
+        # The trained weights first, so that a signal during the final evaluation still
+        # leaves a finished run; resuming it runs only the evaluation.
+        folder = save("final")
+        try:
+            final = run_eval()
+        except _EvalStopped:
+            raise Interrupted(f"interrupted during the final evaluation; the trained model is "
+                              f"saved in {folder}; evaluate it with: deqctl train --resume "
+                              f"{folder}", stop.signum) from None
+        save("final", final)
     return TrainResult(run_dir, at.step, final)
 
 
-def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor) -> None:
-    """Zero the gradients of a step whose loss is not finite, without a host sync, so
-    NaN never reaches the weights; the next logging step reports it and stops."""
+def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """Zero the gradients of a step whose total loss or gradients are not finite, without a
+    host sync, so NaN never reaches the weights; return the device flag (True: finite) that
+    the next logging step reads to report the step and stop."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     finite = torch.isfinite(loss.detach())
+    if grads:
+        finite = finite & torch.isfinite(torch.stack([g.norm() for g in grads]).sum())
     for p in model.parameters():
         if p.grad is not None:
             p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
+    return finite
+
+
+def _check_free_space(run_dir: Path, opt: torch.optim.Optimizer, model) -> None:
+    """Refuse to start when the disk cannot hold two checkpoints (a save writes the new one
+    before it drops the old): better now than after hours of training."""
+    tensors = [p for p in model.parameters()] + [v for st in opt.state.values()
+                                                 for v in st.values() if torch.is_tensor(v)]
+    per_param = 3 if not opt.state else 1      # Adam's two moments arrive after step 1
+    need = sum(t.numel() * t.element_size() for t in tensors) * per_param
+    if model.fixed_point_cache is not None:
+        need += model.fixed_point_cache.size * 4 * 64     # a rough floor; grows with the state
+    where = next(p for p in [run_dir, *run_dir.resolve().parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < 2 * need + 2**20:
+        raise CheckpointWriteError(f"only {free / 2**20:.0f} MB free at {where}; two "
+                                   f"checkpoints of this run need about {2 * need / 2**20:.0f} MB")
 
 
 def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
@@ -263,16 +332,22 @@ def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
             f"try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01")
 
 
-def _restore(path: Path, model, opt, device) -> Progress:
+def _restore(path: Path, model, opt, device) -> tuple[Progress, dict | None]:
+    """Load a checkpoint's weights and trainer state; returns (progress, the final
+    evaluation row if the checkpoint is a finished run's)."""
     folder = checkpoint.resolve(path)
-    weights, _, _ = checkpoint.load_model(folder, device=device)
+    weights, _, meta = checkpoint.load_model(folder, device=device)
     model.load_state_dict(weights.state_dict())
-    tensors, meta = checkpoint.load_trainer(folder)
+    tensors, trainer = checkpoint.load_trainer(folder)
     load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
-                               if k.startswith("optim.")}, meta["optimizer"])
+                               if k.startswith("optim.")}, trainer["optimizer"])
     set_rng_state(tensors)
     if model.fixed_point_cache is not None:
         model.fixed_point_cache.load({k: v.to(device) for k, v in tensors.items()})
-    model.deq.step = meta["deq"]["step"]
-    model.deq._last_nfe = meta["deq"]["last_nfe"]
-    return Progress(**meta["progress"])
+    try:
+        model.deq.step = trainer["deq"]["step"]
+        model.deq._last_nfe = trainer["deq"]["last_nfe"]
+        progress = Progress(**trainer["progress"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: trainer.json is malformed ({exc}); cannot resume") from None
+    return progress, meta.get("metrics")

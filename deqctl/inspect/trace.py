@@ -69,7 +69,7 @@ class TraceReport:
         """Return {"solvers": {NAME: SolverTrace.to_json()}, "spectral_radius" (max over
         the batch), its median and per-sample values, "fixed_point_rate" (max and median),
         the settings, and "backward" (same shape) when traced}."""
-        rho = self.spectral_radius.double()
+        rho = self.spectral_radius.cpu().double()
         out: dict[str, Any] = {
             "batch": self.batch, "settings": _settings(self.forward_settings),
             "solvers": {k: t.to_json() for k, t in self.forward.items()},
@@ -107,8 +107,8 @@ def compare_solvers(f: Callable, z0: torch.Tensor, specs: Sequence[SolveSpec]
             time_to_tol_s=elapsed if conv == 1.0 else None,
             abs_median=_nan_median(res.trace_abs), abs_max=_nan_max(res.trace_abs),
             rel_median=_nan_median(res.trace_rel), rel_max=_nan_max(res.trace_rel),
-            abs_residual=float(res.abs_residual.double().median()),
-            rel_residual=float(res.rel_residual.double().median()),
+            abs_residual=float(res.abs_residual.cpu().double().median()),
+            rel_residual=float(res.rel_residual.cpu().double().median()),
             z=res.z, trace_abs=res.trace_abs)
     return out
 
@@ -168,11 +168,11 @@ def _trace_adjoint(cell: Callable, decode: Callable, task: Task, u: torch.Tensor
 
 
 def _nan_median(t: torch.Tensor) -> list[float]:
-    return t.double().nanmedian(dim=1).values.tolist()
+    return t.cpu().double().nanmedian(dim=1).values.tolist()
 
 
 def _nan_max(t: torch.Tensor) -> list[float]:
-    t = t.double()
+    t = t.cpu().double()
     stopped = torch.isnan(t)
     top = torch.where(stopped, float("-inf"), t).amax(dim=1)
     return torch.where(stopped.all(dim=1), float("nan"), top).tolist()
@@ -180,7 +180,7 @@ def _nan_max(t: torch.Tensor) -> list[float]:
 
 def _nan_stats(t: torch.Tensor) -> tuple[float | None, float | None]:
     """(max, median) over the finite entries, None when there are none."""
-    t = t[torch.isfinite(t)].double()
+    t = t[torch.isfinite(t)].cpu().double()
     if t.numel() == 0:
         return None, None
     return float(t.max()), float(t.median())
