@@ -433,7 +433,10 @@ class LogSettings(Block):
 
 class RuntimeSettings(Block):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the model's forward (bf16 | fp16, fp16 with a "
+        "gradient scaler); solver state, residuals and the adjoint solve stay float32")
+    compile: Bool = Field(False, description="torch.compile the cell (checkpoints unchanged)")
     threads: Int | None = Field(None, ge=1, description="torch intra-op threads")
     deterministic: Bool = False
 

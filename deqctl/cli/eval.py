@@ -61,6 +61,7 @@ def eval_command(
             progress.update(bar, description=f"eval max_iter={s.max_iter}")
             row = evaluate(src.model, src.task, data, src.recipe.data.eval_batch_size,
                            device=src.device, solver=s, split_name=split.value,
+                           precision=src.recipe.runtime.precision,
                            on_batch=_advance(progress, bar, i))
             rows.append(_result_row(row, src))
     result = {"split": split.value, "source": src.label, "solver": solver.as_dict(),

@@ -12,6 +12,7 @@ from rich.console import Console
 from .. import recipe as recipes
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointWriteError
+from ..engine.distributed import Group, broadcast, join, leave
 from ..engine.resume import check_changes, run_of
 from ..engine.train import Interrupted, TrainingDiverged, train as run_training
 from ..ui import TrainView
@@ -49,14 +50,25 @@ def train(
         if path is None:
             fail("missing RECIPE.yaml (e.g. deqctl train configs/mnist-deq.yaml)", USAGE)
         recipe = recipes.load(path, overrides)
-        run_dir = out or Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir, folder = out, None
+    group = join(recipe.runtime.device)            # torchrun: its process group, else none
+    if folder is None:
+        # the default name holds the start time: rank 0's, on every rank
+        run_dir = run_dir or broadcast(group, Path("runs") /
+                                       f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if (run_dir / "metrics.jsonl").exists():
             fail(f"{run_dir} already holds a run; choose another --out or use --resume {run_dir}",
                  USAGE)
         _refuse_nonempty(run_dir)
-        folder = None
+    try:
+        _run(recipe, run_dir, folder, warnings, plain, group)
+    finally:
+        leave(group)
 
-    console = Console()
+
+def _run(recipe, run_dir: Path, folder: Path | None, warnings: list[str], plain: bool | None,
+         group: Group) -> None:
+    console = Console(quiet=not group.writer)      # one process speaks for all
     view = TrainView(None, fwd_tol=recipe.deq.forward.tol,
                      bwd_tol=recipe.deq.backward.tol, stop_mode=recipe.deq.forward.stop_mode,
                      title=f"deqctl train: {recipe.name} -> {run_dir}", console=console,
@@ -65,11 +77,12 @@ def train(
         console.print(f"warning: {warning}", markup=False)
     try:
         with view:
-            result = run_training(recipe, run_dir, view, resume=folder)
-    except (TrainingDiverged, CheckpointWriteError) as exc:
-        fail(str(exc), FAILED)
-    except Interrupted as exc:
-        fail(str(exc), exc.code)
+            result = run_training(recipe, run_dir, view, resume=folder, group=group)
+    except (TrainingDiverged, CheckpointWriteError, Interrupted) as exc:
+        code = exc.code if isinstance(exc, Interrupted) else FAILED
+        if not group.writer:        # rank 0 says it for all
+            raise typer.Exit(code) from None
+        fail(str(exc), code)
     if result.already_finished:
         console.print(f"{run_dir} already finished at step {result.steps} "
                       f"({view.task.summary(result.final)}); nothing to do (raise "
@@ -77,7 +90,6 @@ def train(
         return
     console.print(f"done: {result.steps} steps, test loss {result.final['loss']:.4f}, "
                   f"{view.task.summary(result.final)}; run saved in {run_dir}", markup=False)
-
 
 
 def _refuse_nonempty(run_dir: Path) -> None:

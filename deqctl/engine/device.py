@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -23,3 +25,13 @@ def pick_device(setting: str) -> tuple[torch.device, str]:
     if setting == "mps" and not mps:
         raise DeviceError("runtime.device=mps but MPS is not available; use runtime.device=auto")
     return torch.device(setting), f"runtime.device={setting}"
+
+
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for runtime.precision (fp32: none). Solvers keep their state,
+    residuals and adjoint solves in float32 whatever the cell computes in."""
+    low = LOW_PRECISION.get(precision)
+    return torch.autocast(device.type, dtype=low) if low else contextlib.nullcontext()

@@ -11,27 +11,32 @@ from ..data import Split, iterate_batches, num_batches
 from ..implicit import SolveSpec
 from ..models import DEQModel
 from ..tasks import Task
+from .device import autocast
 from .metrics import Accumulator, step_stats
 
 
 @torch.inference_mode()
 def evaluate(model: DEQModel, task: Task, split: Split, batch_size: int, *,
              device: torch.device, solver: SolveSpec | None = None, split_name: str = "test",
-             on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+             precision: str = "fp32", on_batch: Callable[[int, int], None] | None = None,
+             merge: Callable[[dict], dict] | None = None) -> dict[str, Any]:
     """Return one metrics row (loss, the task's metrics, solver statistics, throughput)
-    for `split`. `solver` replaces the model's eval settings; `on_batch(done, total)`
-    reports progress."""
+    for `split`. `solver` replaces the model's eval settings; `precision` is the recipe's
+    runtime.precision (autocast, as in training); `on_batch(done, total)` reports progress;
+    `merge` combines the statistics of every rank's shard (torchrun) before the metrics."""
     was_training = model.training
     model.eval()
     acc = Accumulator()
     total = num_batches(split, batch_size, drop_last=False)
     start = time.perf_counter()
     for i, (x, y) in enumerate(iterate_batches(split, batch_size, shuffle=False, device=device)):
-        out = model.run(x, solver=solver)
-        acc.add(step_stats(out, task.loss(out.out, y), task.stats(out.out, x, y)))
+        with autocast(device, precision):
+            out = model.run(x, solver=solver)
+        acc.add(step_stats(out, task.loss(out.out.float(), y), task.stats(out.out.float(), x, y)))
         if on_batch:
             on_batch(i + 1, total)
-    row = task.finish(acc.reduce())
+    row = acc.reduce()
+    row = task.finish(merge(row) if merge else row)
     elapsed = time.perf_counter() - start
     model.train(was_training)
     return {"split": split_name, **row, "samples_per_s": row["n"] / elapsed, "eval_time_s": elapsed}

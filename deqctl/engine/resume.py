@@ -13,6 +13,7 @@ from .. import recipe as recipes
 # Settings a resumed run may change. Everything else changes shapes, the data order, the
 # optimizer or what the saved state means, and would silently break the run.
 MAY_CHANGE = ("train.", "log.", "runtime.device", "runtime.threads", "runtime.deterministic",
+              "runtime.compile",
               "deq.eval.", "data.eval_batch_size", "data.limit_eval")
 # ... and these change the schedule (the learning rate follows the new total).
 SCHEDULE = ("train.epochs", "train.max_steps")

@@ -25,7 +25,9 @@ from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
 from . import checkpoint
 from .checkpoint import CheckpointError, CheckpointWriteError
-from .device import pick_device
+from .device import autocast, pick_device
+from .distributed import (Group, any_rank, average_gradients, barrier, merge_rows, shard,
+                          shard_split)
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .metrics import Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats
@@ -150,15 +152,20 @@ def objective(task: Task, out: ModelOutput, y: torch.Tensor, jac_weight: float
 
 
 def train(recipe: recipes.Recipe, run_dir: Path, view: View,
-          resume: Path | None = None) -> TrainResult:
-    """Train per `recipe`, writing recipe.yaml, metrics.jsonl and checkpoints into run_dir."""
+          resume: Path | None = None, group: Group = Group()) -> TrainResult:
+    """Train per `recipe`, writing recipe.yaml, metrics.jsonl and checkpoints into run_dir.
+    Under torchrun, `group` is this process's place: every rank trains on its slice of
+    each global batch and rank 0 alone writes (see engine.distributed)."""
     torch.manual_seed(recipe.seed)
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     if recipe.runtime.deterministic:
         torch.use_deterministic_algorithms(True)
     device, reason = pick_device(recipe.runtime.device)
-    view.event(f"device: {device} ({reason})")
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())   # this rank's GPU
+    view.event(f"device: {device} ({reason})" + (f"; {group.world} processes"
+                                                   if group.active else ""))
     data = build_data(recipe.data)
     if data.train is None:
         raise DataError(f"{data.info.name} has no training split")
@@ -172,31 +179,44 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     nb = num_batches(data.train, recipe.data.batch_size, drop_last=False)
     total = total_steps(recipe, nb)
     view.set_total(total)
+    _check_group(group, recipe, len(data.train))
     if recipe.deq.cache_fixed_points:
         model.fixed_point_cache = FixedPointCache(len(data.train))
+    if recipe.runtime.compile:
+        model.compile_cell()
+    scaler = torch.amp.GradScaler(device.type) if recipe.runtime.precision == "fp16" else None
     if recipe.log.tensorboard:
         TensorBoardSink.writer_class()      # a missing package fails before any work
     at = Progress()
     if resume is not None:
-        at, done = _restore(resume, model, opt, device)
+        at, done = _restore(resume, model, opt, device, scaler)
         if at.step >= total and done is not None:      # nothing to do: write nothing
             return TrainResult(run_dir, at.step, done, already_finished=True)
         view.event(f"resumed from {resume} at step {at.step}")
-        dropped = trim_metrics(run_dir / "metrics.jsonl", at.step)
+        dropped = trim_metrics(run_dir / "metrics.jsonl", at.step) if group.writer else 0
         if dropped:
             view.event(f"dropped {dropped} metrics rows logged after step {at.step} "
                        f"(after the checkpoint resumed from)")
 
     _check_free_space(run_dir, opt, model)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(recipes.dump(recipe))
-    sink = Sinks(JsonlSink(run_dir / "metrics.jsonl"),
-                 *([TensorBoardSink(run_dir / "tensorboard")] if recipe.log.tensorboard else []))
+    barrier(group)                 # every rank got this far before rank 0 writes anything
+    if group.writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipes.dump(recipe))
+        sink = Sinks(JsonlSink(run_dir / "metrics.jsonl"),
+                     *([TensorBoardSink(run_dir / "tensorboard")] if recipe.log.tensorboard
+                       else []))
+    else:
+        sink = Sinks()
     n_params = sum(p.numel() for p in model.parameters())
     view.event(f"{recipe.model.name}: {n_params:,} parameters; {data.info.name}: "
                f"{len(data.train)} train / {len(data.test)} test; {total} steps")
 
     def save(name: str, final: dict | None = None) -> Path:
+        folder = run_dir / "checkpoints" / name
+        if not group.writer:       # rank 0 saves; the others wait so none exits early
+            barrier(group)
+            return folder
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise TrainingDiverged(f"weights became non-finite by step {at.step}; not saved; "
                                    + _diverged_message(last_ok, at.step, run_dir))
@@ -205,26 +225,30 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         cache = model.fixed_point_cache.tensors() if model.fixed_point_cache else {}
         trainer = {"tensors": {**tensors, **rng_state(), **cache},
                    "json": {"progress": at.__dict__, "optimizer": opt_json,
+                            "scaler": scaler.state_dict() if scaler else None,
                             "deq": {"step": model.deq.step, "last_nfe": model.deq._last_nfe}}}
-        folder = checkpoint.save(run_dir / "checkpoints" / name, model, recipe, info,
-                                 {"step": at.step, "epoch": at.step / nb, "metrics": final},
-                                 trainer)
+        checkpoint.save(folder, model, recipe, info,
+                        {"step": at.step, "epoch": at.step / nb, "metrics": final}, trainer)
         view.event(f"saved checkpoint {folder}")
+        barrier(group)
         return folder
 
     def run_eval() -> dict[str, Any]:
         with clock.paused(), memory.paused():
-            row = evaluate(model, task, data.test, recipe.data.eval_batch_size, device=device,
-                           on_batch=stop.during_eval)
+            # Under torchrun an evaluation is never cut short: ranks must meet in its merge.
+            row = evaluate(model, task, test_part, recipe.data.eval_batch_size, device=device,
+                           precision=recipe.runtime.precision,
+                           on_batch=None if group.active else stop.during_eval,
+                           merge=lambda r: merge_rows(group, r))
         row = {"step": at.step, "epoch": at.step / nb, **row, "wall_s": clock.elapsed(),
                "peak_mem_mb": memory.peak_mb()}
         sink.write(row)
         view.log(row)
         return row
 
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16)
-           if recipe.runtime.precision == "bf16" else contextlib.nullcontext())
+    amp = autocast(device, recipe.runtime.precision)
     memory, clock = PeakMemory(device), TrainClock(at.wall_s)
+    test_part = shard_split(group, data.test)
     acc, last_wall, last_ok = Accumulator(), clock.elapsed(), at.step
     jac_weight = recipe.deq.jacobian_reg.weight
     augment = getattr(recipe.data, "augment", False)   # only image-like sources have the key
@@ -235,18 +259,30 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                                       seed=recipe.seed, epoch=at.epoch, start=at.pos,
                                       augment=augment, device=device, with_index=True)
             for x, y, index in batches:
+                if group.active:   # this rank's slice; randomness a function of (step, rank)
+                    part, size = shard(group, len(x)), len(x)
+                    x, y, index, share = x[part], y[part], index[part], len(x[part]) / size
+                    torch.manual_seed(hash((recipe.seed, at.step, group.rank)) % 2**63)
                 lr = recipe.optim.lr * lr_factor(at.step, total, recipe.schedule)
-                for group in opt.param_groups:
-                    group["lr"] = lr
+                for param_group in opt.param_groups:
+                    param_group["lr"] = lr
                 with amp:
                     out = model.run(x, index=index)
                     loss, task_loss = objective(task, out, y, jac_weight)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                finite = _drop_nonfinite_grads(model, loss)
+                (scaler.scale(loss) if scaler else loss).backward()
+                if group.active:
+                    average_gradients(group, model, share)
+                if scaler:    # fp16: overflowing gradients are the scaler's business
+                    scaler.unscale_(opt)
+                finite = _drop_nonfinite_grads(model, loss, grads=scaler is None)
                 if recipe.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-                opt.step()
+                if scaler:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 with torch.no_grad():
                     acc.add({**step_stats(out, task_loss, task.stats(out.out, x, y)),
                              "skipped_steps": (~finite).int()})
@@ -256,8 +292,9 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                     at.epoch, at.pos = at.epoch + 1, 0
                 view.advance(at.step)
 
-                if at.step % recipe.train.log_every == 0 or at.step == total or stop.requested:
-                    row = task.finish(acc.reduce())   # sync point
+                stopping = any_rank(group, stop.requested, device)
+                if at.step % recipe.train.log_every == 0 or at.step == total or stopping:
+                    row = task.finish(merge_rows(group, acc.reduce()))   # sync point
                     now = clock.elapsed()
                     row = {"step": at.step, "epoch": at.step / nb, "split": "train", "lr": lr,
                            **row, "step_time_s": (now - last_wall) / (at.step - last_ok),
@@ -275,11 +312,11 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                         run_eval()
                 if recipe.train.save_every and at.step % recipe.train.save_every == 0:
                     save(f"step-{at.step:06d}")
-                if stop.requested:
+                if stopping:
                     folder = save("interrupted")
                     raise Interrupted(f"interrupted at step {at.step}; checkpoint saved to "
                                       f"{folder}; resume with: deqctl train --resume {folder}",
-                                      stop.signum)
+                                      stop.signum or signal.SIGTERM)
                 if at.step >= total or epoch_done:
                     break
         # The trained weights first, so that a signal during the final evaluation still
@@ -295,18 +332,31 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     return TrainResult(run_dir, at.step, final)
 
 
-def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-    """Zero the gradients of a step whose total loss or gradients are not finite, without a
-    host sync, so NaN never reaches the weights; return the device flag (True: finite) that
-    the next logging step reads to report the step and stop."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor, grads: bool = True
+                          ) -> torch.Tensor:
+    """Zero the gradients of a step whose total loss (or, with `grads`, gradients) is not
+    finite, without a host sync, so NaN never reaches the weights; return the device flag
+    (True: finite) that the next logging step reads to report the step and stop."""
     finite = torch.isfinite(loss.detach())
+    grads = [p.grad for p in model.parameters() if p.grad is not None] if grads else []
     if grads:
         finite = finite & torch.isfinite(torch.stack([g.norm() for g in grads]).sum())
     for p in model.parameters():
         if p.grad is not None:
             p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
     return finite
+
+
+def _check_group(group: Group, recipe: recipes.Recipe, n_train: int) -> None:
+    """What data-parallel training needs: every rank gets part of every batch."""
+    if not group.active:
+        return
+    b, w = recipe.data.batch_size, group.world
+    if b < w or 0 < n_train % b < w:
+        raise recipes.RecipeError(f"data.batch_size={b} (the global batch) leaves a rank of "
+                                  f"{w} without samples in some batch; use a multiple of {w}")
+    if recipe.deq.cache_fixed_points:
+        raise recipes.RecipeError("deq.cache_fixed_points works in one process only for now")
 
 
 def _check_free_space(run_dir: Path, opt: torch.optim.Optimizer, model) -> None:
@@ -332,7 +382,7 @@ def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
             f"try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01")
 
 
-def _restore(path: Path, model, opt, device) -> tuple[Progress, dict | None]:
+def _restore(path: Path, model, opt, device, scaler) -> tuple[Progress, dict | None]:
     """Load a checkpoint's weights and trainer state; returns (progress, the final
     evaluation row if the checkpoint is a finished run's)."""
     folder = checkpoint.resolve(path)
@@ -348,6 +398,8 @@ def _restore(path: Path, model, opt, device) -> tuple[Progress, dict | None]:
         model.deq.step = trainer["deq"]["step"]
         model.deq._last_nfe = trainer["deq"]["last_nfe"]
         progress = Progress(**trainer["progress"])
+        if scaler is not None and trainer.get("scaler"):
+            scaler.load_state_dict(trainer["scaler"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{folder}: trainer.json is malformed ({exc}); cannot resume") from None
     return progress, meta.get("metrics")

@@ -197,24 +197,28 @@ class DEQ(nn.Module):
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
     def forward(self, cell: Cell, u: torch.Tensor, z0: State,
-                solver: SolveSpec | None = None) -> tuple[State, DEQInfo]:
+                solver: SolveSpec | None = None, eager_cell: Cell | None = None
+                ) -> tuple[State, DEQInfo]:
         """Return (z, info): z is the fixed point with gradients attached per `backward`;
         `solver` replaces the forward (training) or eval settings for this call. z0 may be
         a tuple of tensors (the cell then maps tuples to tuples): they are solved as one
-        state, and z, info.forward.z and the corrections come back as tuples."""
+        state, and z, info.forward.z and the corrections come back as tuples.
+        `eager_cell` (the same map, uncompiled) is what the Jacobian regulariser
+        differentiates twice when `cell` is a torch.compile'd one, which cannot be."""
         packing = packing_of(z0)
         if packing is None:
-            return self._forward(cell, u, z0, solver)
-        z, info = self._forward(packing.wrap(cell), u, packing.pack(z0), solver)
+            return self._forward(cell, u, z0, solver, eager_cell or cell)
+        z, info = self._forward(packing.wrap(cell), u, packing.pack(z0), solver,
+                                packing.wrap(eager_cell or cell))
         info.forward.z = packing.unpack(info.forward.z)
         info.corrections = [(w, packing.unpack(c)) for w, c in info.corrections]
         return packing.unpack(z), info
 
     def _forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
-                 solver: SolveSpec | None) -> tuple[torch.Tensor, DEQInfo]:
+                 solver: SolveSpec | None, eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
         if self.mode == "unrolled":
-            return self._unrolled(cell, u, z0, fwd)
+            return self._unrolled(cell, u, z0, fwd, eager_cell)
         snapshots = self._snapshot_points(fwd) if self.training else ()
 
         # cached(): weight/spectral norm are computed once per solve, not once per f call,
@@ -241,7 +245,7 @@ class DEQ(nn.Module):
             else:
                 info.backward_steps = 1
         if self.training and self._jac_due():
-            info.jac_loss = self._jacobian_loss(cell, u, z_star)
+            info.jac_loss = self._jacobian_loss(eager_cell, u, z_star)
         if self.training:
             k = len(res.snapshots)
             for i, (_, z_k) in enumerate(sorted(res.snapshots.items())):
@@ -249,8 +253,8 @@ class DEQ(nn.Module):
             self.step += 1
         return z_out, info
 
-    def _unrolled(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor, spec: SolveSpec
-                  ) -> tuple[torch.Tensor, DEQInfo]:
+    def _unrolled(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor, spec: SolveSpec,
+                  eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
         """The explicit twin: a fixed-depth network that reuses the cell, whatever the
         solver settings of this call (they only give the tolerance its statistics use)."""
         z = prev = z0
@@ -260,7 +264,7 @@ class DEQ(nn.Module):
         if torch.is_grad_enabled():
             info.backward_steps = self.unrolled_depth      # backprop through every application
             if self.training and self._jac_due():
-                info.jac_loss = self._jacobian_loss(cell, u, z.detach())
+                info.jac_loss = self._jacobian_loss(eager_cell, u, z.detach())
         if self.training:
             self.step += 1
         return z, info

@@ -42,6 +42,12 @@ class DEQModel(nn.Module):
         self.warm_start = warm_start
         self._warm: torch.Tensor | None = None
         self.fixed_point_cache: FixedPointCache | None = None   # set by the trainer
+        self.compiled_cell = None    # torch.compile(self.cell) when runtime.compile is on
+
+    def compile_cell(self) -> None:
+        """Solve and differentiate through a torch.compile'd cell (weights and checkpoints
+        unchanged: the compiled function is not a module, so state_dict never sees it)."""
+        self.compiled_cell = torch.compile(self.cell)
 
     # -- the four pieces a model defines ------------------------------------------------
     def inject(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +93,8 @@ class DEQModel(nn.Module):
         cache = self.fixed_point_cache if self.training and index is not None else None
         if cache is not None:
             z0 = cache.start(index, z0)
-        z, info = self.deq(self.cell, u, z0, solver=solver)
+        cell = self.compiled_cell or self.cell
+        z, info = self.deq(cell, u, z0, solver=solver, eager_cell=self.cell)
         if self.training and self.warm_start:
             self._warm = _detach(info.forward.z)
         if cache is not None:
