@@ -337,7 +337,7 @@ class MDEQSettings(Block):
     """Multiscale DEQ image classifier: 2-4 resolution branches solved jointly."""
 
     name: Literal["mdeq"]
-    channels: list[int] = Field([24, 48], min_length=2, max_length=4,
+    channels: list[Int] = Field([24, 48], min_length=2, max_length=4,
                                 description="channels per branch, finest first; branch i "
                                 "runs at 1/2^i of the stem's resolution")
     expansion: Int = Field(2, ge=1, description="inner channels of each branch's block")
@@ -405,7 +405,7 @@ class OptimSettings(Block):
     name: Literal["adam", "adamw", "sgd"] = "adamw"
     lr: Float = Field(2e-3, gt=0)
     weight_decay: Float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Float, Float] = (0.9, 0.999)
     momentum: Float = Field(0.9, ge=0, description="sgd only")
     grad_clip: Float | None = Field(1.0, gt=0)
 
@@ -447,7 +447,7 @@ DEFAULT_NAMES = {"data": "mnist-5k", "model": "resnet_deq"}
 
 class Recipe(Block):
     name: str = "deq"
-    seed: Int = 0
+    seed: Annotated[int, BeforeValidator(_integer)] = Field(0, ge=0, lt=2**63)
     data: DataSettings = Mnist5kData(name="mnist-5k")
     model: ModelSettings = ResNetDEQSettings(name="resnet_deq")
     deq: DEQSettings = DEQSettings()

@@ -321,3 +321,61 @@ def test_a_disk_too_small_for_two_checkpoints_is_refused_before_training(tmp_pat
     out = tmp_path / "run"
     result = train(RECIPE, *TINY, "train.max_steps=1", "--out", str(out))
     assert result.exit_code == 1 and "MB free" in result.output and not out.exists()
+
+
+def test_a_signal_during_a_checkpoint_write_finishes_the_write_then_stops(reference, tmp_path,
+                                                                           monkeypatch):
+    real = checkpoint.save_file
+    sent = []
+
+    def signalled(tensors, path, *a, **k):
+        if not sent:                       # the first checkpoint write (step 3) is hit
+            sent.append(path)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(checkpoint, "save_file", signalled)
+    out = tmp_path / "run"
+    result = train(RECIPE, *TINY, "train.max_steps=8", "train.save_every=3", "--out", str(out))
+    assert result.exit_code == 130, result.output
+    assert checkpoint.step_of(out / "checkpoints" / "step-000003") == 3      # completed
+    assert checkpoint.step_of(out / "checkpoints" / "interrupted") == 3
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    monkeypatch.setattr(checkpoint, "save_file", real)
+    result = train("--resume", str(out))
+    assert result.exit_code == 0, result.output
+    ref = {(r["split"], r["step"]): r["loss"] for r in rows(reference)}
+    assert {(r["split"], r["step"]): r["loss"] for r in rows(out)} == ref
+
+
+def test_a_signal_during_a_mid_training_evaluation_redoes_it_on_resume(reference, tmp_path,
+                                                                       monkeypatch):
+    evaluate = engine.evaluate
+    calls = []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:                 # the epoch evaluation at step 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(engine, "evaluate", signalled)
+    out = tmp_path / "run"
+    result = train(RECIPE, *TINY, "train.max_steps=8", "train.save_every=3", "--out", str(out))
+    assert result.exit_code == 143, result.output
+    assert checkpoint.step_of(out / "checkpoints" / "interrupted") == 6
+    assert ("test", 6) not in {(r["split"], r["step"]) for r in rows(out)}
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    result = train("--resume", str(out))
+    assert result.exit_code == 0, result.output
+    ref = {(r["split"], r["step"]): r["loss"] for r in rows(reference)}
+    assert {(r["split"], r["step"]): r["loss"] for r in rows(out)} == ref   # bit-exact, eval at 6 too
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(reference, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(reference, run)
+    result = train("--resume", str(run / "checkpoints" / "step-000003"), "train.max_steps=5")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["final", "final.superseded", "step-000003", "step-000006.superseded"]
+    assert checkpoint.step_of(checkpoint.resolve(run)) == 5
+    assert max(r["step"] for r in rows(run)) == 5 and one_row_per_split_and_step(run)

@@ -11,6 +11,7 @@ A checkpoint folder holds
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -60,9 +61,10 @@ def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
-    except OSError as exc:     # a full disk, a quota, a read-only mount: leave no debris
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write checkpoint {folder} ({exc.strerror or exc}); "
+    except (OSError, SafetensorError) as exc:   # a full disk, a quota, a read-only mount
+        shutil.rmtree(tmp, ignore_errors=True)    # leave no debris
+        why = getattr(exc, "strerror", None) or exc
+        raise CheckpointWriteError(f"cannot write checkpoint {folder} ({why}); "
                                    f"the run's earlier checkpoints are intact") from None
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -80,9 +82,10 @@ def _fsync(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        os.fsync(fd)          # ENOSPC or EIO here means the data never reached the disk
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):   # folders some systems cannot sync
+            raise
     finally:
         os.close(fd)
 
@@ -106,8 +109,8 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = {}
     for c in folder.iterdir():
-        if c.suffix == ".tmp" or not (c / "model.safetensors").is_file():
-            continue
+        if c.suffix not in ("", ".old") or not (c / "model.safetensors").is_file():
+            continue          # NAME.tmp: a save in progress; NAME.superseded: set aside
         name = c.stem if c.suffix == ".old" else c.name
         if c.suffix == ".old" and (folder / name).exists():
             continue

@@ -79,13 +79,25 @@ def average_gradients(group: Group, model: torch.nn.Module, share: float) -> Non
         return
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
+                        device=params[0].device)
     flat = torch.cat([g.reshape(-1) for g in grads]) * share
     dist.all_reduce(flat)
+    dist.all_reduce(used)      # a parameter no rank used keeps no gradient, as alone
     offset = 0
-    for p in params:
+    for p, any_used in zip(params, used.tolist()):
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p).clone() if any_used else None
         offset += n
+
+
+def all_ranks(group: Group, flag: torch.Tensor) -> torch.Tensor:
+    """A device bool that is True only where it is True on every rank (no host sync)."""
+    if not group.active:
+        return flag
+    t = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t[0].bool()
 
 
 def any_rank(group: Group, flag: bool, device: torch.device) -> bool:
@@ -128,7 +140,9 @@ def merge_rows(group: Group, row: dict[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         values = [r.get(key) for r in rows]
         numbers = [v for v in values if _number(v)]
-        if not _number(value) or len(numbers) != len(values):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            out[key] = math.nan                 # one rank's NaN is the row's NaN
+        elif not _number(value) or len(numbers) != len(values):
             out[key] = value
         elif key in SUM:
             out[key] = type(value)(sum(numbers))

@@ -26,17 +26,21 @@ def evaluate(model: DEQModel, task: Task, split: Split, batch_size: int, *,
     `merge` combines the statistics of every rank's shard (torchrun) before the metrics."""
     was_training = model.training
     model.eval()
-    acc = Accumulator()
-    total = num_batches(split, batch_size, drop_last=False)
-    start = time.perf_counter()
-    for i, (x, y) in enumerate(iterate_batches(split, batch_size, shuffle=False, device=device)):
-        with autocast(device, precision):
-            out = model.run(x, solver=solver)
-        acc.add(step_stats(out, task.loss(out.out.float(), y), task.stats(out.out.float(), x, y)))
-        if on_batch:
-            on_batch(i + 1, total)
-    row = acc.reduce()
-    row = task.finish(merge(row) if merge else row)
-    elapsed = time.perf_counter() - start
-    model.train(was_training)
+    try:
+        acc = Accumulator()
+        total = num_batches(split, batch_size, drop_last=False)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(iterate_batches(split, batch_size, shuffle=False,
+                                                   device=device)):
+            with autocast(device, precision):
+                out = model.run(x, solver=solver)
+            acc.add(step_stats(out, task.loss(out.out.float(), y),
+                               task.stats(out.out.float(), x, y)))
+            if on_batch:
+                on_batch(i + 1, total)
+        row = acc.reduce()
+        row = task.finish(merge(row) if merge else row)
+        elapsed = time.perf_counter() - start
+    finally:           # an evaluation cut short by a signal leaves the model as it was
+        model.train(was_training)
     return {"split": split_name, **row, "samples_per_s": row["n"] / elapsed, "eval_time_s": elapsed}

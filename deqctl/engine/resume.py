@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import recipe as recipes
+from . import checkpoint
 
 # Settings a resumed run may change. Everything else changes shapes, the data order, the
 # optimizer or what the saved state means, and would silently break the run.
 MAY_CHANGE = ("train.", "log.", "runtime.device", "runtime.threads", "runtime.deterministic",
-              "runtime.compile",
+              "runtime.compile", "data.root", "data.download",
               "deq.eval.", "data.eval_batch_size", "data.limit_eval")
 # ... and these change the schedule (the learning rate follows the new total).
 SCHEDULE = ("train.epochs", "train.max_steps")
@@ -71,3 +73,16 @@ def _step(line: str) -> int | None:
     except (ValueError, AttributeError):
         return None       # a line cut off by a crash
     return step if isinstance(step, int) else None
+
+
+def set_aside_later(run_dir: Path, step: int) -> list[str]:
+    """Rename the run's checkpoints of steps after `step` to NAME.superseded: resuming from
+    an earlier checkpoint abandons them, and a later `--resume RUN` must not pick them."""
+    moved = []
+    for folder in checkpoint.checkpoints(run_dir):
+        if (checkpoint.step_of(folder) or 0) > step:
+            target = folder.with_name(folder.name.removesuffix(".old") + ".superseded")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(folder, target)
+            moved.append(folder.name)
+    return moved

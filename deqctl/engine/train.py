@@ -26,12 +26,12 @@ from ..tasks import Task, task_for
 from . import checkpoint
 from .checkpoint import CheckpointError, CheckpointWriteError
 from .device import autocast, pick_device
-from .distributed import (Group, any_rank, average_gradients, barrier, merge_rows, shard,
-                          shard_split)
+from .distributed import (Group, all_ranks, any_rank, average_gradients, barrier, merge_rows,
+                          shard, shard_split)
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .metrics import Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats
-from .resume import trim_metrics
+from .resume import set_aside_later, trim_metrics
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
 
@@ -77,6 +77,7 @@ class Progress:
     epoch: int = 0                 # epochs completed
     pos: int = 0                   # batches done in the current epoch
     wall_s: float = 0.0            # training time so far, evaluations excluded
+    eval_pending: bool = False     # a signal cut this step's evaluation short: redo it
 
 
 class TrainClock:
@@ -119,8 +120,10 @@ class _StopOnSignal:
 
     def __enter__(self) -> "_StopOnSignal":
         def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
+            if self.requested:     # abort now: the last complete checkpoint stays
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + signum)
             self.signum = signum
         try:
             for sig in self.SIGNALS:
@@ -179,7 +182,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     nb = num_batches(data.train, recipe.data.batch_size, drop_last=False)
     total = total_steps(recipe, nb)
     view.set_total(total)
-    _check_group(group, recipe, len(data.train))
+    _check_group(group, recipe, len(data.train), len(data.test))
     if recipe.deq.cache_fixed_points:
         model.fixed_point_cache = FixedPointCache(len(data.train))
     if recipe.runtime.compile:
@@ -193,12 +196,18 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         if at.step >= total and done is not None:      # nothing to do: write nothing
             return TrainResult(run_dir, at.step, done, already_finished=True)
         view.event(f"resumed from {resume} at step {at.step}")
-        dropped = trim_metrics(run_dir / "metrics.jsonl", at.step) if group.writer else 0
-        if dropped:
-            view.event(f"dropped {dropped} metrics rows logged after step {at.step} "
-                       f"(after the checkpoint resumed from)")
+        if group.writer:
+            dropped = trim_metrics(run_dir / "metrics.jsonl", at.step)
+            if dropped:
+                view.event(f"dropped {dropped} metrics rows logged after step {at.step} "
+                           f"(after the checkpoint resumed from)")
+            later = set_aside_later(run_dir, at.step)
+            if later:
+                view.event(f"checkpoints of later steps set aside as NAME.superseded: "
+                           f"{', '.join(later)}")
 
-    _check_free_space(run_dir, opt, model)
+    if group.writer:               # the disk that will hold the checkpoints
+        _check_free_space(run_dir, opt, model)
     barrier(group)                 # every rank got this far before rank 0 writes anything
     if group.writer:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,12 +223,12 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
 
     def save(name: str, final: dict | None = None) -> Path:
         folder = run_dir / "checkpoints" / name
-        if not group.writer:       # rank 0 saves; the others wait so none exits early
-            barrier(group)
-            return folder
         if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             raise TrainingDiverged(f"weights became non-finite by step {at.step}; not saved; "
                                    + _diverged_message(last_ok, at.step, run_dir))
+        if not group.writer:       # rank 0 saves; the others wait so none exits early
+            barrier(group)
+            return folder
         at.wall_s = clock.elapsed()
         tensors, opt_json = optimizer_state(opt)
         cache = model.fixed_point_cache.tensors() if model.fixed_point_cache else {}
@@ -254,6 +263,9 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     augment = getattr(recipe.data, "augment", False)   # only image-like sources have the key
     model.train()
     with _StopOnSignal() as stop:
+        if at.eval_pending and at.step < total:     # cut short before the interruption
+            run_eval()
+            at.eval_pending = False
         while at.step < total:
             batches = iterate_batches(data.train, recipe.data.batch_size, shuffle=True,
                                       seed=recipe.seed, epoch=at.epoch, start=at.pos,
@@ -275,7 +287,8 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                     average_gradients(group, model, share)
                 if scaler:    # fp16: overflowing gradients are the scaler's business
                     scaler.unscale_(opt)
-                finite = _drop_nonfinite_grads(model, loss, grads=scaler is None)
+                finite = _drop_nonfinite_grads(model, loss, grads=scaler is None,
+                                               agree=lambda flag: all_ranks(group, flag))
                 if recipe.optim.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
                 if scaler:
@@ -308,10 +321,14 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                 every = recipe.train.eval_every
                 if at.step < total and ((epoch_done and recipe.train.eval_every_epoch)
                                         or (every and at.step % every == 0)):
-                    with contextlib.suppress(_EvalStopped):   # the signal is handled below
+                    try:
                         run_eval()
+                    except _EvalStopped:                 # handled below; redone on resume
+                        at.eval_pending = True
                 if recipe.train.save_every and at.step % recipe.train.save_every == 0:
                     save(f"step-{at.step:06d}")
+                # a signal may also have come during this step's evaluation or save
+                stopping = stopping or any_rank(group, stop.requested, device)
                 if stopping:
                     folder = save("interrupted")
                     raise Interrupted(f"interrupted at step {at.step}; checkpoint saved to "
@@ -332,22 +349,24 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     return TrainResult(run_dir, at.step, final)
 
 
-def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor, grads: bool = True
-                          ) -> torch.Tensor:
+def _drop_nonfinite_grads(model: torch.nn.Module, loss: torch.Tensor, grads: bool = True,
+                          agree=lambda flag: flag) -> torch.Tensor:
     """Zero the gradients of a step whose total loss (or, with `grads`, gradients) is not
-    finite, without a host sync, so NaN never reaches the weights; return the device flag
-    (True: finite) that the next logging step reads to report the step and stop."""
+    finite, without a host sync (`agree` makes the ranks of torchrun decide as one), so NaN
+    never reaches the weights; return the device flag (True: finite) that the next logging
+    step reads to report the step and stop."""
     finite = torch.isfinite(loss.detach())
     grads = [p.grad for p in model.parameters() if p.grad is not None] if grads else []
     if grads:
         finite = finite & torch.isfinite(torch.stack([g.norm() for g in grads]).sum())
+    finite = agree(finite)
     for p in model.parameters():
         if p.grad is not None:
             p.grad = torch.where(finite, p.grad, torch.zeros_like(p.grad))
     return finite
 
 
-def _check_group(group: Group, recipe: recipes.Recipe, n_train: int) -> None:
+def _check_group(group: Group, recipe: recipes.Recipe, n_train: int, n_test: int) -> None:
     """What data-parallel training needs: every rank gets part of every batch."""
     if not group.active:
         return
@@ -355,6 +374,9 @@ def _check_group(group: Group, recipe: recipes.Recipe, n_train: int) -> None:
     if b < w or 0 < n_train % b < w:
         raise recipes.RecipeError(f"data.batch_size={b} (the global batch) leaves a rank of "
                                   f"{w} without samples in some batch; use a multiple of {w}")
+    if n_test < w:
+        raise recipes.RecipeError(f"the test split has {n_test} samples, fewer than the {w} "
+                                  f"processes that share its evaluation")
     if recipe.deq.cache_fixed_points:
         raise recipes.RecipeError("deq.cache_fixed_points works in one process only for now")
 
