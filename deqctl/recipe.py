@@ -598,8 +598,9 @@ def _keep_keys_of_new_block(raw: dict[str, Any], section: str, keep) -> None:
     if not isinstance(block, dict):
         return
     members = _union_members(Recipe.model_fields[section].annotation)
-    cls = members.get(block.get("name", DEFAULT_NAMES[section]))
-    if cls is None:
+    name = block.get("name", DEFAULT_NAMES[section])
+    cls = members.get(name) if isinstance(name, str) else None
+    if cls is None:           # validation reports the name
         return
     for key in [k for k in block if k not in cls.model_fields and not keep(k)]:
         del block[key]

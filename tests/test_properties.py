@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from typer.testing import CliRunner
 
 from deqctl import recipe as recipes
@@ -51,8 +51,10 @@ def _get(recipe: recipes.Recipe, key: str):
     return node
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)   # CI: the same cases each run
 @given(key=st.sampled_from(KEYS), value=VALUES)
+@example(key="data.name", value="[]")            # found by this test: a TypeError once
+@example(key="seed", value="2147483648.0")
 def test_any_override_is_a_typed_recipe_or_a_recipe_error_naming_the_key(key, value):
     try:
         recipe = load(f"{key}={value}")
@@ -63,12 +65,13 @@ def test_any_override_is_a_typed_recipe_or_a_recipe_error_naming_the_key(key, va
     if isinstance(default, bool):
         assert isinstance(got, bool)
     elif isinstance(default, int) and not isinstance(got, type(None)):
-        assert isinstance(got, int) and not isinstance(got, bool) and abs(got) < 2**31
+        limit = 2**63 if key == "seed" else 2**31      # a seed may be any 64-bit value
+        assert isinstance(got, int) and not isinstance(got, bool) and abs(got) < limit
     if isinstance(got, float):
         assert math.isfinite(got)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(key=st.text(min_size=1, max_size=20), value=st.text(max_size=10))
 def test_any_key_gives_a_recipe_or_a_recipe_error(key, value):
     try:
@@ -94,7 +97,8 @@ def good(tmp_path_factory) -> Path:
     return out / "checkpoints" / "final"
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(FILES), how=st.sampled_from(["truncate", "flip", "empty"]),
        where=st.floats(0, 1), bit=st.integers(0, 7))
 def test_damaged_checkpoint_files_give_one_line_and_change_nothing(good, tmp_path, name, how,
