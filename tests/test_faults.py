@@ -379,3 +379,21 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(reference
     assert names == ["final", "final.superseded", "step-000003", "step-000006.superseded"]
     assert checkpoint.step_of(checkpoint.resolve(run)) == 5
     assert max(r["step"] for r in rows(run)) == 5 and one_row_per_split_and_step(run)
+
+
+def test_a_late_stop_still_logs_the_steps_since_the_last_row(tmp_path, monkeypatch):
+    """With log_every > 1, a signal during a checkpoint write stops at that step; the steps
+    since the last row are written before the `interrupted` checkpoint, not lost."""
+    real = checkpoint.save_file
+
+    def signalled(tensors, path, *a, **k):
+        if path.parent.name == "step-000003.tmp" and path.name == "model.safetensors":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(tensors, path, *a, **k)
+    monkeypatch.setattr(checkpoint, "save_file", signalled)
+    out = tmp_path / "run"
+    result = train(RECIPE, *TINY, "train.max_steps=8", "train.save_every=3",
+                   "train.log_every=5", "--out", str(out))
+    assert result.exit_code == 130, result.output
+    train_rows = [r for r in rows(out) if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [3] and train_rows[0]["n"] == 3 * 32

@@ -223,7 +223,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
 
     def save(name: str, final: dict | None = None) -> Path:
         folder = run_dir / "checkpoints" / name
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
             raise TrainingDiverged(f"weights became non-finite by step {at.step}; not saved; "
                                    + _diverged_message(last_ok, at.step, run_dir))
         if not group.writer:       # rank 0 saves; the others wait so none exits early
@@ -254,6 +254,21 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         sink.write(row)
         view.log(row)
         return row
+
+    def log_train_row(lr: float) -> None:
+        """Write the row of the steps since the last one (a sync point); stop on divergence."""
+        nonlocal last_wall, last_ok
+        row = task.finish(merge_rows(group, acc.reduce()))
+        now = clock.elapsed()
+        row = {"step": at.step, "epoch": at.step / nb, "split": "train", "lr": lr, **row,
+               "step_time_s": (now - last_wall) / (at.step - last_ok),
+               "samples_per_s": row["n"] / (now - last_wall), "wall_s": now,
+               "peak_mem_mb": memory.peak_mb()}
+        sink.write(row)
+        view.log(row)
+        if not math.isfinite(row["loss"]) or row["skipped_steps"]:
+            raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
+        last_wall, last_ok = clock.elapsed(), at.step
 
     amp = autocast(device, recipe.runtime.precision)
     memory, clock = PeakMemory(device), TrainClock(at.wall_s)
@@ -307,28 +322,24 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
 
                 stopping = any_rank(group, stop.requested, device)
                 if at.step % recipe.train.log_every == 0 or at.step == total or stopping:
-                    row = task.finish(merge_rows(group, acc.reduce()))   # sync point
-                    now = clock.elapsed()
-                    row = {"step": at.step, "epoch": at.step / nb, "split": "train", "lr": lr,
-                           **row, "step_time_s": (now - last_wall) / (at.step - last_ok),
-                           "samples_per_s": row["n"] / (now - last_wall), "wall_s": now,
-                           "peak_mem_mb": memory.peak_mb()}
-                    sink.write(row)
-                    view.log(row)
-                    if not math.isfinite(row["loss"]) or row["skipped_steps"]:
-                        raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
-                    last_wall, last_ok = clock.elapsed(), at.step
+                    log_train_row(lr)
                 every = recipe.train.eval_every
-                if at.step < total and ((epoch_done and recipe.train.eval_every_epoch)
-                                        or (every and at.step % every == 0)):
+                evaluate_now = at.step < total and (
+                    (epoch_done and recipe.train.eval_every_epoch)
+                    or (every and at.step % every == 0))
+                save_now = recipe.train.save_every and at.step % recipe.train.save_every == 0
+                if evaluate_now:
                     try:
                         run_eval()
                     except _EvalStopped:                 # handled below; redone on resume
                         at.eval_pending = True
-                if recipe.train.save_every and at.step % recipe.train.save_every == 0:
+                if save_now:
                     save(f"step-{at.step:06d}")
-                # a signal may also have come during this step's evaluation or save
-                stopping = stopping or any_rank(group, stop.requested, device)
+                if not stopping and (evaluate_now or save_now):
+                    # a signal may have come during them: stop at this step all the same
+                    stopping = any_rank(group, stop.requested, device)
+                    if stopping and last_ok < at.step:
+                        log_train_row(lr)
                 if stopping:
                     folder = save("interrupted")
                     raise Interrupted(f"interrupted at step {at.step}; checkpoint saved to "
@@ -423,5 +434,6 @@ def _restore(path: Path, model, opt, device, scaler) -> tuple[Progress, dict | N
         if scaler is not None and trainer.get("scaler"):
             scaler.load_state_dict(trainer["scaler"])
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{folder}: trainer.json is malformed ({exc}); cannot resume") from None
+        raise CheckpointError(f"{folder}: trainer.json is malformed ({exc}); "
+                              f"cannot resume") from None
     return progress, meta.get("metrics")
