@@ -1,6 +1,6 @@
 """deqctl vs TorchDEQ 0.1.0: solver speed, overhead, train step and memory (issue 3).
 
-    python bench/solvers.py              # batch 32, 3 interleaved repeats (CPU: ~5-7 min)
+    python bench/solvers.py              # batch 32, 3 interleaved repeats (CPU: ~20 min)
     python bench/solvers.py --quick      # batch 4, 1 repeat: a smoke run (< 1 min)
     python bench/solvers.py --repeats 5 --device cuda
 
@@ -162,13 +162,18 @@ for _name, _solver in TD_BWD.items():
 # The train step is compared at equal gradient accuracy: each library gets the fastest
 # configuration (forward solver, backward rule) whose weight gradient is within cosine
 # GRAD_COS of the exact implicit gradient (float64, solved to 1e-10). Every forward runs to
-# rel tol TOL within MAX_ITER. SHINE (the forward Broyden's inverse estimate as the adjoint's
-# start) exists only in deqctl.
+# rel tol TOL within MAX_ITER. Two options exist only in deqctl: SHINE (the forward
+# Broyden's inverse estimate as the adjoint's start) and the mixed-precision forward
+# "anderson+bf16" (f in bf16 until every residual is below BF16_UNTIL, then fp32 to TOL).
+# TorchDEQ's nearest equivalent of the latter is its whole step under bf16 autocast, which
+# is what "anderson+bf16" means for it.
 BWD_TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3)
-BACKWARDS = ([("ift", solver, tol) for solver in ("fixed_point", "anderson") for tol in BWD_TOLS]
-             + [("phantom", 5, 0.5), ("phantom", 10, 0.5), ("jfb",)])
+BF16_UNTIL = 1e-2
+IFT = [("ift", solver, tol) for solver in ("fixed_point", "anderson") for tol in BWD_TOLS]
+BACKWARDS = IFT + [("phantom", 5, 0.5), ("phantom", 10, 0.5), ("jfb",)]
 CONFIGS = ([("anderson", bwd) for bwd in BACKWARDS]
-           + [("broyden", bwd) for bwd in BACKWARDS if bwd[0] == "ift"]
+           + [("anderson+bf16", bwd) for bwd in IFT]
+           + [("broyden", bwd) for bwd in IFT]
            + [("broyden", ("shine", "anderson", tol)) for tol in BWD_TOLS])
 GRAD_COS = 0.99
 
@@ -182,15 +187,29 @@ def config_label(config: tuple) -> str:
     return f"{fwd} / {how}"
 
 
+class Autocast:
+    """A TorchDEQ layer called under bf16 autocast (forward and recorded graph in bf16)."""
+
+    def __init__(self, deq, device: str):
+        self.deq, self.device = deq, device
+
+    def __call__(self, *args, **kwargs):
+        with torch.autocast(self.device, dtype=torch.bfloat16):
+            return self.deq(*args, **kwargs)
+
+
 def make_deqs(fwd_max_iter: int = MAX_ITER, fwd_tol: float = TOL,
               bwd_max_iter: int = BWD_MAX_ITER,
-              config: tuple = ("anderson", ("ift", "fixed_point", BWD_TOL))):
+              config: tuple = ("anderson", ("ift", "fixed_point", BWD_TOL)), device: str = "cpu"):
     """The same training configuration in both libraries: `config` = (forward solver,
-    backward), the backward ("ift" | "shine", solver, tol) | ("phantom", steps, tau) |
-    ("jfb",); relative stop mode everywhere. TorchDEQ's layer is None for SHINE."""
-    solver, bwd = config
+    backward), the forward "anderson" | "broyden" | "anderson+bf16", the backward
+    ("ift" | "shine", solver, tol) | ("phantom", steps, tau) | ("jfb",); relative stop mode
+    everywhere. TorchDEQ's layer is None for SHINE."""
+    forward, bwd = config
+    solver, bf16 = forward.removesuffix("+bf16"), forward.endswith("+bf16")
     fwd = {"solver": solver, "max_iter": fwd_max_iter, "tol": fwd_tol, "stop_mode": "rel",
-           "anderson": {"m": M, "lam": LAM, "beta": 1.0}}
+           "anderson": {"m": M, "lam": LAM, "beta": 1.0},
+           "bf16_until": BF16_UNTIL if bf16 else None}
     ours_bwd = {"mode": "ift" if bwd[0] == "shine" else bwd[0], "max_iter": bwd_max_iter,
                 "stop_mode": "rel", "shine": bwd[0] == "shine"}
     theirs = dict(core="sliced", f_solver=solver, f_max_iter=fwd_max_iter, f_tol=fwd_tol,
@@ -205,7 +224,10 @@ def make_deqs(fwd_max_iter: int = MAX_ITER, fwd_tol: float = TOL,
     else:
         theirs.update(ift=False, grad=1, tau=1.0)
     ours = DEQ(**DEQSettings.model_validate({"forward": fwd, "backward": ours_bwd}).layer_kwargs())
-    return ours.train(), None if bwd[0] == "shine" else get_deq(**theirs).train()
+    if bwd[0] == "shine":
+        return ours.train(), None
+    td = get_deq(**theirs).train()
+    return ours.train(), Autocast(td, device) if bf16 else td
 
 
 def train_step(lib: str, deq, cell, u, z0, target):
@@ -261,7 +283,7 @@ def bench_train(cell, u, z0, target, device: str, repeats: int):
     cos = torch.nn.functional.cosine_similarity
     tried = {"deqctl": {}, "torchdeq": {}}
     for config in CONFIGS:
-        for lib, deq in zip(("deqctl", "torchdeq"), make_deqs(config=config)):
+        for lib, deq in zip(("deqctl", "torchdeq"), make_deqs(config=config, device=device)):
             if deq is None:
                 continue
             wall, calls = timed_step(lib, deq, cell, u, z0, target, device)
@@ -277,8 +299,8 @@ def bench_train(cell, u, z0, target, device: str, repeats: int):
         if not ok:
             return {"tried": tried, "chosen": None}
         chosen[lib] = min(ok, key=lambda cfg: ok[cfg]["wall"])
-    deqs = {"deqctl": make_deqs(config=chosen["deqctl"])[0],
-            "torchdeq": make_deqs(config=chosen["torchdeq"])[1]}
+    deqs = {"deqctl": make_deqs(config=chosen["deqctl"], device=device)[0],
+            "torchdeq": make_deqs(config=chosen["torchdeq"], device=device)[1]}
     walls = {"deqctl": [], "torchdeq": []}
     for rep in range(repeats):
         for lib in (("deqctl", "torchdeq") if rep % 2 == 0 else ("torchdeq", "deqctl")):
@@ -396,7 +418,9 @@ def report(args, t_f, solver_runs, train, mem, elapsed, load0) -> None:
     if train:
         print(f"\ntrain step at equal gradient accuracy (forward to rel tol {TOL:g} within "
               f"{MAX_ITER}, Anderson m={M}; cos = cosine of the weight gradient against the "
-              f"exact implicit gradient; s: one step, the best of three where cos >= {GRAD_COS}; '-': no such option):")
+              f"exact implicit gradient; s: one step, the best of three where cos >= {GRAD_COS}; '-': no such option;\n"
+              f"  anderson+bf16: deqctl's mixed-precision forward, f in bf16 until every residual is "
+              f"below {BF16_UNTIL:g}, then fp32; TorchDEQ has none: its whole step under bf16 autocast):")
         print(f"  {'forward / backward':<36}{'deqctl s':>9}{'f/vjp':>9}{'cos':>10}"
               f"{'TorchDEQ s':>12}{'f/vjp':>9}{'cos':>10}")
         for config in CONFIGS:
@@ -465,6 +489,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="batch 4, 1 repeat (< 1 min on CPU): a smoke run, not the targets")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3)")
+    p.add_argument("--train-repeats", type=int, default=None,
+                   help="interleaved repeats of the two chosen train steps (default 9: one "
+                        "step's time varies by +-20%% on a shared machine)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=None, help="default 32 (4 with --quick)")
     p.add_argument("--threads", type=int, default=1,
@@ -482,6 +509,7 @@ def main() -> None:
         p.error("--device cuda: torch sees no CUDA device")
     args.batch = args.batch or (4 if args.quick else 32)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    args.train_repeats = args.train_repeats or (1 if args.quick else 9)
     args.mem_runs = args.mem_runs or (1 if args.quick else 2)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -493,7 +521,8 @@ def main() -> None:
     t_f = time_f_alone(lambda z: cell(z, u), z0, args.device)
     solver_runs = None if args.no_solvers else bench_solvers(cell, u, z0, args.device,
                                                              args.repeats, t_f)
-    train = None if args.no_train else bench_train(cell, u, z0, target, args.device, args.repeats)
+    train = None if args.no_train else bench_train(cell, u, z0, target, args.device,
+                                                   args.train_repeats)
     mem = None if args.no_memory else bench_memory(args.device, args.batch,
                                                    torch.get_num_threads(), args.mem_runs)
     report(args, t_f, solver_runs, train, mem, time.perf_counter() - start, load0)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 if TYPE_CHECKING:
     from .implicit.spec import SolveSpec
@@ -107,6 +107,25 @@ class SolverSettings(Block):
                          self.options(), self.check_every, self.compact)
 
 
+class ForwardSettings(SolverSettings):
+    bf16_until: Float | None = Field(
+        None, gt=0, description="a mixed-precision solve: f under bf16 autocast until every "
+        "running sample's residual is below this, then in full precision down to tol; for "
+        "fp32 runs on hardware with fast bf16 (tensor cores, AMX)")
+
+    @field_validator("bf16_until")
+    @classmethod
+    def _above_tol(cls, v: float | None, info: ValidationInfo) -> float | None:
+        tol = info.data.get("tol")
+        if v is not None and tol is not None and v <= tol:
+            raise ValueError(f"must be above tol ({tol:g}): bf16 is only for the early "
+                             f"iterations")
+        return v
+
+    def spec(self) -> "SolveSpec":
+        return super().spec().but(bf16_until=self.bf16_until)
+
+
 class BackwardSettings(SolverSettings):
     mode: Literal["ift", "phantom", "jfb"] = "ift"
     solver: SolverName = "fixed_point"
@@ -149,7 +168,7 @@ class DEQSettings(Block):
         "unrolled: the explicit twin, the same cell applied deq.unrolled.depth times with "
         "backprop through every application")
     unrolled: UnrolledSettings = UnrolledSettings()
-    forward: SolverSettings = SolverSettings()
+    forward: ForwardSettings = ForwardSettings()
     backward: BackwardSettings = BackwardSettings()
     eval: EvalSettings = EvalSettings()
     jacobian_reg: JacobianReg = JacobianReg()
@@ -160,10 +179,14 @@ class DEQSettings(Block):
                                      "solve from its own z* of the previous epoch (kept "
                                      "on the device, saved in checkpoints)")
 
-    def eval_settings(self) -> SolverSettings:
-        """The forward settings with deq.eval's fields applied on top."""
+    def eval_settings(self) -> ForwardSettings:
+        """The forward settings with deq.eval's fields applied on top (bf16_until only
+        while it stays above the eval tolerance)."""
         overrides = {k: v for k, v in self.eval.model_dump().items() if v is not None}
-        return self.forward.model_copy(update=overrides)
+        settings = self.forward.model_copy(update=overrides)
+        if settings.bf16_until is not None and settings.bf16_until <= settings.tol:
+            settings = settings.model_copy(update={"bf16_until": None})
+        return settings
 
     def layer_kwargs(self) -> dict[str, Any]:
         """This block as keyword arguments of `deqctl.DEQ` (the recipe is one adapter onto
@@ -172,6 +195,7 @@ class DEQSettings(Block):
         return dict(
             solver=f.solver, max_iter=f.max_iter, tol=f.tol, stop_mode=f.stop_mode,
             solver_options=f.options(), check_every=f.check_every, compact=f.compact,
+            bf16_until=f.bf16_until,
             backward=b.mode, backward_solver=b.solver, backward_max_iter=b.max_iter,
             backward_tol=b.tol, backward_stop_mode=b.stop_mode, backward_options=b.options(),
             phantom_steps=b.phantom_steps, phantom_tau=b.phantom_tau, shine=b.shine,

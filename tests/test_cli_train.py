@@ -168,3 +168,12 @@ def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, m
     result = train(RECIPE, *TINY, "log.tensorboard=true", "--out", str(out))
     assert result.exit_code == 2 and "pip install 'deqctl[tensorboard]'" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_mixed_precision_forward_reports_its_bf16_evaluations(tmp_path):
+    out = tmp_path / "bf16"
+    result = train(RECIPE, *TINY, "deq.forward.bf16_until=0.1", "deq.forward.tol=1e-3",
+                   "train.max_steps=1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    train_row = next(r for r in rows(out) if r["split"] == "train")
+    assert 1 <= train_row["fwd_nfe_bf16"] < train_row["fwd_nfe_max"]

@@ -56,6 +56,29 @@ def test_ift_matches_unrolled_reference(solver):
     assert info.backward is not None and info.backward.converged.all()
 
 
+def test_mixed_precision_forward_keeps_the_implicit_gradient():
+    """With bf16_until the solve starts in bf16 (the matmul below runs in bf16 under
+    autocast) but ends in float32 at the same tolerance, so the gradient at z* is the
+    same; the eval solve inherits it only while it is above the eval tolerance."""
+    g = torch.Generator().manual_seed(0)
+    W = (0.2 * torch.randn(16, 16, generator=g)).requires_grad_()     # a contraction
+    x, target = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+
+    def cell(z, u):
+        return torch.tanh(z @ W.T + u)
+    grads = []
+    for until in (None, 1e-2):
+        layer = DEQ(solver="anderson", tol=1e-6, max_iter=200, backward_tol=1e-7,
+                    backward_max_iter=200, bf16_until=until).train()
+        z, info = layer(cell, x, torch.zeros_like(x))
+        grads.append(torch.autograd.grad(loss_of(z, target), W)[0])
+        assert info.forward.converged.all() and (info.forward.bf16_nfe > 0) == bool(until)
+    assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()    # bf16 alone: ~1e-3
+    assert DEQ(tol=1e-4, bf16_until=1e-2, eval_tol=1e-2).eval_spec.bf16_until is None
+    with pytest.raises(ValueError, match="bf16_until must be None or a number above tol"):
+        DEQ(tol=1e-2, bf16_until=1e-3)
+
+
 def test_ift_matches_finite_differences():
     W, x, target, cell = small_problem(seed=1)
     layer = deq_layer("ift")

@@ -60,6 +60,20 @@ def test_eval_inherits_forward_settings():
     assert (s.solver, s.tol, s.max_iter) == ("broyden", 1e-2, 7)
 
 
+def test_bf16_until_is_a_forward_setting_above_tol():
+    r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2}}})
+    assert r.deq.forward.spec().bf16_until == 1e-2 == r.deq.layer_kwargs()["bf16_until"]
+    assert r.deq.eval_settings().spec().bf16_until == 1e-2
+    # an eval tolerance at or above it leaves the eval solve in one precision
+    r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2},
+                                  "eval": {"tol": 1e-2}}})
+    assert r.deq.eval_settings().spec().bf16_until is None
+    with pytest.raises(recipes.RecipeError, match=r"deq.forward.bf16_until: must be above tol"):
+        recipes.validate({"deq": {"forward": {"tol": 1e-3, "bf16_until": 1e-3}}})
+    with pytest.raises(recipes.RecipeError, match="deq.backward.bf16_until: unknown key"):
+        recipes.validate({"deq": {"backward": {"bf16_until": 1e-2}}})
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(recipes.RecipeError, match="not found"):
         recipes.load(tmp_path / "nope.yaml")

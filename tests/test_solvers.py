@@ -240,3 +240,69 @@ def test_implicit_gradient_through_a_state_of_several_tensors():
     for gw, ww in zip(got, want):
         assert torch.allclose(gw, ww, rtol=1e-8, atol=1e-10)
     assert isinstance(info.forward.z, tuple) and info.backward.converged.all()
+
+
+def bf16_problem(dtypes, batch=6, dim=40, seed=0):
+    """A float32 contraction whose matrix product runs in bf16 under autocast; `dtypes`
+    records the precision of every product."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(batch, dim, dim, generator=g)
+    W = 0.9 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    b = torch.randn(batch, dim, generator=g)
+
+    def f(z):
+        wz = torch.bmm(W, z.unsqueeze(-1)).squeeze(-1)
+        dtypes.append(wz.dtype)
+        return wz.float() + b
+    return f, torch.linalg.solve(torch.eye(dim) - W, b)
+
+
+@pytest.mark.parametrize("method", SOLVERS)
+def test_mixed_precision_solve_finishes_in_float32(method):
+    # bf16 alone stalls near 1e-3: the solve must leave it at bf16_until and reach 1e-5
+    dtypes = []
+    f, exact = bf16_problem(dtypes)
+    res = solve(f, torch.zeros_like(exact), method, tol=1e-5, max_iter=400, bf16_until=1e-2)
+    assert res.converged.all() and (res.rel_residual <= 1e-5).all()
+    assert 0 < res.bf16_nfe < res.nfe == len(dtypes)
+    assert set(dtypes[:res.bf16_nfe]) == {torch.bfloat16}
+    assert set(dtypes[res.bf16_nfe:]) == {torch.float32}
+    assert (torch.linalg.vector_norm(res.z - exact, dim=1) <= 10 * res.abs_residual * 1.01).all()
+
+
+def test_mixed_precision_solve_leaves_bf16_when_it_stalls():
+    # bf16_until below what bf16 can reach: its phase ends after 3 checks without progress
+    dtypes = []
+    f, exact = bf16_problem(dtypes)
+    res = solve(f, torch.zeros_like(exact), "anderson", tol=1e-6, max_iter=200, bf16_until=2e-6)
+    assert res.converged.all() and 0 < res.bf16_nfe < res.nfe < 100
+
+
+def test_mixed_precision_solve_keeps_the_callers_autocast():
+    # after the bf16 phase f runs in the caller's precision, which here is bf16 too
+    dtypes = []
+    f, exact = bf16_problem(dtypes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = solve(f, torch.zeros_like(exact), "anderson", tol=1e-2, max_iter=100,
+                    bf16_until=5e-2)
+    assert res.converged.all() and 0 < res.bf16_nfe < res.nfe
+    assert set(dtypes) == {torch.bfloat16}
+
+
+def test_best_iterate_survives_later_iterations():
+    # the tracker keeps a reference to an improving iterate instead of copying it: the
+    # solvers must never write into it afterwards (a map that overshoots once tests this)
+    c = torch.linspace(-1, 1, 12).view(3, 4)
+    fed, out = [], []
+
+    def f(z):
+        fz = c + 0.5 * (z - c) * (-1.9 if len(fed) == 5 else 1.0)
+        fed.append(z.clone())
+        out.append(fz.clone())
+        return fz
+    for method in SOLVERS:
+        fed.clear(), out.clear()
+        res = solve(f, torch.zeros_like(c), method, tol=1e-12, max_iter=8)
+        rel = torch.stack([(fz - z).norm(dim=1) / fz.norm(dim=1) for z, fz in zip(fed, out)])
+        best = rel.argmin(dim=0).tolist()
+        assert torch.equal(res.z, torch.stack([fed[i][b] for b, i in enumerate(best)]))

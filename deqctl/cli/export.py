@@ -88,7 +88,8 @@ def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int 
         hint = "the stored weights do not reproduce the model"
     else:
         name = solver.value if solver else (s.solver if s.solver in UNROLLABLE else "anderson")
-        us = settings.model_copy(update={"solver": name}).spec()
+        # the artefact iterates in full precision: calibrate (and unroll) without bf16
+        us = settings.model_copy(update={"solver": name, "bf16_until": None}).spec()
         needed, conv = calibrate_iters(model, x_cal, us)
         target = f"tol {s.tol:g} ({s.stop_mode}) on {x_cal.shape[0]} samples"
         if conv == 1.0:

@@ -33,6 +33,8 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tenso
         "nonfinite": (fwd.status == NONFINITE).sum(),
         "fallbacks": fwd.fallbacks.sum(),
     }
+    if fwd.bf16_nfe:       # a mixed-precision solve: how many of fwd_nfe_max ran in bf16
+        stats["fwd_nfe_bf16"] = fwd.bf16_nfe
     if out.info.jac_loss is not None:   # ||df/dz||_F^2 / dim, on the steps that estimate it
         stats["jac_loss"] = out.info.jac_loss.detach().float()
     if bwd is not None:

@@ -116,12 +116,15 @@ class DEQ(nn.Module):
     """Fixed-point layer, configured by plain keyword arguments.
 
     Forward solve: `solver`, `max_iter`, `tol`, `stop_mode` ("abs" | "rel"),
-    `solver_options` (the solver's knobs, e.g. {"m": 5}), `check_every`, `compact`.
+    `solver_options` (the solver's knobs, e.g. {"m": 5}), `check_every`, `compact`,
+    `bf16_until` (a mixed-precision solve: f under bf16 autocast until every residual is
+    below it, then in full precision down to `tol`).
     Gradient: `backward` = "ift" (implicit, solving y = J^T y + g with `backward_solver`,
     `backward_max_iter`, `backward_tol`, ...), "phantom" (`phantom_steps` damped steps of
     f with `phantom_tau`, differentiated) or "jfb" (one step of f, differentiated).
     Test time (eval mode): `eval_solver`, `eval_max_iter`, `eval_tol`, `eval_stop_mode`;
-    unset ones inherit the forward settings. Training extras: `jacobian_reg` (weight of
+    unset ones inherit the forward settings (`bf16_until` while above `eval_tol`).
+    Training extras: `jacobian_reg` (weight of
     a Hutchinson estimate of ||df/dz||_F^2 / dim, returned in info.jac_loss for the caller to
     add to its loss) every `jacobian_every` calls; `fp_correction` earlier solver states
     returned in info.corrections with weights `fp_gamma`^k.
@@ -139,7 +142,7 @@ class DEQ(nn.Module):
     def __init__(self, *, solver: str = "anderson", max_iter: int = 30, tol: float = 1e-3,
                  stop_mode: str = "rel", solver_options: Mapping[str, Any] | None = None,
                  check_every: int | None = None, compact: bool = False,
-                 backward: str = "ift", backward_solver: str = "fixed_point",
+                 bf16_until: float | None = None, backward: str = "ift", backward_solver: str = "fixed_point",
                  backward_max_iter: int = 30, backward_tol: float = 1e-4,
                  backward_stop_mode: str = "rel",
                  backward_options: Mapping[str, Any] | None = None,
@@ -176,7 +179,7 @@ class DEQ(nn.Module):
                "the forward Broyden's inverse estimate)")
         try:
             self.fwd_spec = SolveSpec(solver, max_iter, tol, stop_mode, solver_options or {},
-                                      check_every, compact)
+                                      check_every, compact, bf16_until)
             self.bwd_spec = SolveSpec(backward_solver, backward_max_iter, backward_tol,
                                       backward_stop_mode, backward_options or {}, check_every)
             same = eval_solver in (None, solver)
@@ -184,7 +187,8 @@ class DEQ(nn.Module):
                 eval_solver or solver, eval_max_iter or max_iter, eval_tol or tol,
                 eval_stop_mode or stop_mode,
                 eval_options if eval_options is not None else (solver_options or {}) if same else {},
-                check_every, compact)
+                check_every, compact,
+                bf16_until if bf16_until is not None and bf16_until > (eval_tol or tol) else None)
         except ValueError as exc:
             raise ValueError(f"DEQ: {exc}") from None
         self.backward_mode, self.phantom_steps, self.phantom_tau = backward, phantom_steps, phantom_tau

@@ -27,6 +27,7 @@ class SolveSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     check_every: int | None = None     # None: every evaluation on CPU, every 4 on GPUs
     compact: bool = False              # evaluate f only on unconverged samples
+    bf16_until: float | None = None    # evaluate f in bf16 until the residual is below this
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
@@ -37,6 +38,11 @@ class SolveSpec:
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"tol must be a finite number > 0, got {self.tol!r}")
+        if self.bf16_until is not None and (
+                isinstance(self.bf16_until, bool) or not isinstance(self.bf16_until, (int, float))
+                or not self.tol < self.bf16_until < math.inf):
+            raise ValueError(f"bf16_until must be None or a number above tol ({self.tol:g}), "
+                             f"got {self.bf16_until!r}")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"check_every must be >= 1 or None, got {self.check_every!r}")
         check_options(self.solver, dict(self.options))
@@ -53,11 +59,13 @@ class SolveSpec:
         """Solve z = f(z) from z0 with these settings (`extra`: trace, snapshot_at)."""
         return solve(f, z0, self.solver, tol=self.tol, max_iter=self.max_iter,
                      stop_mode=self.stop_mode, check_every=self.check_every,
-                     compact=self.compact, **self.options, **extra)
+                     compact=self.compact, bf16_until=self.bf16_until, **self.options,
+                     **extra)
 
     def describe(self) -> str:
-        """e.g. "anderson, tol 0.001 rel, max_iter 30"."""
-        return f"{self.solver}, tol {self.tol:g} {self.stop_mode}, max_iter {self.max_iter}"
+        """e.g. "anderson, tol 0.001 rel, max_iter 30" (+ ", bf16 until 0.01")."""
+        mixed = f", bf16 until {self.bf16_until:g}" if self.bf16_until is not None else ""
+        return f"{self.solver}, tol {self.tol:g} {self.stop_mode}, max_iter {self.max_iter}{mixed}"
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form: solver, max_iter, tol, stop_mode."""

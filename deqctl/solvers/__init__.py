@@ -38,7 +38,7 @@ def check_options(method: str, knobs: dict) -> None:
 def solve(f: Callable, z0: State, method: str = "anderson", tol: float = 1e-4,
           max_iter: int = 50, stop_mode: str = "rel", *, check_every: int | None = None,
           compact: bool = False, trace: bool = False, snapshot_at: tuple[int, ...] = (),
-          **knobs) -> SolveResult:
+          bf16_until: float | None = None, **knobs) -> SolveResult:
     """Find z = f(z) for every sample of the batch z0 (first dimension). z0 may be a tuple
     of tensors (f then maps tuples to tuples): they are solved as one state, and res.z and
     the snapshots come back as tuples.
@@ -48,7 +48,10 @@ def solve(f: Callable, z0: State, method: str = "anderson", tol: float = 1e-4,
     called as f(z, idx) on the unconverged samples only (idx: their positions in z0, or
     None for all), which requires a cell without batch statistics. `trace=True` records
     the residual of every evaluation; `snapshot_at` keeps the iterates at those
-    evaluation counts (used by fixed-point correction).
+    evaluation counts (used by fixed-point correction). With `bf16_until`, f runs under
+    bf16 autocast until every running sample's residual is below that value (or bf16
+    rounding stops its progress), then in the caller's precision down to `tol`: the
+    cheap early iterations of a mixed-precision solve (res.bf16_nfe counts them).
     """
     check_options(method, knobs)
     run = SOLVERS[method]
@@ -58,7 +61,7 @@ def solve(f: Callable, z0: State, method: str = "anderson", tol: float = 1e-4,
     with torch.no_grad():
         tr = Tracker(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode,
                      check_every=check_every, compact=compact, trace=trace,
-                     snapshot_at=tuple(snapshot_at))
+                     snapshot_at=tuple(snapshot_at), bf16_until=bf16_until)
         run(tr, tr.z0.clone(), **knobs)
         res = tr.result()
     if packing is not None:

@@ -32,8 +32,8 @@ def anderson(tr: Tracker, z: torch.Tensor, *, m: int = 5, lam: float = 1e-4,
              beta: float = 1.0) -> None:
     """Anderson-accelerated fixed-point iteration; results live in the tracker."""
     b, d = z.shape
-    F = z.new_zeros(b, m, d)
-    G = z.new_zeros(b, m, d)
+    F = z.new_empty(b, m, d)   # a slot is written before anything reads it
+    G = z.new_empty(b, m, d)
     gram = z.new_zeros(b, m, m)
     k = 0
     while True:

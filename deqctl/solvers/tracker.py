@@ -9,6 +9,7 @@ hit NaN) is frozen. The host is asked whether anything is still running only eve
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,6 +38,7 @@ class SolveResult:
     trace_abs: torch.Tensor | None = None   # (n_evals, B); NaN once a sample has stopped
     trace_rel: torch.Tensor | None = None
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # eval index -> iterate
+    bf16_nfe: int = 0               # of nfe, the evaluations made in bf16 (solve's bf16_until)
     # Broyden's final inverse-Jacobian estimate (U, V), each (B, n, D): (J_f - I)^-1 is about
     # -I + U^T V per sample (flattened state); reused by the SHINE backward. None elsewhere.
     inverse: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -58,7 +60,8 @@ class Tracker:
 
     def __init__(self, f: Callable, z0: torch.Tensor, *, tol: float, max_iter: int,
                  stop_mode: str, check_every: int | None, compact: bool,
-                 trace: bool, snapshot_at: tuple[int, ...] = ()):
+                 trace: bool, snapshot_at: tuple[int, ...] = (),
+                 bf16_until: float | None = None):
         if stop_mode not in ("abs", "rel"):
             raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
         if max_iter < 1:
@@ -66,7 +69,9 @@ class Tracker:
         self.f, self.shape, self.out_dtype = f, z0.shape, z0.dtype
         self.tol, self.max_iter, self.stop_mode = float(tol), int(max_iter), stop_mode
         self.compact = compact
-        self.check_every = check_every or (1 if z0.device.type == "cpu" else 4)
+        # On the CPU the "device" is the host: reading a value back costs nothing extra.
+        self.host_reads_free = z0.device.type == "cpu"
+        self.check_every = check_every or (1 if self.host_reads_free else 4)
         # Solver state is at least float32 even when f runs under bf16 autocast.
         self.dtype = torch.promote_types(z0.dtype, torch.float32)
         batch, dev = z0.shape[0], z0.device
@@ -88,6 +93,15 @@ class Tracker:
         self.snapshot_at = set(snapshot_at)
         self.snapshots: dict[int, torch.Tensor] = {}
         self.inverse: tuple[torch.Tensor, torch.Tensor] | None = None   # set by Broyden
+        # Mixed-precision solve: f runs under bf16 autocast until the worst running
+        # residual is below bf16_until (or stops improving), then in the caller's precision.
+        # The solver's state and history stay in float32 throughout, so nothing restarts.
+        if bf16_until is not None and not torch.amp.is_autocast_available(dev.type):
+            raise ValueError(f"bf16_until: no bf16 autocast on {dev.type} devices")
+        self.bf16_until = bf16_until
+        self.bf16_nfe = 0             # evaluations made in bf16
+        self._last_res: torch.Tensor | None = None   # residuals of the latest evaluation
+        self._bf16_best, self._bf16_stalls = float("inf"), 0
 
     # -- working-set views --------------------------------------------------------------
 
@@ -113,21 +127,32 @@ class Tracker:
         given, receives f(z) - z (a solver's history slot: saves a copy of the state)."""
         b = z.shape[0]
         zin = z.view(b, *self.shape[1:]).to(self.out_dtype)
-        fz = self.f(zin, self.index) if self.compact else self.f(zin)
+        # (autocast(enabled=False) would also switch off a caller's autocast: hence nullcontext)
+        with (torch.autocast(z.device.type, dtype=torch.bfloat16) if self.in_bf16
+              else contextlib.nullcontext()):
+            fz = self.f(zin, self.index) if self.compact else self.f(zin)
         fz = fz.reshape(b, -1).to(self.dtype)
         self.nfe += 1
+        self.bf16_nfe += self.in_bf16
         self._all_active = False    # samples may converge in this evaluation
         g = torch.sub(fz, z, out=g_out)
         abs_r = torch.linalg.vector_norm(g, dim=1)
         rel_r = abs_r / (torch.linalg.vector_norm(fz, dim=1) + EPS)
         res = rel_r if self.stop_mode == "rel" else abs_r
+        self._last_res = res
         finite = torch.isfinite(res)
 
         act = self.active_ws.clone()  # _put below overwrites self.active in place
         improved = act & finite & (res < self._ws(self.best_res))
         col = improved[:, None]
-        if self.index is None:   # in place: this is the one full-state pass of bookkeeping
-            torch.where(col, z, self.best_z, out=self.best_z)
+        if self.index is None:
+            if self.host_reads_free and bool(improved.all()):
+                # Every sample improved, so the best iterate is z itself: keep a reference
+                # instead of a full-state pass (solvers never write into an iterate they
+                # have evaluated). Elsewhere best_z is replaced, never written in place.
+                self.best_z = z
+            else:
+                self.best_z = torch.where(col, z, self.best_z)
         else:
             self.best_z[self.index] = torch.where(col, z, self.best_z[self.index])
         for full, new in ((self.best_res, res), (self.best_abs, abs_r), (self.best_rel, rel_r)):
@@ -172,7 +197,13 @@ class Tracker:
             return False
         self._last_check = self.nfe
         act = self.active_ws
-        n_active = int(act.sum())  # host sync
+        if self.in_bf16:     # the worst running residual comes back in the same host read
+            worst = torch.where(act, self._last_res, 0.0).max()
+            n, worst = torch.stack([act.sum().to(worst.dtype), worst]).tolist()
+            n_active = int(n)
+            self._maybe_leave_bf16(worst)
+        else:
+            n_active = int(act.sum())  # host sync
         if n_active == 0:
             return True
         self._all_active = n_active == act.numel()
@@ -180,6 +211,21 @@ class Tracker:
             # applied by compact_state(), once the solver has finished this iteration
             self._pending_keep = act.nonzero().squeeze(1)
         return False
+
+    @property
+    def in_bf16(self) -> bool:
+        """Whether f is still evaluated in bf16."""
+        return self.bf16_until is not None
+
+    def _maybe_leave_bf16(self, worst: float) -> None:
+        """Leave bf16 for good once every running sample is below bf16_until, or when bf16
+        rounding stalls the solve (no new low of the worst residual for 3 checks)."""
+        if worst < self._bf16_best:
+            self._bf16_best, self._bf16_stalls = worst, 0
+        else:
+            self._bf16_stalls += 1
+        if worst <= self.bf16_until or self._bf16_stalls >= 3:
+            self.bf16_until = None
 
     def freeze(self, z_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Keep stopped samples where they are: a converged sample stops changing."""
@@ -192,6 +238,8 @@ class Tracker:
         keep, self._pending_keep = self._pending_keep, None
         if keep is None:
             return tensors
+        if self.index is None:    # best_z may be a solver's iterate: own it before writing
+            self.best_z = self.best_z.clone()
         self.index = keep if self.index is None else self.index[keep]
         return tuple(t[keep] for t in tensors)
 
@@ -208,8 +256,8 @@ class Tracker:
             trace_abs = torch.stack([a for a, _ in self._trace])
             trace_rel = torch.stack([r for _, r in self._trace])
         return SolveResult(
-            z=self.best_z.view(self.shape).to(self.out_dtype), nfe=self.nfe,
+            z=self.best_z.reshape(self.shape).to(self.out_dtype), nfe=self.nfe,
             sample_nfe=self.sample_nfe, abs_residual=self.best_abs, rel_residual=self.best_rel,
             converged=converged, status=status, fallbacks=self.fallbacks, tol=self.tol,
             stop_mode=self.stop_mode, trace_abs=trace_abs, trace_rel=trace_rel,
-            snapshots=self.snapshots, inverse=self.inverse)
+            snapshots=self.snapshots, inverse=self.inverse, bf16_nfe=self.bf16_nfe)
