@@ -123,7 +123,10 @@ class ForwardSettings(SolverSettings):
         return v
 
     def spec(self) -> "SolveSpec":
-        return super().spec().but(bf16_until=self.bf16_until)
+        """As SolverSettings.spec, with bf16_until while it is above tol (an override such
+        as an eval or trace tolerance may have moved tol past it)."""
+        above = self.bf16_until is not None and self.bf16_until > self.tol
+        return super().spec().but(bf16_until=self.bf16_until if above else None)
 
 
 class BackwardSettings(SolverSettings):
@@ -180,13 +183,12 @@ class DEQSettings(Block):
                                      "on the device, saved in checkpoints)")
 
     def eval_settings(self) -> ForwardSettings:
-        """The forward settings with deq.eval's fields applied on top (bf16_until only
-        while it stays above the eval tolerance)."""
+        """The forward settings with deq.eval's fields applied on top (bf16_until only in
+        the forward's stop mode: it is a residual in that measure)."""
         overrides = {k: v for k, v in self.eval.model_dump().items() if v is not None}
-        settings = self.forward.model_copy(update=overrides)
-        if settings.bf16_until is not None and settings.bf16_until <= settings.tol:
-            settings = settings.model_copy(update={"bf16_until": None})
-        return settings
+        if overrides.get("stop_mode", self.forward.stop_mode) != self.forward.stop_mode:
+            overrides["bf16_until"] = None
+        return self.forward.model_copy(update=overrides)
 
     def layer_kwargs(self) -> dict[str, Any]:
         """This block as keyword arguments of `deqctl.DEQ` (the recipe is one adapter onto

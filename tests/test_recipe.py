@@ -68,6 +68,11 @@ def test_bf16_until_is_a_forward_setting_above_tol():
     r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2},
                                   "eval": {"tol": 1e-2}}})
     assert r.deq.eval_settings().spec().bf16_until is None
+    # nor does a tolerance moved past it by a command (solve-trace --tol) or another measure
+    assert r.deq.forward.model_copy(update={"tol": 0.05}).spec().bf16_until is None
+    r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2},
+                                  "eval": {"stop_mode": "abs"}}})
+    assert r.deq.eval_settings().spec().bf16_until is None
     with pytest.raises(recipes.RecipeError, match=r"deq.forward.bf16_until: must be above tol"):
         recipes.validate({"deq": {"forward": {"tol": 1e-3, "bf16_until": 1e-3}}})
     with pytest.raises(recipes.RecipeError, match="deq.backward.bf16_until: unknown key"):

@@ -242,27 +242,34 @@ def test_implicit_gradient_through_a_state_of_several_tensors():
     assert isinstance(info.forward.z, tuple) and info.backward.converged.all()
 
 
-def bf16_problem(dtypes, batch=6, dim=40, seed=0):
-    """A float32 contraction whose matrix product runs in bf16 under autocast; `dtypes`
-    records the precision of every product."""
+def bf16_problem(dtypes, batch=6, dim=40, seed=0, radius=(0.9, 0.9)):
+    """Float32 contractions (spectral radius from radius[0] to radius[1] over the batch)
+    whose matrix product runs in bf16 under autocast, with W a leaf that requires grad like
+    a parameter; `dtypes` records the precision of every product."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(batch, dim, dim, generator=g)
-    W = 0.9 * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None]
+    rho = torch.linspace(*radius, batch)
+    W = (rho[:, None, None] * A / torch.linalg.matrix_norm(A, ord=2)[:, None, None])
+    W.requires_grad_()
     b = torch.randn(batch, dim, generator=g)
 
-    def f(z):
-        wz = torch.bmm(W, z.unsqueeze(-1)).squeeze(-1)
+    def f(z, idx=None):
+        w = W if idx is None else W[idx]
+        wz = torch.bmm(w, z.unsqueeze(-1)).squeeze(-1)
         dtypes.append(wz.dtype)
-        return wz.float() + b
-    return f, torch.linalg.solve(torch.eye(dim) - W, b)
+        return wz.float() + (b if idx is None else b[idx])
+    with torch.no_grad():
+        return f, torch.linalg.solve(torch.eye(dim) - W, b)
 
 
 @pytest.mark.parametrize("method", SOLVERS)
-def test_mixed_precision_solve_finishes_in_float32(method):
+@pytest.mark.parametrize("compact,check_every", [(False, None), (True, 3)])
+def test_mixed_precision_solve_finishes_in_float32(method, compact, check_every):
     # bf16 alone stalls near 1e-3: the solve must leave it at bf16_until and reach 1e-5
     dtypes = []
     f, exact = bf16_problem(dtypes)
-    res = solve(f, torch.zeros_like(exact), method, tol=1e-5, max_iter=400, bf16_until=1e-2)
+    res = solve(f, torch.zeros_like(exact), method, tol=1e-5, max_iter=400, bf16_until=1e-2,
+                compact=compact, check_every=check_every)
     assert res.converged.all() and (res.rel_residual <= 1e-5).all()
     assert 0 < res.bf16_nfe < res.nfe == len(dtypes)
     assert set(dtypes[:res.bf16_nfe]) == {torch.bfloat16}
@@ -270,23 +277,56 @@ def test_mixed_precision_solve_finishes_in_float32(method):
     assert (torch.linalg.vector_norm(res.z - exact, dim=1) <= 10 * res.abs_residual * 1.01).all()
 
 
-def test_mixed_precision_solve_leaves_bf16_when_it_stalls():
+@pytest.mark.parametrize("method", SOLVERS)
+def test_no_sample_converges_on_a_bf16_residual(method):
+    # Fast samples pass tol while the slowest keeps the batch in bf16; their convergence
+    # and residuals must still be measured in float32.
+    dtypes = []
+    f, exact = bf16_problem(dtypes, radius=(0.3, 0.995))
+    res = solve(f, torch.zeros_like(exact), method, tol=2e-3, max_iter=400, bf16_until=3e-2)
+    with torch.no_grad():
+        fz = f(res.z)
+    true_rel = torch.linalg.vector_norm(fz - res.z, dim=1) / torch.linalg.vector_norm(fz, dim=1)
+    assert res.converged.all() and (true_rel <= 2e-3).all()
+    assert torch.allclose(true_rel, res.rel_residual, rtol=1e-4)
+
+
+def test_mixed_precision_solve_leaves_bf16_when_it_stalls_or_at_half_budget():
     # bf16_until below what bf16 can reach: its phase ends after 3 checks without progress
     dtypes = []
     f, exact = bf16_problem(dtypes)
     res = solve(f, torch.zeros_like(exact), "anderson", tol=1e-6, max_iter=200, bf16_until=2e-6)
     assert res.converged.all() and 0 < res.bf16_nfe < res.nfe < 100
+    # a slow contraction keeps its worst residual above bf16_until: half the budget at most
+    res = solve(f, torch.zeros_like(exact), "fixed_point", tol=1e-6, max_iter=20,
+                bf16_until=1e-3)
+    assert res.bf16_nfe == 10 and res.nfe == 20
 
 
-def test_mixed_precision_solve_keeps_the_callers_autocast():
-    # after the bf16 phase f runs in the caller's precision, which here is bf16 too
+@pytest.mark.parametrize("caller", [torch.bfloat16, torch.float16])
+def test_mixed_precision_solve_keeps_the_callers_autocast(caller):
+    # after the bf16 phase f runs in the caller's precision (and a bf16 copy of a weight
+    # cached in the bf16 phase must not leak into an fp16 caller's products)
     dtypes = []
     f, exact = bf16_problem(dtypes)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=caller):
         res = solve(f, torch.zeros_like(exact), "anderson", tol=1e-2, max_iter=100,
                     bf16_until=5e-2)
     assert res.converged.all() and 0 < res.bf16_nfe < res.nfe
-    assert set(dtypes) == {torch.bfloat16}
+    assert set(dtypes[:res.bf16_nfe]) == {torch.bfloat16}
+    assert set(dtypes[res.bf16_nfe:]) == {caller}
+
+
+def test_anderson_never_reads_history_it_has_not_written():
+    # deterministic mode fills uninitialised memory with NaN: results must not change
+    f, exact = linear_problem()
+    plain = solve(f, torch.zeros_like(exact), "anderson", tol=1e-8, max_iter=200)
+    torch.use_deterministic_algorithms(True)
+    try:
+        filled = solve(f, torch.zeros_like(exact), "anderson", tol=1e-8, max_iter=200)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(plain.z, filled.z) and plain.nfe == filled.nfe
 
 
 def test_best_iterate_survives_later_iterations():

@@ -50,7 +50,7 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tenso
 class Accumulator:
     """Collects step statistics and reduces them to one metrics row with a single sync."""
 
-    MAX = ("fwd_nfe_max", "fwd_rel_residual_max", "bwd_rel_residual_max")
+    MAX = ("fwd_nfe_max", "fwd_nfe_bf16", "fwd_rel_residual_max", "bwd_rel_residual_max")
     SUM = ("nonfinite", "fallbacks", "n", "skipped_steps")
 
     def __init__(self) -> None:

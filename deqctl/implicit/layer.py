@@ -108,6 +108,15 @@ def _check(name: str, value: Any, ok: bool, expected: str) -> None:
         raise ValueError(f"DEQ: {name} must be {expected}, got {value!r}")
 
 
+def _inherited_bf16(bf16_until: float | None, tol: float, stop_mode: str,
+                    eval_tol: float | None, eval_stop_mode: str | None) -> float | None:
+    """The eval solve's bf16_until: the forward's, while it is above the eval tolerance and
+    measured the same way."""
+    if bf16_until is None or (eval_stop_mode or stop_mode) != stop_mode:
+        return None
+    return bf16_until if bf16_until > (eval_tol or tol) else None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -123,7 +132,8 @@ class DEQ(nn.Module):
     `backward_max_iter`, `backward_tol`, ...), "phantom" (`phantom_steps` damped steps of
     f with `phantom_tau`, differentiated) or "jfb" (one step of f, differentiated).
     Test time (eval mode): `eval_solver`, `eval_max_iter`, `eval_tol`, `eval_stop_mode`;
-    unset ones inherit the forward settings (`bf16_until` while above `eval_tol`).
+    unset ones inherit the forward settings (`bf16_until` while above `eval_tol`, in the
+    same stop mode).
     Training extras: `jacobian_reg` (weight of
     a Hutchinson estimate of ||df/dz||_F^2 / dim, returned in info.jac_loss for the caller to
     add to its loss) every `jacobian_every` calls; `fp_correction` earlier solver states
@@ -187,8 +197,8 @@ class DEQ(nn.Module):
                 eval_solver or solver, eval_max_iter or max_iter, eval_tol or tol,
                 eval_stop_mode or stop_mode,
                 eval_options if eval_options is not None else (solver_options or {}) if same else {},
-                check_every, compact,
-                bf16_until if bf16_until is not None and bf16_until > (eval_tol or tol) else None)
+                check_every, compact, _inherited_bf16(bf16_until, tol, stop_mode,
+                                                      eval_tol, eval_stop_mode))
         except ValueError as exc:
             raise ValueError(f"DEQ: {exc}") from None
         self.backward_mode, self.phantom_steps, self.phantom_tau = backward, phantom_steps, phantom_tau

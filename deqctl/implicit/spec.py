@@ -68,6 +68,9 @@ class SolveSpec:
         return f"{self.solver}, tol {self.tol:g} {self.stop_mode}, max_iter {self.max_iter}{mixed}"
 
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form: solver, max_iter, tol, stop_mode."""
-        return {"solver": self.solver, "max_iter": self.max_iter, "tol": self.tol,
-                "stop_mode": self.stop_mode}
+        """The JSON form: solver, max_iter, tol, stop_mode (and bf16_until when set)."""
+        out = {"solver": self.solver, "max_iter": self.max_iter, "tol": self.tol,
+               "stop_mode": self.stop_mode}
+        if self.bf16_until is not None:
+            out["bf16_until"] = self.bf16_until
+        return out

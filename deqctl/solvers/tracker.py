@@ -93,9 +93,9 @@ class Tracker:
         self.snapshot_at = set(snapshot_at)
         self.snapshots: dict[int, torch.Tensor] = {}
         self.inverse: tuple[torch.Tensor, torch.Tensor] | None = None   # set by Broyden
-        # Mixed-precision solve: f runs under bf16 autocast until the worst running
-        # residual is below bf16_until (or stops improving), then in the caller's precision.
-        # The solver's state and history stay in float32 throughout, so nothing restarts.
+        # Mixed-precision solve: f runs under bf16 autocast until _maybe_leave_bf16 says
+        # otherwise, then in the caller's precision. The solver's state and history stay
+        # in float32 throughout, so nothing restarts.
         if bf16_until is not None and not torch.amp.is_autocast_available(dev.type):
             raise ValueError(f"bf16_until: no bf16 autocast on {dev.type} devices")
         self.bf16_until = bf16_until
@@ -127,9 +127,11 @@ class Tracker:
         given, receives f(z) - z (a solver's history slot: saves a copy of the state)."""
         b = z.shape[0]
         zin = z.view(b, *self.shape[1:]).to(self.out_dtype)
-        # (autocast(enabled=False) would also switch off a caller's autocast: hence nullcontext)
-        with (torch.autocast(z.device.type, dtype=torch.bfloat16) if self.in_bf16
-              else contextlib.nullcontext()):
+        # autocast(enabled=False) would also switch off a caller's autocast (hence
+        # nullcontext), and a cached bf16 weight would outlive this block inside a caller's
+        # fp16 autocast (hence no cache)
+        with (torch.autocast(z.device.type, dtype=torch.bfloat16, cache_enabled=False)
+              if self.in_bf16 else contextlib.nullcontext()):
             fz = self.f(zin, self.index) if self.compact else self.f(zin)
         fz = fz.reshape(b, -1).to(self.dtype)
         self.nfe += 1
@@ -146,10 +148,12 @@ class Tracker:
         improved = act & finite & (res < self._ws(self.best_res))
         col = improved[:, None]
         if self.index is None:
-            if self.host_reads_free and bool(improved.all()):
+            if not self.host_reads_free:    # in place: here best_z is never an iterate
+                torch.where(col, z, self.best_z, out=self.best_z)
+            elif bool(improved.all()):
                 # Every sample improved, so the best iterate is z itself: keep a reference
                 # instead of a full-state pass (solvers never write into an iterate they
-                # have evaluated). Elsewhere best_z is replaced, never written in place.
+                # have evaluated, but may still read it, so best_z is never written in place)
                 self.best_z = z
             else:
                 self.best_z = torch.where(col, z, self.best_z)
@@ -160,7 +164,10 @@ class Tracker:
         self._put(self.sample_nfe, self._ws(self.sample_nfe) + act.to(torch.int32))
         bad = act & ~finite
         self._put(self.nonfinite, self._ws(self.nonfinite) | bad)
-        self._put(self.active, act & finite & (res > self.tol))
+        running = act & finite
+        if not self.in_bf16:      # a residual measured in bf16 never stops a sample
+            running &= res > self.tol
+        self._put(self.active, running)
 
         if self._trace is not None:
             self._trace.append(self._scatter_trace(abs_r, rel_r, act))
@@ -218,14 +225,19 @@ class Tracker:
         return self.bf16_until is not None
 
     def _maybe_leave_bf16(self, worst: float) -> None:
-        """Leave bf16 for good once every running sample is below bf16_until, or when bf16
-        rounding stalls the solve (no new low of the worst residual for 3 checks)."""
+        """Leave bf16 for good once every running sample is below bf16_until, when bf16
+        rounding stalls the solve (no new low of the worst residual for 3 checks), or when
+        half the budget is spent, so that full precision always gets the other half. What
+        bf16 measured is then forgotten: the returned iterates, residuals and convergence
+        come from full-precision evaluations only."""
         if worst < self._bf16_best:
             self._bf16_best, self._bf16_stalls = worst, 0
         else:
             self._bf16_stalls += 1
-        if worst <= self.bf16_until or self._bf16_stalls >= 3:
+        if worst <= self.bf16_until or self._bf16_stalls >= 3 or 2 * self.nfe >= self.max_iter:
             self.bf16_until = None
+            for best in (self.best_res, self.best_abs, self.best_rel):
+                best.masked_fill_(self.active, float("inf"))
 
     def freeze(self, z_next: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Keep stopped samples where they are: a converged sample stops changing."""
@@ -247,7 +259,8 @@ class Tracker:
         self._put(self.fallbacks, self._ws(self.fallbacks) + (mask & self.active_ws).to(torch.int32))
 
     def result(self) -> SolveResult:
-        converged = self.best_res <= self.tol
+        # a solve that never left bf16 (budget spent first) converged at no fp32 tolerance
+        converged = (self.best_res <= self.tol) & (not self.in_bf16)
         status = torch.full_like(self.sample_nfe, MAX_ITER)
         status = torch.where(converged, CONVERGED, status)
         status = torch.where(self.nonfinite & ~converged, NONFINITE, status)
