@@ -1,5 +1,5 @@
-"""The benchmark's DEQ-ResNet cell and inputs, shared by every configuration of
-`bench/solvers.py` so that both libraries see exactly the same f, u and z0.
+"""The benchmark's DEQ-ResNet cell, inputs and solve settings, shared by every configuration
+of `bench/solvers.py` so that both libraries see exactly the same f, u, z0 and tolerances.
 
 f(z, u) = GN(relu(z + GN(u + conv2(GN(relu(conv1(z)))))))
 conv1: 3x3, C -> inner; conv2: 3x3, inner -> C; no biases; weights ~ N(0, 0.02);
@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 CHANNELS, INNER, SIZE, GROUPS, INIT_STD = 48, 64, 28, 8, 0.02
+# rel tol (fixed point: TOL_FP), budget and Anderson knobs of every solve, both libraries
+MAX_ITER, TOL, TOL_FP, M, LAM = 80, 1e-4, 2e-4, 5, 1e-4
+BWD_TOL, BWD_MAX_ITER = TOL_FP, MAX_ITER   # default IFT backward: fixed point
 
 
 class ResNetCell(nn.Module):

@@ -1,12 +1,19 @@
-"""Timing primitives of the benchmark: device syncs, a call-counting timer around f, and
-the time of one f call alone."""
+"""Timing primitives of the benchmark: device syncs, a call-counting timer around f, the
+time of one f call alone, and progress lines with the time since start."""
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
+
+T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    print(f"  [{time.perf_counter() - T0:5.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def sync(device: str) -> None:

@@ -1,37 +1,25 @@
 """`deqctl train` end to end on the embedded data: files, keys, reload, resume, errors."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from deqctl.cli import app
 from deqctl.data import build_data, iterate_batches
 from deqctl.engine.checkpoint import load_model
 
+from cli_helpers import RECIPE, rows, runner, train
+
 ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
 TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=192",
         "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=64",
         "train.log_every=1", "deq.forward.max_iter=8", "deq.backward.max_iter=8"]
 REQUIRED = {"step", "epoch", "split", "loss", "lr", "fwd_nfe", "fwd_nfe_max",
             "fwd_abs_residual", "fwd_rel_residual", "fwd_rel_residual_max", "fwd_converged",
             "bwd_nfe", "bwd_rel_residual", "step_time_s", "samples_per_s", "accuracy"}
-runner = CliRunner()
-
-
-def train(*args):
-    return runner.invoke(app, ["train", *args, "--plain"])
-
-
-def rows(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "r"

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
+from cli_helpers import RECIPE, rows, wait_for_rows
+
 # No Jacobian regulariser: its probe vectors are random, and the ranks draw their own.
 COMMON = ["model.channels=8", "model.inner_channels=16", "data.limit_train=128",
           "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=32",
@@ -28,10 +27,6 @@ def deqctl(*args, procs: int = 1, **kw):
                 f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
     return subprocess.run([*launcher, "-m", "deqctl", *args], capture_output=True, text=True,
                           env=ENV, timeout=300, **kw)
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +57,7 @@ def test_a_signal_stops_every_rank_and_the_run_resumes(single, tmp_path):
     proc = subprocess.Popen([*launcher, "-m", "deqctl", "train", RECIPE, *COMMON,
                              "train.max_steps=6", "--out", str(out)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_rows(proc, out, timeout=180)
     proc.send_signal(signal.SIGTERM)       # torchrun passes it on to both ranks
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0

@@ -4,7 +4,6 @@ override rules; and the one place where classifiers and language models part way
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from typer.testing import CliRunner

@@ -16,30 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from deqctl import recipe as recipes
 from deqctl.cli import app
 from deqctl.engine import checkpoint, train as engine
-from deqctl.engine.train import Interrupted, TrainingDiverged
 
-ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
+from cli_helpers import RECIPE, rows, runner, train, wait_for_rows
+
 TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=192",
         "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=32",
         "train.log_every=1", "deq.forward.max_iter=8", "deq.backward.max_iter=8",
         "deq.eval.max_iter=8", "runtime.threads=1"]
-runner = CliRunner()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train(*args):
-    return runner.invoke(app, ["train", *args, "--plain"])
-
-
-def rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -72,12 +61,7 @@ def test_a_signal_finishes_the_step_saves_and_resumes_bit_exactly(reference, tmp
                              "train.max_steps=8", "train.save_every=3", "--out", str(out),
                              "--plain"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_rows(proc, out)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, output

@@ -7,23 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from deqctl.cli import app
 
-ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
+from cli_helpers import RECIPE, runner, train
+
 TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=128",
         "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=64",
         "train.log_every=1", "deq.forward.max_iter=8", "deq.backward.max_iter=8",
         "deq.eval.max_iter=8", "runtime.threads=1"]
-runner = CliRunner()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def train(*args):
-    return runner.invoke(app, ["train", *args, "--plain"])
 
 
 def losses(run: Path) -> dict[tuple[str, int], float]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import recipe as recipes
 from ..data import DataInfo
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointError
