@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["DEQ", "SolveSpec", "load", "__version__"]
+__all__ = ["DEQ", "SolveSpec", "load", "CheckpointError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -11,6 +11,9 @@ def __getattr__(name: str):
     if name == "load":
         from .api import load
         return load
+    if name == "CheckpointError":      # what deqctl.load raises for any unusable file
+        from .engine.checkpoint import CheckpointError
+        return CheckpointError
     if name in ("DEQ", "SolveSpec"):
         from . import implicit
         return getattr(implicit, name)

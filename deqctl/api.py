@@ -17,6 +17,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Modul
     """Return the model stored at `path` (run dir, checkpoint folder or safetensors
     export) in eval mode, solving its fixed point with the recipe's eval settings.
 
+    Raises deqctl.CheckpointError (one line) for anything that is not a usable model:
+    a missing, damaged or tampered file, or one built for another version.
+
     It takes the data's raw inputs (images as float32 in [0, 1] (N, C, H, W); token ids
     int64 (N, L); values float32 (N, L, C) in the data's units) and returns class logits,
     next-token logits (N, L, vocab) or forecasts in the data's units.

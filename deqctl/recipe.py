@@ -6,12 +6,17 @@ its dotted key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
                       ValidationError, ValidationInfo, field_validator, model_validator)
+
+from .errors import quote
+from .files import FileRefused, read_text
+from .yamlio import MAX_BYTES, YamlError, load_yaml
 
 if TYPE_CHECKING:
     from .implicit.spec import SolveSpec
@@ -25,6 +30,13 @@ class RecipeError(ValueError):
 
 
 INT_LIMIT = 2**31 - 1      # beyond this an integer setting is a typo, and overflows later
+# Documented upper bounds: a solve, unrolled twin or sweep point of more iterations is a
+# typo (or a hostile checkpoint), and would run for days. The README lists them.
+ITER_LIMIT = 10_000        # max_iter, unrolled depth, phantom steps, --sweep-iters, ...
+UNROLL_LIMIT = 1_000       # export --iters: every iteration is a copy of the cell in the graph
+HISTORY_LIMIT = 100        # Anderson's m, Broyden's history (each a copy of the state)
+THREAD_LIMIT = 1024
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 def _integer(value: Any) -> Any:
@@ -45,9 +57,17 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _plain_name(value: str) -> str:
+    if not re.fullmatch(NAME_PATTERN, value):
+        raise ValueError(f"expected a plain name (letters, digits, '-', '_' and '.', "
+                         f"starting with a letter or digit; it names runs/NAME-TIME), got "
+                         f"{quote(value)}")
+    return value
+
+
 def _boolean(value: Any) -> Any:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {quote(value)}")
     return value
 
 
@@ -71,20 +91,20 @@ class FixedPointKnobs(Block):
 
 
 class AndersonKnobs(Block):
-    m: Int = Field(5, ge=1, description="history size")
+    m: Int = Field(5, ge=1, le=HISTORY_LIMIT, description="history size")
     lam: Float = Field(1e-4, ge=0, description="ridge, relative to the mean diagonal of the Gram matrix")
     beta: Float = Field(1.0, gt=0, le=1, description="mixing between f-values and iterates")
 
 
 class BroydenKnobs(Block):
-    history: Int = Field(8, ge=1, description="rank-one updates kept (limited memory)")
+    history: Int = Field(8, ge=1, le=HISTORY_LIMIT, description="rank-one updates kept (limited memory)")
     line_search: Bool = False
-    ls_steps: Int = Field(3, ge=1, description="step halvings tried by the line search")
+    ls_steps: Int = Field(3, ge=1, le=60, description="step halvings tried by the line search")
 
 
 class SolverSettings(Block):
     solver: SolverName = "anderson"
-    max_iter: Int = Field(30, ge=1)
+    max_iter: Int = Field(30, ge=1, le=ITER_LIMIT)
     tol: Float = Field(1e-3, gt=0)
     stop_mode: StopMode = "rel"
     check_every: Int | None = Field(
@@ -132,9 +152,9 @@ class ForwardSettings(SolverSettings):
 class BackwardSettings(SolverSettings):
     mode: Literal["ift", "phantom", "jfb"] = "ift"
     solver: SolverName = "fixed_point"
-    max_iter: Int = Field(30, ge=1)
+    max_iter: Int = Field(30, ge=1, le=ITER_LIMIT)
     tol: Float = Field(1e-4, gt=0)
-    phantom_steps: Int = Field(5, ge=1, description="unrolled steps for mode=phantom")
+    phantom_steps: Int = Field(5, ge=1, le=ITER_LIMIT, description="unrolled steps for mode=phantom")
     phantom_tau: Float = Field(0.5, gt=0, le=1, description="damping for mode=phantom")
     shine: Bool = Field(False, description="mode=ift with a broyden forward: start the "
                         "adjoint solve from the forward's inverse-Jacobian estimate (SHINE)")
@@ -144,7 +164,7 @@ class EvalSettings(Block):
     """Test-time solve; unset fields inherit deq.forward."""
 
     solver: SolverName | None = None
-    max_iter: Int | None = Field(None, ge=1)
+    max_iter: Int | None = Field(None, ge=1, le=ITER_LIMIT)
     tol: Float | None = Field(None, gt=0)
     stop_mode: StopMode | None = None
 
@@ -152,16 +172,16 @@ class EvalSettings(Block):
 class JacobianReg(Block):
     weight: Float = Field(0.0, ge=0, description="weight of the Hutchinson ||df/dz||_F^2 loss")
     every: Int = Field(1, ge=1, description="apply on every k-th training step")
-    samples: Int = Field(1, ge=1, description="Hutchinson probe vectors")
+    samples: Int = Field(1, ge=1, le=HISTORY_LIMIT, description="Hutchinson probe vectors")
 
 
 class FixedPointCorrection(Block):
-    states: Int = Field(0, ge=0, description="extra solver states supervised (0: off)")
+    states: Int = Field(0, ge=0, le=HISTORY_LIMIT, description="extra solver states supervised (0: off)")
     gamma: Float = Field(0.8, gt=0, le=1, description="weight decay towards early states")
 
 
 class UnrolledSettings(Block):
-    depth: Int | None = Field(None, ge=1, description="applications of the cell "
+    depth: Int | None = Field(None, ge=1, le=ITER_LIMIT, description="applications of the cell "
                               "(None: deq.forward.max_iter)")
 
 
@@ -463,7 +483,7 @@ class RuntimeSettings(Block):
         "fp32", description="autocast of the model's forward (bf16 | fp16, fp16 with a "
         "gradient scaler); solver state, residuals and the adjoint solve stay float32")
     compile: Bool = Field(False, description="torch.compile the cell (checkpoints unchanged)")
-    threads: Int | None = Field(None, ge=1, description="torch intra-op threads")
+    threads: Int | None = Field(None, ge=1, le=THREAD_LIMIT, description="torch intra-op threads")
     deterministic: Bool = False
 
 
@@ -472,7 +492,8 @@ DEFAULT_NAMES = {"data": "mnist-5k", "model": "resnet_deq"}
 
 
 class Recipe(Block):
-    name: str = "deq"
+    name: Annotated[str, AfterValidator(_plain_name)] = Field(
+        "deq", description="a plain name (letters, digits, -_.): runs/NAME-TIME, never a path")
     seed: Annotated[int, BeforeValidator(_integer)] = Field(0, ge=0, lt=2**63)
     data: DataSettings = Mnist5kData(name="mnist-5k")
     model: ModelSettings = ResNetDEQSettings(name="resnet_deq")
@@ -511,12 +532,12 @@ def _describe(err: dict, model: type[BaseModel]) -> str:
         return f"{key}: unknown key (valid {where}: {valid})"
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         ctx = err.get("ctx") or {}
-        got = f"unknown {ctx['tag']!r}" if "tag" in ctx else "missing"
+        got = f"unknown {quote(ctx['tag'])}" if "tag" in ctx else "missing"
         return f"{key}.name: {got} (valid: {ctx.get('expected_tags') or _tags(block)})"
     if err["type"] == "value_error":        # our own checks say what they got
         return f"{key}: {err['ctx']['error']}"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {quote(got)})"
     return f"{key}: {err['msg']}{shown}"
 
 
@@ -584,10 +605,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `key.sub=value` on the first '='; the value is read as a YAML scalar."""
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"override {text!r}: expected key.sub=value")
+        raise RecipeError(f"override {quote(text)}: expected key.sub=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = load_yaml(value) if value.strip() else None
+    except YamlError as exc:
+        if "not valid YAML" not in str(exc):      # a bound broken, not just a plain string
+            raise RecipeError(f"override {quote(text)}: {exc}") from None
         parsed = value
     return key.split("."), parsed
 
@@ -599,7 +622,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     keys the old block had that the new one does not take are dropped, unless an override
     sets them, so a recipe moves to other data by `data.*` overrides alone.
     """
-    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    out = _copy_tree(raw)
     given: set[tuple[str, ...]] = set()
     for text in overrides:
         path, value = parse_override(text)
@@ -607,7 +630,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for i, part in enumerate(path[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise RecipeError(f"override {text!r}: {'.'.join(path[:i + 1])} is not a section")
+                raise RecipeError(f"override {quote(text)}: {'.'.join(path[:i + 1])} is not a "
+                                  f"section")
             node = child
         node[path[-1]] = value
         given.add(tuple(path))
@@ -615,6 +639,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if (section, "name") in given:
             _keep_keys_of_new_block(out, section, lambda key: (section, key) in given)
     return out
+
+
+def _copy_tree(node: Any) -> Any:
+    """A copy of nested dicts and lists sharing nothing: a YAML alias shares one object
+    between two places, and an override of one must not change the other."""
+    if isinstance(node, dict):
+        return {k: _copy_tree(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_copy_tree(v) for v in node]
+    return node
 
 
 def _keep_keys_of_new_block(raw: dict[str, Any], section: str, keep) -> None:
@@ -643,19 +677,29 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe into a dict, with one-line errors for missing or malformed files."""
+    """Read a YAML recipe into a dict, with one-line errors for missing, malformed, too
+    large or hostile files (see deqctl.yamlio for the bounds)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise RecipeError(f"{p}: recipe file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return parse(read_text(p, MAX_BYTES), str(p))
     except UnicodeDecodeError:
         raise RecipeError(f"{p}: not a text (UTF-8) file; a recipe is YAML") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise RecipeError(f"{p}: not valid YAML{where}") from None
-    return raw or {}
+    except FileRefused as exc:
+        raise RecipeError(str(exc)) from None
+    except OSError as exc:
+        raise RecipeError(f"{p}: cannot read the recipe ({exc.strerror or exc})") from None
+
+
+def parse(text: str, source: str) -> dict[str, Any]:
+    """The recipe in YAML `text` as a dict (empty for an empty document); RecipeError
+    naming `source` for invalid YAML, duplicate keys or a bound broken."""
+    try:
+        raw = load_yaml(text)
+    except YamlError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    return {} if raw is None else raw
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

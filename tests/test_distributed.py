@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import RECIPE, rows, wait_for_rows
+from deqctl.cli import app
+
+from cli_helpers import RECIPE, rows, runner, wait_for_rows
 
 # No Jacobian regulariser: its probe vectors are random, and the ranks draw their own.
 COMMON = ["model.channels=8", "model.inner_channels=16", "data.limit_train=128",
@@ -65,7 +67,27 @@ def test_a_signal_stops_every_rank_and_the_run_resumes(single, tmp_path):
     assert 2 <= stopped < 6, output
     done = deqctl("train", "--resume", str(out), "--plain", procs=2)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert not (out / ".lock").exists()
     got = {(r["split"], r["step"]): r["loss"] for r in rows(out)}
     ref = {(r["split"], r["step"]): r["loss"] for r in rows(single)}
     assert got.keys() == ref.keys()
     assert all(got[k] == pytest.approx(ref[k], rel=2e-4) for k in got)
+
+
+def test_rank_0_holds_the_run_while_the_ranks_train(tmp_path):
+    out = tmp_path / "two"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]
+    proc = subprocess.Popen([*launcher, "-m", "deqctl", "train", RECIPE, *COMMON,
+                             "train.max_steps=400", "--out", str(out)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_rows(proc, out, timeout=180)
+        holder = json.loads((out / ".lock").read_text())
+        assert holder["pid"] != proc.pid             # a rank, not the launcher
+        again = runner.invoke(app, ["train", RECIPE, *COMMON, "--out", str(out)])
+        assert again.exit_code == 2 and f"being written by pid {holder['pid']}" in again.output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=180)
+    assert not (out / ".lock").exists()

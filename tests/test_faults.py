@@ -229,7 +229,8 @@ def test_out_never_overwrites_a_file_the_user_wrote(tmp_path):
     ("data.batch_size=true", "data.batch_size: expected an integer, got true"),
     ("deq.forward.tol=.inf", "deq.forward.tol: Input should be a finite number"),
     ("optim.lr=.nan", "optim.lr: Input should be a finite number"),
-    ("deq.forward.max_iter=1000000000000", "deq.forward.max_iter: 1000000000000 is too large"),
+    ("data.batch_size=1000000000000", "data.batch_size: 1000000000000 is too large"),
+    ("deq.forward.max_iter=20000", "deq.forward.max_iter: Input should be less than or equal to 10000"),
     ("deq.forward.compact=1", "deq.forward.compact: expected true or false, got 1"),
 ])
 def test_strict_scalars(override, says):

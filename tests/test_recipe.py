@@ -28,11 +28,11 @@ def test_every_error_is_reported_at_once_with_its_dotted_key():
 
 def test_overrides_split_on_first_equals_and_coerce_yaml_scalars():
     raw = recipes.apply_overrides({}, ["optim.lr=1e-3", "deq.forward.max_iter=12",
-                                       "name=a=b", "data.name=cifar10", "data.root=null",
+                                       "data.name=cifar10", "data.root=a=b",
                                        "deq.eval.tol=1.0e-4"])
     r = recipes.validate(raw)
     assert r.optim.lr == pytest.approx(1e-3)        # PyYAML reads 1e-3 as a string
-    assert r.deq.forward.max_iter == 12 and r.name == "a=b" and r.data.root is None
+    assert r.deq.forward.max_iter == 12 and r.data.root == "a=b"
     assert r.deq.eval_settings().tol == pytest.approx(1e-4)
 
 

@@ -168,7 +168,7 @@ def test_csv_errors(series_csv, kw, needle):
 
 def test_csv_bad_cells_name_the_line(tmp_path):
     path = write_csv(tmp_path / "bad.csv", ["1,2,3", "2,x,4"])
-    assert "bad.csv line 3: a = 'x' is not a number" in one_line_error(
+    assert "bad.csv line 3: a = 'x' is not a finite number" in one_line_error(
         name="csv", path=str(path), time_column="t", columns=["a"])
     assert "data.path: " in one_line_error(name="csv", path=str(tmp_path / "nope.csv"), columns="a")
 

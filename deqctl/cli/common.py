@@ -13,6 +13,8 @@ import typer
 from ..data import DataError
 from ..engine.checkpoint import CheckpointError
 from ..engine.device import DeviceError
+from ..engine.rundir import RunDirError
+from ..files import FileRefused, OutputError
 from ..models import ModelError
 from ..recipe import RecipeError
 
@@ -20,7 +22,7 @@ USAGE, FAILED, INTERRUPTED = 2, 1, 130
 
 # errors in what the user asked for: usage, exit 2
 INPUT_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, DeviceError,
-                FileNotFoundError)
+                RunDirError, OutputError, FileRefused, FileNotFoundError)
 
 
 def fail(message: str, code: int) -> None:

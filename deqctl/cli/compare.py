@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import quote
 from ..inspect.runs import RunSummary, same_task, summarise
 from ..ui import plot_runs
 from ..ui.fmt import fmt_float, fmt_int, fmt_pct
+from ..files import Output
 from .common import USAGE, fail, user_errors
 
 
@@ -24,12 +26,15 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="print one JSON document on stdout, nothing else"),
     target: Optional[str] = typer.Option(None, "--target", help="METRIC=VALUE, e.g. accuracy=0.97: "
                                          "when each run first reached it (step, training time)"),
+    force: bool = typer.Option(False, "--force", help="replace --plot if it exists"),
 ) -> None:
     """Compare runs: final and best metric, training time, time to a target, peak memory,
     forward NFE and how many solves converged at the start and end of training."""
     wanted = _parse_target(target) if target is not None else None
+    figure = Output(plot, force, "--plot").check() if plot is not None else None
+    warn = lambda text: typer.echo(f"warning: {text}", err=True)   # noqa: E731
     try:    # unreadable runs, runs of other tasks, a target that is no metric: one line
-        summaries = [summarise(run, wanted) for run in runs]
+        summaries = [summarise(run, wanted, warn) for run in runs]
         same_task(summaries)
     except ValueError as exc:
         fail(str(exc), USAGE)
@@ -38,11 +43,12 @@ def compare(
               "higher_is_better": head.higher_is_better,
               "target": None if wanted is None else {"metric": wanted[0], "value": wanted[1]},
               "runs": [s.to_json() for s in summaries]}
-    if plot is not None:
-        written = plot_runs([{"name": s.name, "train": s.train, "evals": s.evals} for s in summaries],
-                            plot, metric=head.key, metric_label=f"test {head.key}",
-                            log_metric=head.key in ("ppl",))
-        result["plot"] = str(written)
+    if figure is not None:
+        with figure.writing() as tmp:
+            plot_runs([{"name": s.name, "train": s.train, "evals": s.evals} for s in summaries],
+                      tmp, metric=head.key, metric_label=f"test {head.key}",
+                      log_metric=head.key in ("ppl",))
+        result["plot"] = str(plot)
     if as_json:
         typer.echo(json.dumps(result, allow_nan=False))
         return
@@ -61,7 +67,7 @@ def _parse_target(text: str) -> tuple[str, float]:
             raise ValueError
         return key.strip(), float(value)
     except ValueError:
-        fail(f"--target: expected METRIC=VALUE such as accuracy=0.97 (got {text!r})", USAGE)
+        fail(f"--target: expected METRIC=VALUE such as accuracy=0.97 (got {quote(text)})", USAGE)
 
 
 def _table(runs: list[RunSummary], target: tuple[str, float] | None) -> Table:

@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..errors import quote
 from ..engine.evaluate import evaluate
 from ..implicit import SolveSpec
 from ..inspect import Source, open_source
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
+from ..recipe import ITER_LIMIT
 from .common import USAGE, fail, split_args, user_errors
 
 SOLVER_KEYS = ("fwd_nfe", "fwd_nfe_max", "fwd_abs_residual", "fwd_rel_residual",
@@ -44,6 +46,8 @@ def eval_command(
         fail("missing RUN_OR_CHECKPOINT (e.g. deqctl eval runs/mnist-deq)", USAGE)
     iters = _parse_iters(sweep_iters) if sweep_iters is not None else None
     src = open_source(path, overrides)
+    if src.progress:
+        typer.echo(f"note: {src.progress}", err=True)
     data = src.split(split.value)
     solver = src.recipe.deq.eval_settings().spec()
     err = Console(stderr=True)
@@ -81,11 +85,13 @@ def eval_command(
 def _parse_iters(text: str) -> list[int]:
     """Return the --sweep-iters values, or exit 2 naming the bad entry."""
     values = []
+    if text.count(",") >= 64:
+        fail("--sweep-iters: at most 64 values", USAGE)
     for part in text.split(","):
         part = part.strip()
-        if not part.isdigit() or int(part) < 1:
-            fail(f"--sweep-iters: expected comma-separated positive integers like 1,2,4,8 "
-                 f"(got {part!r})", USAGE)
+        if not (part.isdigit() and len(part) <= 6 and 1 <= int(part) <= ITER_LIMIT):
+            fail(f"--sweep-iters: expected comma-separated integers from 1 to {ITER_LIMIT} "
+                 f"like 1,2,4,8 (got {quote(part)})", USAGE)
         values.append(int(part))
     return values
 

@@ -14,6 +14,8 @@ from ..engine.bundle import save_bundle
 from ..export import (ExportFailed, MissingDependency, UNROLLABLE, Unrolled, calibrate_iters,
                       compare, fold_norms, require_onnx, write_onnx, write_pt2)
 from ..inspect import open_source
+from ..files import Output
+from ..recipe import UNROLL_LIMIT
 from .common import FAILED, USAGE, fail, split_args, user_errors
 
 
@@ -34,8 +36,9 @@ def export(
     fmt: Format = typer.Option(..., "--format", help="safetensors (weights + recipe), "
                                "pt2 (torch.export) or onnx"),
     out: Path = typer.Option(..., "--out", help="file to write"),
-    iters: Optional[int] = typer.Option(None, "--iters", min=1, help="unrolled solver iterations "
-                                        "(default: what the eval settings need to reach tol)"),
+    iters: Optional[int] = typer.Option(None, "--iters", min=1, max=UNROLL_LIMIT,
+                                        help="unrolled solver iterations (default: what the eval "
+                                        f"settings need to reach tol; at most {UNROLL_LIMIT})"),
     solver: Optional[Solver] = typer.Option(None, "--solver", help="unrolled solver "
                                             "(default: the eval solver; anderson for broyden)"),
     batch: int = typer.Option(64, "--batch", min=1, help="samples for calibration and parity"),
@@ -43,6 +46,7 @@ def export(
                                              help="fail if max |output diff| vs eager exceeds this"),
     min_agree: float = typer.Option(0.99, "--min-agree", min=0.0, max=1.0,
                                     help="fail if fewer predictions agree with the eager model"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
 ) -> None:
     """Export a trained DEQ with its solver unrolled to fixed iterations; check parity on a real batch."""
     path, overrides = split_args(args)
@@ -52,20 +56,32 @@ def export(
     if fmt is Format.safetensors and (iters is not None or solver is not None):
         fail("--iters and --solver apply to pt2 and onnx; a safetensors export keeps the "
              "solver and its eval settings", USAGE)
+    target = Output(out, force, reading=(Path(path),)).check()   # before any work
     try:
         if fmt is Format.onnx:
             require_onnx()   # before any work: a missing extra should fail in a second
-        _export(path, overrides, fmt, out, iters, solver, batch, max_diff, min_agree)
+        _export(path, overrides, fmt, target, iters, solver, batch, max_diff, min_agree)
     except MissingDependency as exc:
         fail(str(exc), USAGE)
     except ExportFailed as exc:
         fail(str(exc), FAILED)
 
 
-def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int | None,
+def _export(path: str, overrides: list[str], fmt: Format, target: Output, iters: int | None,
             solver: Solver | None, batch: int, max_diff: float | None, min_agree: float) -> None:
+    """Write the artefact to a temporary file, check it, and only then move it to --out."""
+    with target.writing() as tmp:
+        _write(path, overrides, fmt, tmp, target.path, iters, solver, batch, max_diff,
+               min_agree)
+
+
+def _write(path: str, overrides: list[str], fmt: Format, out: Path, named: Path,
+           iters: int | None, solver: Solver | None, batch: int, max_diff: float | None,
+           min_agree: float) -> None:
     say = typer.echo
     src = open_source(path, overrides)
+    if src.progress:
+        typer.echo(f"note: {src.progress}", err=True)
     # Artefacts are written for and checked on the CPU, where they will be loaded first.
     model = src.model.cpu().eval()
     settings = src.recipe.deq.eval_settings()
@@ -75,7 +91,6 @@ def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int 
     x_cal, x = x_cal.cpu(), x.cpu()
     with torch.no_grad():
         eager = model.run(x, solver=s).out
-    out.parent.mkdir(parents=True, exist_ok=True)
     info, task = src.info, src.task
 
     if fmt is Format.safetensors:
@@ -83,8 +98,8 @@ def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int 
         with torch.no_grad():
             candidate = load_model(out)(x)
         parity = compare(task, eager, candidate)
-        say(f"wrote {out}: weights, resolved recipe and data description (eval solver "
-            f"{s.describe()}); load with deqctl.load({str(out)!r})")
+        say(f"export {named}: weights, resolved recipe and data description (eval solver "
+            f"{s.describe()}); load with deqctl.load({str(named)!r})")
         hint = "the stored weights do not reproduce the model"
     else:
         name = solver.value if solver else (s.solver if s.solver in UNROLLABLE else "anderson")
@@ -108,7 +123,7 @@ def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int 
             reference = unrolled(x)
         parity = compare(task, eager, run(x), reference)
         axes = "batch and length" if dynamic else "batch"
-        say(f"wrote {out}: {fmt.value}, {name} unrolled to {n} iterations, normalisations folded; "
+        say(f"export {named}: {fmt.value}, {name} unrolled to {n} iterations, normalisations folded; "
             f"input {info.input_name} {info.describe_inputs()}, dynamic {axes}")
         hint = _unroll_hint(n, needed, conv)
     say(f"parity on {parity.n} test samples vs the eager DEQ ({s.describe()}): "
@@ -116,9 +131,9 @@ def _export(path: str, overrides: list[str], fmt: Format, out: Path, iters: int 
         + (f", exporter error {parity.export_error:.2g}" if fmt is not Format.safetensors else ""))
     problems = parity.problems(max_diff, min_agree)
     if problems:
-        fail(f"parity check failed: {'; '.join(problems)}. {out} was written but does not "
-             f"match the eager model; {hint}", FAILED)
-    say("parity ok")
+        fail(f"parity check failed: {'; '.join(problems)}; {named} was not written (the "
+             f"artefact does not match the eager model); {hint}", FAILED)
+    say(f"parity ok; wrote {named}")
 
 
 def _unroll_hint(n: int, needed: int, converged: float) -> str:

@@ -18,6 +18,8 @@ from ..recipe import SolverSettings
 from ..solvers import SOLVERS
 from ..ui import plot_traces, sparkline
 from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
+from ..files import Output
+from ..recipe import ITER_LIMIT
 from .common import USAGE, fail, split_args, user_errors
 
 
@@ -29,15 +31,16 @@ def solve_trace(
     solvers: str = typer.Option("anderson,broyden,fixed_point", "--solvers",
                                 help="comma-separated solvers to compare"),
     batch: int = typer.Option(32, "--batch", min=1, help="test samples in the batch"),
-    max_iter: Optional[int] = typer.Option(None, "--max-iter", min=1,
+    max_iter: Optional[int] = typer.Option(None, "--max-iter", min=1, max=ITER_LIMIT,
                                            help="evaluation budget (default: eval / backward settings)"),
     tol: Optional[float] = typer.Option(None, "--tol", min=0.0,
                                         help="tolerance (default: eval / backward settings)"),
     backward: bool = typer.Option(False, "--backward", help="also trace the adjoint (IFT) solve"),
-    power_iters: int = typer.Option(100, "--power-iters", min=4,
+    power_iters: int = typer.Option(100, "--power-iters", min=4, max=ITER_LIMIT,
                                     help="power-iteration steps for the spectral radius"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of residual vs iteration"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the traces as JSON"),
+    force: bool = typer.Option(False, "--force", help="replace --plot / --json files that exist"),
 ) -> None:
     """Compare solvers on a real batch: true residual per iteration, NFE and time to tol,
     spectral radius of df/dz at z* next to fixed-point iteration's observed rate."""
@@ -51,7 +54,10 @@ def solve_trace(
              f"(valid: {', '.join(SOLVERS)})", USAGE)
     if tol is not None and tol <= 0:
         fail("--tol must be > 0", USAGE)
+    outputs = _outputs(plot, json_path, backward, force)     # refused before any work
     src = open_source(path, overrides, allow_recipe=True)
+    if src.progress:
+        typer.echo(f"note: {src.progress}", err=True)
     x, y = src.batch("test", batch)
     update = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     fwd = _specs(src.recipe.deq.eval_settings(), names, update)
@@ -66,22 +72,39 @@ def solve_trace(
     if report.backward is not None:
         console.print(_solver_table("backward (adjoint)", report.backward, bwd))
     typer.echo(_contraction_line(report))
-    if plot is not None:
-        written = [plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()},
-                               plot, tol=fwd.tol,
-                               ylabel=f"{fwd.stop_mode} residual (median over batch)",
-                               title=f"forward solve, {x.shape[0]} samples")]
+    if "plot" in outputs:
+        with outputs["plot"].writing() as tmp:
+            plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()}, tmp,
+                        tol=fwd.tol, ylabel=f"{fwd.stop_mode} residual (median over batch)",
+                        title=f"forward solve, {x.shape[0]} samples")
+        written = [outputs["plot"].path]
         if report.backward is not None:
-            bpath = plot.with_name(f"{plot.stem}-backward{plot.suffix or '.png'}")
-            written.append(plot_traces(
-                {k: _residuals(t, bwd)[0] for k, t in report.backward.items()}, bpath, tol=bwd.tol,
-                ylabel=f"{bwd.stop_mode} residual (median over batch)", title="adjoint solve"))
+            with outputs["backward"].writing() as tmp:
+                plot_traces({k: _residuals(t, bwd)[0] for k, t in report.backward.items()},
+                            tmp, tol=bwd.tol, title="adjoint solve",
+                            ylabel=f"{bwd.stop_mode} residual (median over batch)")
+            written.append(outputs["backward"].path)
         typer.echo(f"plot: {', '.join(map(str, written))}")
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
+    if "json" in outputs:
         data = {"source": src.label, "untrained": is_recipe(path), **report.to_json()}
-        json_path.write_text(json.dumps(data, indent=1, allow_nan=False))
+        with outputs["json"].writing() as tmp:
+            tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
         typer.echo(f"json: {json_path}")
+
+
+def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: bool
+             ) -> dict[str, Output]:
+    """The files this trace will write, each checked now: the forward plot, the adjoint's
+    beside it (NAME-backward.png) with --backward, and the JSON."""
+    outputs = {}
+    if plot is not None:
+        outputs["plot"] = Output(plot, force, "--plot")
+        if backward:
+            outputs["backward"] = Output(plot.with_name(f"{plot.stem}-backward"
+                                                        f"{plot.suffix or '.png'}"), force, "--plot")
+    if json_path is not None:
+        outputs["json"] = Output(json_path, force, "--json")
+    return {k: o.check() for k, o in outputs.items()}
 
 
 def _specs(settings: SolverSettings, names: list[str], update: dict) -> list[SolveSpec]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,10 +13,23 @@ from .. import recipe as recipes
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointWriteError
 from ..engine.distributed import Group, broadcast, join, leave
+from ..engine.metrics import MetricsWriteError
 from ..engine.resume import check_changes, run_of
+from ..engine.rundir import RunDirError, RunLock, claim_new, lock_existing
 from ..engine.train import Interrupted, TrainingDiverged, train as run_training
 from ..ui import TrainView
 from .common import FAILED, USAGE, fail, split_args, user_errors
+
+
+@dataclass
+class Resume:
+    """What `--resume` continues: read from the checkpoint, nothing written."""
+
+    folder: Path                   # the checkpoint
+    recipe: recipes.Recipe         # its recipe with the overrides applied
+    warnings: list[str]
+    run_dir: Path | None           # where it writes (None: a loose checkpoint, no --out)
+    new_dir: bool                  # --out elsewhere: a new run directory to claim
 
 
 @user_errors
@@ -30,55 +43,79 @@ def train(
 ) -> None:
     """Train a DEQ from a YAML recipe, showing fixed-point residuals and solver NFE live."""
     path, overrides = split_args(args)
-    warnings: list[str] = []
     if resume is not None:
         if path is not None:
             fail("with --resume, give only overrides (the recipe comes from the checkpoint)", USAGE)
-        folder = checkpoint.resolve(resume)
-        base, _ = checkpoint.read_meta(folder)
-        raw = recipes.apply_overrides(base.model_dump(mode="json"), overrides)
-        recipe = recipes.validate(raw, source="overrides")
-        warnings = check_changes(base, recipe)
-        own = run_of(folder)
-        if out is None and own is None:
-            fail(f"{folder} is not inside a run's checkpoints folder; give --out DIR for the "
-                 f"resumed run", USAGE)
-        run_dir = out or own
-        if own is None or run_dir.resolve() != own.resolve():
-            _refuse_nonempty(run_dir)
+        plan = _plan_resume(resume, overrides, out)
+        recipe, run_dir, new_dir = plan.recipe, plan.run_dir, plan.new_dir
     else:
         if path is None:
             fail("missing RECIPE.yaml (e.g. deqctl train configs/mnist-deq.yaml)", USAGE)
         recipe = recipes.load(path, overrides)
-        run_dir, folder = out, None
+        plan, run_dir, new_dir = None, out, True
     group = join(recipe.runtime.device)            # torchrun: its process group, else none
-    if folder is None:
-        # the default name holds the start time: rank 0's, on every rank
-        run_dir = run_dir or broadcast(group, Path("runs") /
-                                       f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if (run_dir / "metrics.jsonl").exists():
-            fail(f"{run_dir} already holds a run; choose another --out or use --resume {run_dir}",
-                 USAGE)
-        _refuse_nonempty(run_dir)
     try:
-        _run(recipe, run_dir, folder, warnings, plain, group)
+        lock, run_dir = _claim(group, run_dir, new_dir, recipe.name)
+        try:
+            if plan is not None:   # read again under the lock: the run may have moved on
+                plan = _plan_resume(resume, overrides, out)
+            _run(plan.recipe if plan else recipe, run_dir, plan, plain, group)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         leave(group)
 
 
-def _run(recipe, run_dir: Path, folder: Path | None, warnings: list[str], plain: bool | None,
-         group: Group) -> None:
+def _plan_resume(resume: Path, overrides: list[str], out: Path | None) -> Resume:
+    folder = checkpoint.resolve(resume)
+    base, _ = checkpoint.read_meta(folder)
+    raw = recipes.apply_overrides(base.model_dump(mode="json"), overrides)
+    recipe = recipes.validate(raw, source="overrides")
+    warnings = check_changes(base, recipe)
+    own = run_of(folder)
+    if out is None and own is None:
+        fail(f"{folder} is not inside a run's checkpoints folder; give --out DIR for the "
+             f"resumed run", USAGE)
+    run_dir = out or own
+    new_dir = own is None or run_dir.resolve() != own.resolve()
+    return Resume(folder, recipe, warnings, run_dir, new_dir)
+
+
+def _claim(group: Group, run_dir: Path | None, new_dir: bool, name: str
+           ) -> tuple[RunLock | None, Path]:
+    """Rank 0 claims (a new run) or locks (a resumed one) the run directory; every rank
+    learns which folder it is, or the one-line reason it cannot be had (exit 2)."""
+    lock, error = None, None
+    if group.writer:
+        try:
+            lock = claim_new(run_dir, name) if new_dir else lock_existing(run_dir)
+        except (RunDirError, OSError) as exc:
+            error = str(exc)
+    where, error = broadcast(group, (str(lock.run_dir) if lock else None, error))
+    if error is not None:
+        if not group.writer:           # rank 0 says it for all
+            raise typer.Exit(USAGE)
+        fail(error, USAGE)
+    if lock is not None and lock.stale is not None:
+        typer.echo(f"note: {lock.run_dir} was locked by {lock.stale.describe()}, which is no "
+                   f"longer running; taking it over")
+    return lock, Path(where)
+
+
+def _run(recipe, run_dir: Path, plan: Resume | None, plain: bool | None, group: Group) -> None:
     console = Console(quiet=not group.writer)      # one process speaks for all
     view = TrainView(None, fwd_tol=recipe.deq.forward.tol,
                      bwd_tol=recipe.deq.backward.tol, stop_mode=recipe.deq.forward.stop_mode,
                      title=f"deqctl train: {recipe.name} -> {run_dir}", console=console,
                      plain=plain)
-    for warning in warnings:
+    for warning in plan.warnings if plan else []:
         console.print(f"warning: {warning}", markup=False)
     try:
         with view:
-            result = run_training(recipe, run_dir, view, resume=folder, group=group)
-    except (TrainingDiverged, CheckpointWriteError, Interrupted) as exc:
+            result = run_training(recipe, run_dir, view, resume=plan.folder if plan else None,
+                                  group=group)
+    except (TrainingDiverged, CheckpointWriteError, MetricsWriteError, Interrupted) as exc:
         code = exc.code if isinstance(exc, Interrupted) else FAILED
         if not group.writer:        # rank 0 says it for all
             raise typer.Exit(code) from None
@@ -90,9 +127,3 @@ def _run(recipe, run_dir: Path, folder: Path | None, warnings: list[str], plain:
         return
     console.print(f"done: {result.steps} steps, test loss {result.final['loss']:.4f}, "
                   f"{view.task.summary(result.final)}; run saved in {run_dir}", markup=False)
-
-
-def _refuse_nonempty(run_dir: Path) -> None:
-    """A new run never writes into a folder that holds anything: its files are the user's."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        fail(f"{run_dir} exists and is not empty; choose another --out", USAGE)

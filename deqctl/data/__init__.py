@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import quote
 from .arrays import load_npz
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .batches import augment_batch, epoch_order, iterate_batches, num_batches
@@ -48,7 +49,7 @@ def build_data(cfg, like: DataInfo | None = None) -> DataBundle:
     or data that does not fit `like`.
     """
     if cfg.name not in SOURCES:
-        raise DataError(f"data.name: unknown source {cfg.name!r} (valid: {', '.join(SOURCES)})")
+        raise DataError(f"data.name: unknown source {quote(cfg.name)} (valid: {', '.join(SOURCES)})")
     bundle = SOURCES[cfg.name](cfg, like)
     for part in ("train", "val", "test"):
         split = getattr(bundle, part)

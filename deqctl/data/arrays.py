@@ -7,29 +7,95 @@ What y holds decides the task: integers are classes, floats are values to predic
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
-from zipfile import BadZipFile
+from zipfile import BadZipFile, ZipFile
 
 import numpy as np
 import torch
 
+from ..files import FileRefused, open_regular
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 
 
+MAX_CLASSES = 100_000      # a label beyond this is a mistake, and would size the head
+
+
 def _arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz, once their headers show they fit in memory."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (BadZipFile, OSError, ValueError, EOFError) as exc:
+        with open_regular(path) as fh:
+            _check_size(path, fh)
+            fh.seek(0)
+            with np.load(fh, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+    except FileRefused as exc:
+        raise DataError(f"data.path: {exc}") from None
+    except (BadZipFile, OSError, ValueError, EOFError, AttributeError) as exc:
         # ValueError: object arrays, which would need unpickling: never done
+        # AttributeError: a lone .npy, which np.load returns as an array
         raise DataError(f"data.path: {path} is not a readable .npz of plain arrays "
-                        f"({str(exc).splitlines()[0][:120]})") from None
+                        f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+
+
+def _check_size(path: Path, fh) -> None:
+    """DataError when the arrays, as their headers describe them, need more memory than
+    is available (with the float32 copy made of them): a small file of zeros can expand
+    to gigabytes, and would be loaded before anything else could object."""
+    arrays = []                          # (bytes, name, shape)
+    with ZipFile(fh) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(member)
+            arrays.append((math.prod(shape) * dtype.itemsize, info.filename[:-4], shape))
+    need = 2 * sum(size for size, _, _ in arrays)     # the arrays, and the tensors made of them
+    available = available_memory()
+    if arrays and available is not None and need > available:
+        _, name, shape = max(arrays)
+        raise DataError(f"data.path: {path.name} needs about {need / 2**30:.1f} GB in memory "
+                        f"({name} alone is {shape}), more than the {available / 2**30:.1f} GB "
+                        f"available")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux MemAvailable), or None."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
+    """The index of the first True of `mask`, as plain ints."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
+
+
+def _finite(a: np.ndarray, key: str, path: Path) -> None:
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise DataError(f"{path.name}: {key} holds NaN or inf ({int(bad.sum())} value(s), "
+                            f"the first at index {_first_bad(bad)}); fill or drop them first")
 
 
 def _inputs(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:
     """Return (x as a tensor in deqctl's layout, "image" | "sequence")."""
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{key}: no samples (shape {x.shape})")
+    if 0 in x.shape[1:]:
+        raise DataError(f"{key}: shape {x.shape} holds samples of length 0")
     if x.dtype == np.uint8:
         if x.ndim not in (3, 4) or layout == "sequence":
             raise DataError(f"{key}: uint8 arrays are images, (N, H, W) or (N, C, H, W); "
@@ -50,13 +116,16 @@ def _inputs(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:
 
 
 def _targets(y: np.ndarray, key: str, n: int) -> torch.Tensor:
-    if y.shape[:1] != (n,):
+    if y.ndim == 0 or y.shape[:1] != (n,):
         raise DataError(f"{key}: {y.shape[0] if y.ndim else 0} samples, its x has {n}")
     if y.dtype.kind in "iu":
         if y.ndim != 1:
             raise DataError(f"{key}: integer labels must be (N,), got {y.shape}")
-        if (y < 0).any():
-            raise DataError(f"{key}: class labels must be >= 0")
+        bad = (y < 0) | (y >= MAX_CLASSES)
+        if bad.any():
+            i = _first_bad(bad)[0]
+            raise DataError(f"{key}: label {int(y[i])} at index {i} is out of range (class "
+                            f"labels are 0, 1, ... below {MAX_CLASSES})")
         return torch.from_numpy(y.astype(np.int64))
     if y.dtype.kind == "f":
         return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))
@@ -69,7 +138,7 @@ def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
     if cfg.path is None:
         raise DataError("data.path: required for npz (x, y, x_test, y_test arrays)")
     path = Path(cfg.path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data.path: {path} not found")
     arrays = _arrays(path)
     missing = [k for k in ("x", "y", "x_test", "y_test") if k not in arrays]
@@ -82,6 +151,8 @@ def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
     for part, suffix in (("train", ""), ("test", "_test"), ("val", "_val")):
         if f"x{suffix}" not in arrays:
             continue
+        for key in (f"x{suffix}", f"y{suffix}"):
+            _finite(arrays[key], key, path)
         x, this = _inputs(arrays[f"x{suffix}"], f"x{suffix}", cfg.layout)
         y = _targets(arrays[f"y{suffix}"], f"y{suffix}", x.shape[0])
         if splits and (this != kind or x.shape[1:] != splits["train"].inputs.shape[1:]):

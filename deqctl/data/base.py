@@ -10,10 +10,13 @@ Targets are int64 (N,) classes, int64 (N, L) next tokens, or float (N, ...) valu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from ..errors import quote
 
 TASKS = ("classify", "lm", "forecast")
 INPUTS = ("image", "tokens", "sequence")
@@ -50,7 +53,7 @@ class DataInfo:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS or self.inputs not in INPUTS:
-            raise ValueError(f"DataInfo: task {self.task!r} / inputs {self.inputs!r} unknown")
+            raise ValueError(f"DataInfo: task {quote(self.task)} / inputs {quote(self.inputs)} unknown")
 
     @property
     def channels(self) -> int:
@@ -92,7 +95,7 @@ class DataInfo:
         """Return how data described by `other` differs from this in what a model built for
         this one depends on (empty when it can feed that model)."""
         keys = ("task", "inputs", "shape", "num_classes", "tokenizer", "vocab", "target_shape")
-        diff = [f"{k} {getattr(other, k)!r} vs {getattr(self, k)!r}" for k in keys
+        diff = [f"{k} {quote(getattr(other, k))} vs {quote(getattr(self, k))}" for k in keys
                 if getattr(self, k) != getattr(other, k)]
         if self.columns and other.columns and self.columns != other.columns:
             diff.append(f"columns {list(other.columns)} vs {list(self.columns)} (the channels "
@@ -108,15 +111,64 @@ class DataInfo:
         """Return the DataInfo stored by `as_dict`. Unknown keys are ignored so that
         checkpoints written by a newer version still load; image descriptions written before
         sequence data existed (kind/channels/height/width) are read too."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a mapping, got {type(d).__name__}")
         if "task" not in d and d.get("kind") == "image":
             d = {**d, "task": "classify", "inputs": "image",
-                 "shape": [d["channels"], d["height"], d["width"]]}
-        known = {f.name: f for f in fields(cls)}
+                 "shape": [d.get("channels"), d.get("height"), d.get("width")]}
+        missing = [k for k in ("name", "task", "inputs", "shape") if k not in d]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
         kwargs = {}
         for k, v in d.items():
-            if k in known:
-                kwargs[k] = tuple(v) if isinstance(v, list) else v
+            if k in _FIELD_CHECKS:
+                check, what = _FIELD_CHECKS[k]
+                v = tuple(v) if isinstance(v, list) else v
+                if not check(v):
+                    raise ValueError(f"{k} must be {what}, got {quote(v)}")
+                kwargs[k] = v
         return cls(**kwargs)
+
+
+def _ints(low: int):
+    return lambda v: isinstance(v, tuple) and len(v) <= 8 and all(
+        isinstance(i, int) and not isinstance(i, bool) and low <= i < 2**31 for i in v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31
+
+
+def _floats(v: Any) -> bool:
+    return isinstance(v, tuple) and len(v) <= 2**16 and all(
+        isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) for f in v)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+# What a stored description may hold (it comes from a file someone may have sent): the
+# check and what it expects, per field.
+_FIELD_CHECKS = {
+    "name": (lambda v: isinstance(v, str) and len(v) <= 1000, "a string"),
+    "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
+    "inputs": (lambda v: v in INPUTS, f"one of {', '.join(INPUTS)}"),
+    "shape": (lambda v: _ints(1)(v) and 1 <= len(v) <= 3, "1 to 3 sizes >= 1"),
+    "num_classes": (_optional(_count), "a count >= 1"),
+    "tokenizer": (lambda v: v in (None, "char", "byte"), "char or byte"),
+    "vocab": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 2**20),
+              "a string of the vocabulary's characters"),
+    "target_shape": (_ints(1), "sizes >= 1"),
+    "mean": (_floats, "finite numbers"),
+    "std": (_floats, "finite numbers"),
+    "target_mean": (_floats, "finite numbers"),
+    "target_std": (_floats, "finite numbers"),
+    "target_channels": (_optional(_ints(0)), "channel indices"),
+    "season": (_optional(_count), "a count >= 1"),
+    "columns": (lambda v: isinstance(v, tuple) and all(isinstance(c, str) for c in v),
+                "column names"),
+}
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..errors import quote
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import colour_mode, decode_images, image_bundle
 from .text import lm_bundle
@@ -34,7 +35,7 @@ def _open(src, cache_dir: str | None) -> Any:
         raise DataError(f"data.hf.path: {src.path} not found ({str(exc).splitlines()[0][:160]})") from None
     except Exception as exc:   # hub, network and format errors come in many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"data.hf.path: cannot load {src.path!r} ({first}); offline, only "
+        raise DataError(f"data.hf.path: cannot load {quote(src.path)} ({first}); offline, only "
                         f"datasets already in the cache (data.root) or saved with "
                         f"save_to_disk can be read") from None
     if isinstance(ds, datasets.Dataset):
@@ -62,7 +63,7 @@ def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
         del wanted["train"]      # evaluating a trained model: no training split needed
     for part, split in wanted.items():
         if split not in ds:
-            raise DataError(f"data.hf.{part}_split: {split!r} not in {src.path} "
+            raise DataError(f"data.hf.{part}_split: {quote(split)} not in {src.path} "
                             f"(splits: {', '.join(ds)})")
     columns = list(ds[wanted["test"]].column_names)
     text = _pick(src.text_column, TEXT_COLUMNS, columns) if src.image_column is None else None
@@ -71,10 +72,10 @@ def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
     for key, col in (("text_column", text), ("image_column", image),
                      ("label_column", label if image else None)):
         if col is not None and col not in columns:
-            raise DataError(f"data.hf.{key}: {col!r} not in {src.path} (columns: {', '.join(columns)})")
+            raise DataError(f"data.hf.{key}: {quote(col)} not in {src.path} (columns: {', '.join(columns)})")
     name = f"hf:{src.path}" + (f"/{src.config}" if src.config else "")
     if text is not None:
-        texts = {part: _join(ds[split][text], f"data.hf.text_column: {text!r} in {split}")
+        texts = {part: _join(ds[split][text], f"data.hf.text_column: {quote(text)} in {split}")
                  for part, split in wanted.items()}
         return lm_bundle(name, texts, cfg, like)
     if image is not None and label is not None:
@@ -101,9 +102,9 @@ def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg,
     for part, split in wanted.items():
         images, labels = ds[split][image], ds[split][label]
         if not all(isinstance(im, Image) for im in images):
-            raise DataError(f"data.hf.image_column: {image!r} in {split} does not hold images")
+            raise DataError(f"data.hf.image_column: {quote(image)} in {split} does not hold images")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
-            raise DataError(f"data.hf.label_column: {label!r} in {split} holds labels that are "
+            raise DataError(f"data.hf.label_column: {quote(label)} in {split} holds labels that are "
                             f"not class ids >= 0 (unlabelled split?)")
         read[part] = images, labels
     mode = colour_mode([im for images, _ in read.values() for im in images])

@@ -8,11 +8,13 @@ of (seed, epoch), which bit-exact resume relies on.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import FileRefused, open_regular
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .idx import read_idx
 
@@ -118,9 +120,12 @@ def load_torchvision(cfg, like: DataInfo | None = None) -> DataBundle:
 # --- folders of image files ------------------------------------------------------------
 
 
+GREY_MODES = {"L", "1", "I;16", "I"}
+
+
 def colour_mode(images) -> str:
     """"L" when every PIL image is grey, else "RGB"."""
-    return "L" if all(im.mode in ("L", "1", "I;16", "I") for im in images) else "RGB"
+    return "L" if all(im.mode in GREY_MODES for im in images) else "RGB"
 
 
 def decode_images(images, size: int | None, where: str, mode: str) -> torch.Tensor:
@@ -139,29 +144,52 @@ def decode_images(images, size: int | None, where: str, mode: str) -> torch.Tens
     return (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).contiguous()
 
 
-def _read_folder(folder: Path, classes: list[str]) -> tuple[list, list[int]]:
-    """Return (PIL images, labels) of folder/<class>/*; classes not in `classes` are an error."""
-    from PIL import Image, UnidentifiedImageError
-
+def _read_folder(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], set[str]]:
+    """Return (image files, labels, colour modes) of folder/<class>/*; classes not in
+    `classes` are an error. Only headers are read here: pixels are decoded one image at a
+    time later, so a folder of large photos never sits in memory at full size."""
     extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
     if extra:
         raise DataError(f"{folder}: class folder(s) {', '.join(extra)} do not exist in train/")
-    images, labels = [], []
+    paths, labels, modes = [], [], set()
     for label, name in enumerate(classes):
         sub = folder / name
         if not sub.is_dir():
             continue
         for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(im)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+            with _open_image(path) as im:
+                modes.add(im.mode)
+            paths.append(path)
             labels.append(label)
-    if not images:
+    if not paths:
         raise DataError(f"{folder}: no images (.png/.jpg/...) in its class folders")
-    return images, labels
+    return paths, labels, modes
+
+
+@contextlib.contextmanager
+def _open_image(path: Path):
+    """A PIL image of a regular file (a FIFO or device named *.png is refused, never
+    waited on); DataError naming the file when it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open_regular(path) as fh, Image.open(fh) as im:
+            yield im
+    except FileRefused as exc:
+        raise DataError(f"{exc}; an image folder holds image files only") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+
+
+def _loaded(paths: list[Path]):
+    """Each image of `paths`, decoded, one at a time."""
+    for path in paths:
+        with _open_image(path) as im:
+            try:
+                im.load()
+            except OSError as exc:        # a truncated file shows only now
+                raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+            yield im
 
 
 def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
@@ -179,10 +207,11 @@ def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
         raise DataError(f"{root / 'train'}: no class subfolders")
     read = {part: _read_folder(root / part, classes)
             for part in ("train", "test", "val") if (root / part).is_dir()}
-    mode = colour_mode([im for images, _ in read.values() for im in images])
+    modes = set().union(*(m for _, _, m in read.values()))
+    mode = "L" if modes <= GREY_MODES else "RGB"
     splits = {}
-    for part, (images, labels) in read.items():
-        x = decode_images(images, cfg.image_size, str(root / part), mode)
+    for part, (paths, labels, _) in read.items():
+        x = decode_images(_loaded(paths), cfg.image_size, str(root / part), mode)
         splits[part] = Split(x, torch.tensor(labels, dtype=torch.int64),
                              augment="shift+flip" if mode == "RGB" else "shift")
     shapes = {tuple(s.inputs.shape[1:]) for s in splits.values()}

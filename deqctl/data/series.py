@@ -13,6 +13,7 @@ own part (its inputs may reach back). So no value of a later part ever shapes tr
 from __future__ import annotations
 
 import csv
+import io
 import math
 from datetime import date, datetime
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import quote
+from ..files import FileRefused, open_regular
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
 
@@ -49,10 +52,15 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
     """Return (times (T,), values (T, C) with NaN for empty cells) of a CSV with a header
     row, sorted by time (file order when `time_column` is None)."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
+        with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig",
+                                                         newline="") as fh:
             rows = list(csv.reader(fh))
     except UnicodeDecodeError:
         raise DataError(f"data.path: {path} is not UTF-8 text") from None
+    except FileRefused as exc:
+        raise DataError(f"data.path: {exc}") from None
+    except csv.Error as exc:
+        raise DataError(f"data.path: {path} is not a readable CSV ({str(exc)[:80]})") from None
     if not rows:
         raise DataError(f"data.path: {path} is empty")
     header = [h.strip() for h in rows[0]]
@@ -63,15 +71,15 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
         raise DataError(f"{key}: {', '.join(missing)} not in {path.name} "
                         f"(columns: {', '.join(header)})")
     index = {c: header.index(c) for c in wanted}
-    times, values = [], []
+    times, values, lines = [], [], []
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue                                    # blank line
         cells = {c: (row[i].strip() if i < len(row) else "") for c, i in index.items()}
         if time_column:
             t = parse_time(cells[time_column])
-            if t is None:
-                raise DataError(f"{path.name} line {line}: time {cells[time_column]!r} is "
+            if t is None or not math.isfinite(t):
+                raise DataError(f"{path.name} line {line}: time {quote(cells[time_column])} is "
                                 f"neither a number nor a date")
             times.append(t)
         else:
@@ -79,16 +87,28 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
         vals = []
         for c in columns:
             try:
-                vals.append(float(cells[c]) if cells[c] else math.nan)
+                v = float(cells[c]) if cells[c] else math.nan
             except ValueError:
-                raise DataError(f"{path.name} line {line}: {c} = {cells[c]!r} is not a "
-                                f"number") from None
+                v = None
+            if v is None or (cells[c] and not math.isfinite(v)):
+                # an empty cell is a gap; "nan" or "inf" written out is a value, and wrong
+                raise DataError(f"{path.name} line {line}: {c} = {quote(cells[c])} is not a "
+                                f"finite number (leave a cell empty for a gap)")
+            vals.append(v)
         values.append(vals)
+        lines.append(line)
     if not values:
         raise DataError(f"data.path: {path} has a header but no rows")
     t, v = np.asarray(times), np.asarray(values, dtype=np.float64)
     order = np.argsort(t, kind="stable")
-    return t[order], v[order]
+    t, v = t[order], v[order]
+    same = np.flatnonzero(t[1:] == t[:-1])
+    if time_column and same.size:
+        a, b = sorted((lines[order[same[0]]], lines[order[same[0] + 1]]))
+        raise DataError(f"{path.name}: lines {a} and {b} have the same {time_column} "
+                        f"({quote(rows[a - 1][index[time_column]].strip())}); each time may "
+                        f"appear once")
+    return t, v
 
 
 def interpolate(times: np.ndarray, values: np.ndarray, columns: list[str], where: str
@@ -173,7 +193,7 @@ def load_csv(cfg, like: DataInfo | None = None) -> DataBundle:
     if cfg.path is None:
         raise DataError("data.path: required for csv (a CSV file with a header row)")
     path = Path(cfg.path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data.path: {path} not found")
     if not cfg.columns:
         raise DataError("data.columns: name at least one column to forecast, e.g. "

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import quote
+from ..files import is_regular
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
 
@@ -108,8 +110,8 @@ def lm_bundle(name: str, texts: dict[str, str], cfg, like: DataInfo | None) -> D
     if like is not None:
         tok = Tokenizer.of(like)
         if tok.kind != cfg.tokenizer:
-            raise DataError(f"data.tokenizer: the model was trained with {tok.kind!r}, "
-                            f"not {cfg.tokenizer!r}")
+            raise DataError(f"data.tokenizer: the model was trained with {quote(tok.kind)}, "
+                            f"not {quote(cfg.tokenizer)}")
     elif "train" in texts:
         tok = Tokenizer.fit(cfg.tokenizer, texts["train"])
     else:
@@ -150,8 +152,10 @@ def load_text(cfg, like: DataInfo | None = None) -> DataBundle:
         if given is None:
             continue
         path = Path(given).expanduser()
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"data.files.{part}: {path} not found")
+        if not is_regular(path):
+            raise DataError(f"data.files.{part}: {path} is not a regular file")
         files[part] = path
     if "train" not in files and like is None:
         raise DataError("data.files.train: required to train (the vocabulary comes from it)")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import __version__
 from .. import recipe as recipes
@@ -47,17 +47,25 @@ def bundle_metadata(path: str | Path) -> dict[str, str] | None:
 
 
 def read_bundle(path: str | Path, overrides: list[str] = ()
-                ) -> tuple[dict[str, torch.Tensor], recipes.Recipe, dict[str, Any]]:
-    """Return (state_dict, recipe with overrides applied, data_info) of a safetensors export."""
+                ) -> tuple[recipes.Recipe, dict[str, Any]]:
+    """Return (recipe with overrides applied, data_info) of a safetensors export.
+
+    The header may have been written by anyone: ValueError (one line) for a missing or
+    malformed field, RecipeError for a recipe that is invalid, too large or hostile."""
     meta = bundle_metadata(path)
     if meta is None:
         raise ValueError(f"{path}: safetensors file without deqctl metadata")
-    raw = recipes.apply_overrides(recipes.migrate(yaml_load(meta["recipe"])), list(overrides))
-    recipe = recipes.validate(raw, source=f"{path} (stored recipe)")
-    return load_file(str(path)), recipe, json.loads(meta["data_info"])
-
-
-def yaml_load(text: str) -> dict[str, Any]:
-    """Parse the stored YAML recipe (kept separate so the yaml import stays local)."""
-    import yaml
-    return yaml.safe_load(text) or {}
+    missing = [k for k in ("recipe", "data_info") if not isinstance(meta.get(k), str)]
+    if missing:
+        raise ValueError(f"{path}: deqctl metadata lacks {', '.join(missing)}")
+    try:
+        info = json.loads(meta["data_info"])
+    except RecursionError:
+        raise ValueError(f"{path}: data_info in the metadata is nested too deeply") from None
+    except ValueError:
+        raise ValueError(f"{path}: data_info in the metadata is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: data_info in the metadata is not a mapping")
+    raw = recipes.parse(meta["recipe"], f"{path} (stored recipe)")
+    raw = recipes.apply_overrides(recipes.migrate(raw), list(overrides))
+    return recipes.validate(raw, source=f"{path} (stored recipe)"), info

@@ -15,17 +15,22 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import recipe as recipes
 from ..data import DataInfo
-from ..models import DEQModel, build_model
+from ..files import read_json
+from ..models import DEQModel, ModelError, build_model
 from .bundle import bundle_metadata, read_bundle
+from .rundir import is_run, live_holder
+
+JSON_LIMIT = 16 * 2**20     # meta.json, trainer.json: kilobytes in practice
 
 
 class CheckpointError(ValueError):
@@ -93,10 +98,15 @@ def _fsync(path: Path) -> None:
 def step_of(folder: Path) -> int | None:
     """The training step recorded inside a checkpoint, or None if its meta is unreadable."""
     try:
-        step = json.loads((folder / "meta.json").read_text()).get("step")
+        step = read_json(folder / "meta.json", JSON_LIMIT).get("step")
     except (OSError, ValueError, AttributeError):
         return None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return step if is_count(step) else None
+
+
+def is_count(value: object) -> bool:
+    """A non-negative integer (not a boolean): what every stored count must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -110,7 +120,7 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     found = {}
     for c in folder.iterdir():
         if c.suffix not in ("", ".old") or not (c / "model.safetensors").is_file():
-            continue          # NAME.tmp: a save in progress; NAME.superseded: set aside
+            continue          # NAME.tmp: a save in progress; NAME.superseded*: set aside
         name = c.stem if c.suffix == ".old" else c.name
         if c.suffix == ".old" and (folder / name).exists():
             continue
@@ -139,14 +149,19 @@ def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
     try:
         recipe = recipes.validate(recipes.migrate(recipes.load_raw(folder / "recipe.yaml")),
                                   source=str(folder / "recipe.yaml"))
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = read_json(folder / "meta.json", JSON_LIMIT)
     except recipes.RecipeError as exc:
         raise CheckpointError(f"{folder}: stored recipe is invalid: {exc}") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: meta.json missing") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: meta.json missing or corrupt ({exc.__class__.__name__})") from None
+        raise CheckpointError(f"{folder}: meta.json is unreadable ({exc})") from None
     if not (isinstance(meta, dict) and isinstance(meta.get("data_info"), dict)
-            and step_of(folder) is not None):
-        raise CheckpointError(f"{folder}: meta.json is malformed (needs data_info and step)")
+            and is_count(meta.get("step"))):
+        raise CheckpointError(f"{folder}: meta.json is malformed (needs data_info and a "
+                              f"step >= 0)")
+    if meta.get("metrics") is not None and not isinstance(meta["metrics"], dict):
+        raise CheckpointError(f"{folder}: meta.json is malformed (metrics is not a mapping)")
     return recipe, meta
 
 
@@ -161,11 +176,8 @@ def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.
     if overrides:
         raw = recipes.apply_overrides(recipe.model_dump(mode="json"), list(overrides))
         recipe = recipes.validate(raw, source="overrides")
-    try:
-        state = load_file(folder / "model.safetensors", device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder / 'model.safetensors'}: unreadable ({exc})") from None
-    return rebuild(recipe, meta["data_info"], state, folder, device), recipe, meta
+    model = rebuild(recipe, meta["data_info"], folder / "model.safetensors", folder, device)
+    return model, recipe, meta
 
 
 def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu"
@@ -188,50 +200,98 @@ def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.
             raise CheckpointError(str(exc)) from None
         if not is_bundle:        # a checkpoint's own model.safetensors: load its folder
             return open_model(p.parent, overrides, device)
-        state, recipe, info = read_bundle(p, overrides)
-        return rebuild(recipe, info, state, p, device), recipe, DataInfo.from_dict(info)
-    model, recipe, meta = load_model(p, list(overrides), device=device)
-    return model, recipe, model.info
+        try:
+            recipe, info = read_bundle(p, overrides)
+        except recipes.RecipeError as exc:
+            raise CheckpointError(f"{p}: stored recipe is invalid: {exc}") from None
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        model = rebuild(recipe, info, p, p, device)
+        return model, recipe, model.info
+    for attempt in range(3):
+        try:
+            model, recipe, meta = load_model(p, list(overrides), device=device)
+            return model, recipe, model.info
+        except (CheckpointError, FileNotFoundError):
+            # a run in progress may replace its checkpoint while it is read: read again
+            if attempt == 2 or not is_run(p) or live_holder(p) is None:
+                raise
+            time.sleep(0.2)
 
 
-def rebuild(recipe: recipes.Recipe, data_info: dict, state: dict[str, torch.Tensor],
-            where: Path, device: str | torch.device = "cpu") -> DEQModel:
+def rebuild(recipe: recipes.Recipe, data_info: dict, weights: Path, where: Path,
+            device: str | torch.device = "cpu") -> DEQModel:
     """Build the recipe's model for the stored data description (DataInfo.as_dict()) and
-    load `state` into it (eval mode, on `device`); CheckpointError naming `where` when the
-    description or the weights do not fit the model."""
+    load the safetensors file `weights` into it (eval mode, on `device`); CheckpointError
+    naming `where` when the description or the weights do not fit the model.
+
+    The model is first built on the meta device and its tensors compared with the file's
+    header, so a stored recipe asking for a huge model (a damaged or hostile file) is
+    refused before any memory is allocated: memory stays bounded by the file's own size.
+    """
     try:
         info = DataInfo.from_dict(data_info)
     except (TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{where}: stored data description is unreadable ({exc})") from None
+    try:
+        with torch.device("meta"):
+            shapes = {k: (tuple(v.shape), v.dtype)
+                      for k, v in build_model(recipe, info).state_dict().items()}
+    except ModelError as exc:      # a stored recipe and data description that do not fit
+        raise CheckpointError(f"{where}: {exc}") from None
+    check_header(_header(weights), shapes, where)
+    try:
+        state = load_file(weights, device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: unreadable ({exc})") from None
     model = build_model(recipe, info)
-    check_weights(state, model.state_dict(), where)
+    for name, got in state.items():
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise CheckpointError(f"{where}: tensor {name} holds NaN or inf values "
+                                  f"(a diverged run); use an earlier checkpoint")
     model.load_state_dict(state)
     return model.to(device).eval()
 
 
-def check_weights(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                  where: Path) -> None:
-    """CheckpointError (one line) unless `state` has exactly the expected tensors, with
-    their shapes and dtypes, all finite."""
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{name: (shape, dtype)} from a safetensors file's header, without reading tensors."""
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return {k: (tuple(fh.get_slice(k).get_shape()),
+                        _DTYPES.get(fh.get_slice(k).get_dtype(), fh.get_slice(k).get_dtype()))
+                    for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: unreadable ({exc})") from None
+
+
+def check_header(header: dict[str, tuple], expected: dict[str, tuple], where: Path) -> None:
+    """CheckpointError (one line) unless `header` ({name: (shape, dtype)}) has exactly
+    the expected tensors, with their shapes and dtypes."""
+    missing, unexpected = expected.keys() - header.keys(), header.keys() - expected.keys()
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not match the recipe's model "
                               f"(missing {len(missing)}, unexpected {len(unexpected)} tensors, "
                               f"e.g. {sorted(missing or unexpected)[0]})")
-    for name, want in expected.items():
-        got = state[name]
-        if got.shape != want.shape or got.dtype != want.dtype:
-            raise CheckpointError(f"{where}: tensor {name} is {got.dtype} {tuple(got.shape)}, "
-                                  f"the recipe's model needs {want.dtype} {tuple(want.shape)}")
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            raise CheckpointError(f"{where}: tensor {name} holds NaN or inf values "
-                                  f"(a diverged run); use an earlier checkpoint")
+    for name, (shape, dtype) in expected.items():
+        got_shape, got_dtype = header[name]
+        if got_shape != shape or got_dtype != dtype:
+            raise CheckpointError(f"{where}: tensor {name} is {got_dtype} {got_shape}, the "
+                                  f"recipe's model needs {dtype} {shape}")
 
 
 def load_trainer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return (tensors, scalars) saved by a training checkpoint."""
     try:
-        return (load_file(folder / "trainer.safetensors"),
-                json.loads((folder / "trainer.json").read_text()))
+        tensors = load_file(folder / "trainer.safetensors")
+        scalars = read_json(folder / "trainer.json", JSON_LIMIT)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{folder}: trainer state missing or corrupt, cannot resume ({exc})") from None
+        raise CheckpointError(f"{folder}: trainer state missing or corrupt, cannot resume "
+                              f"({exc})") from None
+    if not isinstance(scalars, dict):
+        raise CheckpointError(f"{folder}: trainer.json is malformed (not a mapping)")
+    return tensors, scalars

@@ -123,6 +123,15 @@ def broadcast(group: Group, value: Any) -> Any:
     return box[0]
 
 
+def gather(group: Group, value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank ([value] alone)."""
+    if not group.active:
+        return [value]
+    values: list[Any] = [None] * group.world
+    dist.all_gather_object(values, value)
+    return values
+
+
 SUM = set(Accumulator.SUM) | {"samples_per_s"}
 MAX = set(Accumulator.MAX) | {"step_time_s", "eval_time_s", "peak_mem_mb", "wall_s"}
 

@@ -3,14 +3,17 @@ plus the metrics.jsonl sink."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..models import ModelOutput
+from ..files import open_regular
 from ..recipe import RecipeError
 from ..solvers import NONFINITE
 
@@ -47,6 +50,9 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tenso
     return stats
 
 
+ROW_LIMIT = 2**20        # bytes in one metrics row; real rows hold a few hundred
+
+
 class Accumulator:
     """Collects step statistics and reduces them to one metrics row with a single sync."""
 
@@ -61,6 +67,12 @@ class Accumulator:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def snapshot(self) -> list[dict[str, float]]:
+        """The steps gathered so far as host numbers (a sync point), without resetting:
+        a checkpoint stores them so a resumed run's next row covers the same steps."""
+        return [{k: (v.item() if torch.is_tensor(v) else v) for k, v in r.items()}
+                for r in self.rows]
 
     def reduce(self) -> dict[str, Any]:
         """Return the interval's row (means, maxima, sums) and reset. This is a sync point."""
@@ -92,8 +104,14 @@ class Accumulator:
         return out
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl could not be appended to (a full disk, a quota); the row was taken
+    back out, so the file holds whole rows only."""
+
+
 class JsonlSink:
-    """Appends one JSON object per line and flushes, so a crash loses no logged row."""
+    """Appends one JSON object per line and flushes, so a crash loses no logged row; a
+    failed write is cut back off, so a full disk never leaves half a row."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -101,16 +119,64 @@ class JsonlSink:
     def write(self, row: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in row.items()}
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(clean) + "\n")
+        line = (json.dumps(clean) + "\n").encode()
+        with open(self.path, "ab") as fh:
+            start = fh.tell()
+            try:
+                fh.write(line)
+                fh.flush()
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, start)
+                raise MetricsWriteError(
+                    f"cannot append to {self.path} ({exc.strerror or exc}); training "
+                    f"stopped and the run's checkpoints are intact: make room, then "
+                    f"deqctl train --resume {self.path.parent}") from None
+
+
+def read_rows(path: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A last line cut off by a crash is left out, with one
+    warning naming it; any other line that is not a JSON row with an integer `step` and
+    a `split` is a ValueError naming its line number. Lines are read one at a time (no
+    row is longer than ROW_LIMIT), so a huge file never sits in memory whole."""
+    rows: list[dict[str, Any]] = []
+    bad: tuple[int, str] | None = None
+    with open_regular(path) as fh:
+        for number, raw in enumerate(iter(lambda: fh.readline(ROW_LIMIT + 1), b""), start=1):
+            if bad is not None:              # a broken line that was not the last one
+                raise ValueError(f"{path}: line {bad[0]} {bad[1]}")
+            if not raw.strip():
+                continue
+            why = _row_problem(raw)
+            if why is None:
+                rows.append(json.loads(raw))
+            else:
+                bad = (number, why)
+    if bad is not None and warn is not None:
+        warn(f"{path}: line {bad[0]} {bad[1]} (cut off by a crash?); read up to the line before")
+    return rows
+
+
+def _row_problem(raw: bytes) -> str | None:
+    if len(raw) > ROW_LIMIT:
+        return f"is longer than {ROW_LIMIT} bytes"
+    try:
+        row = json.loads(raw)
+    except (ValueError, RecursionError):
+        return "is not JSON"
+    if not isinstance(row, dict) or not isinstance(row.get("split"), str) or \
+            not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+        return "is not a metrics row (needs an integer step and a split)"
+    return None
 
 
 class TensorBoardSink:
     """Writes the numbers of every metrics row as TensorBoard scalars `split/key` at its
     step: the same values as metrics.jsonl, for people whose dashboards read event files."""
 
-    def __init__(self, folder: Path):
-        self.writer = self.writer_class()(log_dir=str(folder))
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        # purge_step: on resume, TensorBoard drops what an earlier attempt logged from there
+        self.writer = self.writer_class()(log_dir=str(folder), purge_step=purge_step)
 
     @staticmethod
     def writer_class():

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import recipe as recipes
+from ..files import free_name, read_text, write_atomic
+from ..yamlio import MAX_BYTES
 from . import checkpoint
+from .metrics import read_rows
+from .rundir import RECIPE
 
 # Settings a resumed run may change. Everything else changes shapes, the data order, the
 # optimizer or what the saved state means, and would silently break the run.
@@ -52,37 +55,73 @@ def run_of(checkpoint: Path) -> Path | None:
     return None
 
 
-def trim_metrics(path: Path, step: int) -> int:
-    """Drop the rows logged after `step` (a crash came before their checkpoint), rewriting
-    the file atomically; returns how many were dropped."""
+def trim_metrics(path: Path, step: int, logged: list[str] | None,
+                 warn: Callable[[str], None] | None = None) -> int:
+    """Keep the rows the checkpoint of `step` accounts for: those of earlier steps, and of
+    its own step those of the splits in `logged` (all, when None); rewrite the file
+    atomically; returns how many rows were dropped. A row cut off by a crash is dropped
+    too; any other broken line is a CheckpointError naming it."""
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines()
-    keep = [line for line in lines if _step(line) is not None and _step(line) <= step]
-    if len(keep) == len(lines):
-        return 0
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-    return len(lines) - len(keep)
-
-
-def _step(line: str) -> int | None:
     try:
-        step = json.loads(line).get("step")
-    except (ValueError, AttributeError):
-        return None       # a line cut off by a crash
-    return step if isinstance(step, int) else None
+        rows = read_rows(path, warn)
+    except (OSError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"{exc}; fix or remove that line to resume") from None
+    keep = [r for r in rows if r["step"] < step
+            or (r["step"] == step and (logged is None or r["split"] in logged))]
+    lines = len([line for line in path.read_bytes().splitlines() if line.strip()])
+    if len(keep) == lines:
+        return 0
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return lines - len(keep)
 
 
 def set_aside_later(run_dir: Path, step: int) -> list[str]:
-    """Rename the run's checkpoints of steps after `step` to NAME.superseded: resuming from
-    an earlier checkpoint abandons them, and a later `--resume RUN` must not pick them."""
+    """Rename the run's checkpoints of steps after `step` to NAME.superseded (or
+    NAME.superseded-2, ... when an earlier set-aside has that name: none is ever
+    deleted): resuming from an earlier checkpoint abandons them, and a later
+    `--resume RUN` must not pick them. Returns their new names."""
     moved = []
     for folder in checkpoint.checkpoints(run_dir):
         if (checkpoint.step_of(folder) or 0) > step:
-            target = folder.with_name(folder.name.removesuffix(".old") + ".superseded")
-            shutil.rmtree(target, ignore_errors=True)
+            target = free_name(folder.parent, folder.name.removesuffix(".old") + ".superseded")
             os.replace(folder, target)
-            moved.append(folder.name)
+            moved.append(target.name)
     return moved
+
+
+def keep_edited_recipe(run_dir: Path, folder: Path, recipe: recipes.Recipe) -> str | None:
+    """Before a resume rewrites RUN/recipe.yaml: if it says something other than the
+    checkpoint resumed from (edited by hand, or written by a resume whose checkpoints
+    were given up), move it aside as recipe.edited.yaml and return a warning naming the
+    settings this resume ignores; None when there is nothing to say."""
+    path = run_dir / RECIPE
+    base_recipe, _ = checkpoint.read_meta(folder)
+    try:
+        text = read_text(path, MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        text = None               # unreadable: still the user's, kept below
+    if text in (recipes.dump(base_recipe), recipes.dump(recipe)):
+        return None
+    base = _flat(base_recipe.model_dump(mode="json"))
+    given = _flat(recipe.model_dump(mode="json"))
+    try:
+        if text is None:
+            raise recipes.RecipeError("unreadable")
+        edited = _flat(recipes.validate(recipes.migrate(recipes.parse(text, str(path))),
+                                        str(path)).model_dump(mode="json"))
+    except recipes.RecipeError:
+        what = "is not a valid recipe"
+    else:
+        ignored = sorted(k for k in edited.keys() | base.keys()
+                         if edited.get(k) != base.get(k) and edited.get(k) != given.get(k))
+        if not ignored:
+            return None
+        what = f"sets {', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}"
+    copy = free_name(run_dir, "recipe.edited", ".yaml")
+    os.replace(path, copy)
+    return (f"{path} {what}, unlike checkpoint {folder.name}: ignored (a resume continues "
+            f"from its checkpoint's recipe; change settings with overrides, e.g. deqctl "
+            f"train --resume {run_dir} train.max_steps=N); that file is kept as {copy}")

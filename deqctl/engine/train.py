@@ -12,7 +12,7 @@ import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,18 +20,19 @@ import torch
 
 from .. import recipe as recipes
 from ..data import DataError, build_data, iterate_batches, num_batches
+from ..files import write_atomic
 from ..implicit.cache import FixedPointCache
 from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
-from . import checkpoint
+from . import checkpoint, rundir
 from .checkpoint import CheckpointError, CheckpointWriteError
 from .device import autocast, pick_device
-from .distributed import (Group, all_ranks, any_rank, average_gradients, barrier, merge_rows,
-                          shard, shard_split)
+from .distributed import (Group, all_ranks, any_rank, average_gradients, barrier, gather,
+                          merge_rows, shard, shard_split)
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .metrics import Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats
-from .resume import set_aside_later, trim_metrics
+from .resume import keep_edited_recipe, set_aside_later, trim_metrics
 from .state import (build_optimizer, load_optimizer_state, lr_factor, optimizer_state,
                     rng_state, set_rng_state)
 
@@ -78,6 +79,31 @@ class Progress:
     pos: int = 0                   # batches done in the current epoch
     wall_s: float = 0.0            # training time so far, evaluations excluded
     eval_pending: bool = False     # a signal cut this step's evaluation short: redo it
+    # The metrics rows of this step already written (splits): a resume keeps exactly
+    # these and the rows of earlier steps. None (checkpoints before this field): all.
+    logged: list[str] | None = field(default_factory=list)
+    row_start: int = 0             # the step the next train row's interval starts after
+    row_start_wall: float = 0.0    # ... and the training time then
+
+    @classmethod
+    def from_json(cls, d: Any) -> "Progress":
+        """The Progress stored in trainer.json; ValueError naming a malformed field."""
+        if not isinstance(d, dict) or set(d) - set(cls.__dataclass_fields__):
+            raise ValueError("progress is not a mapping of its fields")
+        if "row_start" not in d:      # before rows spanned checkpoints: start afresh
+            d = {**d, "row_start": d.get("step"), "row_start_wall": d.get("wall_s")}
+        p = cls(**d)
+        counts = ("step", "epoch", "pos", "row_start")
+        if not all(checkpoint.is_count(getattr(p, k)) for k in counts):
+            raise ValueError(f"progress: {', '.join(counts)} must be integers >= 0")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                   math.isfinite(v) and v >= 0 for v in (p.wall_s, p.row_start_wall)):
+            raise ValueError("progress: times must be finite numbers >= 0")
+        if not isinstance(p.eval_pending, bool) or p.row_start > p.step or not (
+                p.logged is None or (isinstance(p.logged, list)
+                                     and all(isinstance(x, str) for x in p.logged))):
+            raise ValueError("progress: eval_pending, logged or row_start is malformed")
+        return p
 
 
 class TrainClock:
@@ -190,31 +216,29 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     scaler = torch.amp.GradScaler(device.type) if recipe.runtime.precision == "fp16" else None
     if recipe.log.tensorboard:
         TensorBoardSink.writer_class()      # a missing package fails before any work
-    at = Progress()
+    at, acc = Progress(), Accumulator()
     if resume is not None:
-        at, done = _restore(resume, model, opt, device, scaler)
+        at, done, pending = _restore(resume, model, opt, device, scaler)
         if at.step >= total and done is not None:      # nothing to do: write nothing
             return TrainResult(run_dir, at.step, done, already_finished=True)
+        if len(pending) == group.world:      # the statistics of this rank's pending steps
+            acc.rows = pending[group.rank]
+        else:                                # another world size: the next row starts afresh
+            at.row_start, at.row_start_wall = at.step, at.wall_s
         view.event(f"resumed from {resume} at step {at.step}")
         if group.writer:
-            dropped = trim_metrics(run_dir / "metrics.jsonl", at.step)
-            if dropped:
-                view.event(f"dropped {dropped} metrics rows logged after step {at.step} "
-                           f"(after the checkpoint resumed from)")
-            later = set_aside_later(run_dir, at.step)
-            if later:
-                view.event(f"checkpoints of later steps set aside as NAME.superseded: "
-                           f"{', '.join(later)}")
+            _continue_run(run_dir, checkpoint.resolve(resume), recipe, at, view)
+        at.logged = at.logged if at.logged is not None else []
 
     if group.writer:               # the disk that will hold the checkpoints
         _check_free_space(run_dir, opt, model)
     barrier(group)                 # every rank got this far before rank 0 writes anything
     if group.writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipes.dump(recipe))
-        sink = Sinks(JsonlSink(run_dir / "metrics.jsonl"),
-                     *([TensorBoardSink(run_dir / "tensorboard")] if recipe.log.tensorboard
-                       else []))
+        write_atomic(run_dir / rundir.RECIPE, recipes.dump(recipe))
+        board = [TensorBoardSink(run_dir / "tensorboard", purge_step=at.step + 1 if resume
+                                 else None)] if recipe.log.tensorboard else []
+        sink = Sinks(JsonlSink(run_dir / rundir.METRICS), *board)
     else:
         sink = Sinks()
     n_params = sum(p.numel() for p in model.parameters())
@@ -226,14 +250,17 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
             raise TrainingDiverged(f"weights became non-finite by step {at.step}; not saved; "
                                    + _diverged_message(last_ok, at.step, run_dir))
+        pending = gather(group, acc.snapshot())    # every rank's steps since the last row
         if not group.writer:       # rank 0 saves; the others wait so none exits early
             barrier(group)
             return folder
         at.wall_s = clock.elapsed()
+        at.row_start, at.row_start_wall = last_ok, last_wall
         tensors, opt_json = optimizer_state(opt)
         cache = model.fixed_point_cache.tensors() if model.fixed_point_cache else {}
         trainer = {"tensors": {**tensors, **rng_state(), **cache},
-                   "json": {"progress": at.__dict__, "optimizer": opt_json,
+                   "json": {"progress": asdict(at), "optimizer": opt_json,
+                            "pending_rows": pending,
                             "scaler": scaler.state_dict() if scaler else None,
                             "deq": {"step": model.deq.step, "last_nfe": model.deq._last_nfe}}}
         checkpoint.save(folder, model, recipe, info,
@@ -252,6 +279,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
         row = {"step": at.step, "epoch": at.step / nb, **row, "wall_s": clock.elapsed(),
                "peak_mem_mb": memory.peak_mb()}
         sink.write(row)
+        at.logged.append(row["split"])
         view.log(row)
         return row
 
@@ -265,6 +293,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                "samples_per_s": row["n"] / (now - last_wall), "wall_s": now,
                "peak_mem_mb": memory.peak_mb()}
         sink.write(row)
+        at.logged.append("train")
         view.log(row)
         if not math.isfinite(row["loss"]) or row["skipped_steps"]:
             raise TrainingDiverged(_diverged_message(last_ok, at.step, run_dir))
@@ -273,7 +302,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
     amp = autocast(device, recipe.runtime.precision)
     memory, clock = PeakMemory(device), TrainClock(at.wall_s)
     test_part = shard_split(group, data.test)
-    acc, last_wall, last_ok = Accumulator(), clock.elapsed(), at.step
+    last_ok, last_wall = (at.row_start, at.row_start_wall) if resume is not None else (0, 0.0)
     jac_weight = recipe.deq.jacobian_reg.weight
     augment = getattr(recipe.data, "augment", False)   # only image-like sources have the key
     model.train()
@@ -314,7 +343,7 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                 with torch.no_grad():
                     acc.add({**step_stats(out, task_loss, task.stats(out.out, x, y)),
                              "skipped_steps": (~finite).int()})
-                at.step, at.pos = at.step + 1, at.pos + 1
+                at.step, at.pos, at.logged = at.step + 1, at.pos + 1, []
                 epoch_done = at.pos == nb
                 if epoch_done:
                     at.epoch, at.pos = at.epoch + 1, 0
@@ -415,25 +444,55 @@ def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
             f"try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01")
 
 
-def _restore(path: Path, model, opt, device, scaler) -> tuple[Progress, dict | None]:
+def _restore(path: Path, model, opt, device, scaler
+             ) -> tuple[Progress, dict | None, list[list[dict[str, float]]]]:
     """Load a checkpoint's weights and trainer state; returns (progress, the final
-    evaluation row if the checkpoint is a finished run's)."""
+    evaluation row if the checkpoint is a finished run's, the statistics of the steps
+    since the last train row, one list per rank)."""
     folder = checkpoint.resolve(path)
     weights, _, meta = checkpoint.load_model(folder, device=device)
     model.load_state_dict(weights.state_dict())
     tensors, trainer = checkpoint.load_trainer(folder)
-    load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
-                               if k.startswith("optim.")}, trainer["optimizer"])
-    set_rng_state(tensors)
-    if model.fixed_point_cache is not None:
-        model.fixed_point_cache.load({k: v.to(device) for k, v in tensors.items()})
+    # Everything below comes from files a user may have edited or been sent: any wrong
+    # type or count is one line, never a traceback.
     try:
-        model.deq.step = trainer["deq"]["step"]
-        model.deq._last_nfe = trainer["deq"]["last_nfe"]
-        progress = Progress(**trainer["progress"])
+        progress = Progress.from_json(trainer["progress"])
+        pending = trainer.get("pending_rows", [])
+        if not (isinstance(pending, list) and all(isinstance(rank, list) and all(
+                isinstance(r, dict) and all(isinstance(v, (int, float)) for v in r.values())
+                for r in rank) for rank in pending)):
+            raise ValueError("pending_rows is malformed")
+        deq_step, last_nfe = trainer["deq"]["step"], trainer["deq"]["last_nfe"]
+        if not checkpoint.is_count(deq_step) or not (last_nfe is None or
+                                                      checkpoint.is_count(last_nfe)):
+            raise ValueError("deq.step / deq.last_nfe must be integers >= 0")
+        load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
+                                   if k.startswith("optim.")}, trainer["optimizer"])
+        set_rng_state(tensors)
+        if model.fixed_point_cache is not None:
+            model.fixed_point_cache.load({k: v.to(device) for k, v in tensors.items()})
+        model.deq.step, model.deq._last_nfe = deq_step, last_nfe
         if scaler is not None and trainer.get("scaler"):
             scaler.load_state_dict(trainer["scaler"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{folder}: trainer.json is malformed ({exc}); "
-                              f"cannot resume") from None
-    return progress, meta.get("metrics")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder}: trainer state is malformed "
+                              f"({type(exc).__name__}: {str(exc)[:80]}); cannot resume") from None
+    return progress, meta.get("metrics"), pending
+
+
+def _continue_run(run_dir: Path, folder: Path, recipe: recipes.Recipe, at: Progress,
+                  view: View) -> None:
+    """Make a run's files what the checkpoint resumed from knows, in an order a crash at
+    any point leaves resumable: later checkpoints are set aside before the rows they
+    account for are dropped (so the next `--resume RUN` finds this checkpoint), and a
+    hand-edited recipe is kept under a new name before recipe.yaml is rewritten."""
+    later = set_aside_later(run_dir, at.step)
+    if later:
+        view.event(f"checkpoints of later steps set aside: {', '.join(later)}")
+    dropped = trim_metrics(run_dir / rundir.METRICS, at.step, at.logged, warn=view.event)
+    if dropped:
+        view.event(f"dropped {dropped} metrics rows logged after the checkpoint resumed "
+                   f"from (step {at.step})")
+    edited = keep_edited_recipe(run_dir, folder, recipe)
+    if edited:
+        view.event(f"warning: {edited}")

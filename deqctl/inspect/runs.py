@@ -3,15 +3,17 @@ its recipe, and the task its checkpoint's data description implies)."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from ..errors import quote
 from ..data import DataInfo
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointError
+from ..engine.metrics import read_rows
+from ..engine.rundir import METRICS, in_progress
 from ..tasks import Metric, Task, task_for
 
 
@@ -46,25 +48,29 @@ class RunSummary:
                 **{k: _finite(getattr(self, k)) for k in keys}}
 
 
-def read_rows(run: Path) -> list[dict[str, Any]]:
-    """Return the rows of RUN/metrics.jsonl; CheckpointError (one line) if unreadable."""
-    path = run / "metrics.jsonl"
+def run_rows(run: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Return the rows of RUN/metrics.jsonl (a last line cut off by a crash left out, with
+    a warning); CheckpointError (one line) if it is missing or broken elsewhere."""
     try:
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    except OSError:
+        return read_rows(run / METRICS, warn)
+    except FileNotFoundError:
         raise CheckpointError(f"{run}: no metrics.jsonl (not a run directory)") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: line {exc.lineno} is not JSON") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
 
 
-def summarise(run: str | Path, target: tuple[str, float] | None = None) -> RunSummary:
-    """Return the RunSummary of a run directory; `target` = (metric key, value)."""
+def summarise(run: str | Path, target: tuple[str, float] | None = None,
+              warn: Callable[[str], None] | None = None) -> RunSummary:
+    """Return the RunSummary of a run directory; `target` = (metric key, value). `warn`
+    hears of a cut-off last metrics line and of a run still in progress."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run directory")
-    rows = read_rows(run)
+    rows = run_rows(run, warn)
     folder = checkpoint.resolve(run)         # its meta holds the data description
+    note = in_progress(run, folder)
+    if note and warn:
+        warn(note)
     recipe, meta = checkpoint.read_meta(folder)
     task = task_for(DataInfo.from_dict(meta["data_info"]))
     train = [r for r in rows if r.get("split") == "train"]
@@ -100,7 +106,7 @@ def metric_for(task: Task, key: str) -> Metric:
         if m.key == key:
             return m
     valid = ", ".join(["loss", *(m.key for m in task.metrics)])
-    raise ValueError(f"--target: {key!r} is not a metric of {task.name} runs (valid: {valid})")
+    raise ValueError(f"--target: {quote(key)} is not a metric of {task.name} runs (valid: {valid})")
 
 
 def same_task(runs: list[RunSummary]) -> None:

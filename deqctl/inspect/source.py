@@ -9,7 +9,8 @@ import torch
 
 from .. import recipe as recipes
 from ..data import DataBundle, DataInfo, Split, build_data, iterate_batches
-from ..engine.checkpoint import open_model
+from ..engine.checkpoint import open_model, resolve
+from ..engine.rundir import in_progress
 from ..engine.device import pick_device
 from ..models import DEQModel, build_model
 from ..tasks import Task, task_for
@@ -31,6 +32,7 @@ class Source:
     device_reason: str
     label: str                      # what was loaded, for headers
     _data: DataBundle | None = field(default=None, repr=False)
+    progress: str | None = None     # "RUN is still being trained ...", for a run in progress
 
     @property
     def task(self) -> Task:
@@ -94,8 +96,9 @@ def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bo
         _apply_threads(recipe)
         data = None
         label = f"{path}"
+    progress = in_progress(Path(path), resolve(path)) if Path(path).is_dir() else None
     device, reason = pick_device(recipe.runtime.device)
-    return Source(model.to(device), recipe, model.info, device, reason, label, data)
+    return Source(model.to(device), recipe, model.info, device, reason, label, data, progress)
 
 
 def _apply_threads(recipe: recipes.Recipe) -> None:

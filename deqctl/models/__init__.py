@@ -3,6 +3,7 @@ the data's description alone, which is all a checkpoint stores."""
 
 from __future__ import annotations
 
+from ..errors import quote
 from ..data import DataInfo
 from ..implicit import DEQ
 from ..recipe import Recipe
@@ -25,7 +26,7 @@ def build_model(recipe: Recipe, info: DataInfo) -> DEQModel:
     recipe's `deq` block describes. Raises ModelError (one line) when they do not fit."""
     name = recipe.model.name
     if name not in MODELS:
-        raise ModelError(f"model.name: unknown model {name!r} (valid: {', '.join(MODELS)})")
+        raise ModelError(f"model.name: unknown model {quote(name)} (valid: {', '.join(MODELS)})")
     cls = MODELS[name]
     if info.inputs not in cls.inputs or info.task not in cls.tasks:
         fits = [n for n, c in MODELS.items() if info.inputs in c.inputs and info.task in c.tasks]
