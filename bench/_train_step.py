@@ -17,7 +17,6 @@ from torchdeq.solver import anderson_solver, fixed_point_iter, register_solver
 from _cell import BWD_MAX_ITER, BWD_TOL, LAM, M, MAX_ITER, TOL
 from _timing import Timed, progress, sync
 from deqctl.implicit import DEQ
-from deqctl.recipe import DEQSettings
 
 
 class CountingSolver:
@@ -101,7 +100,7 @@ def make_deqs(fwd_max_iter: int = MAX_ITER, fwd_tol: float = TOL,
         theirs.update(ift=False, grad=bwd[1], tau=bwd[2])
     else:
         theirs.update(ift=False, grad=1, tau=1.0)
-    ours = DEQ(**DEQSettings.model_validate({"forward": fwd, "backward": ours_bwd}).layer_kwargs())
+    ours = DEQ(forward=fwd, backward=ours_bwd)
     if bwd[0] == "shine":
         return ours.train(), None
     td = get_deq(**theirs).train()
@@ -127,9 +126,9 @@ def train_step(lib: str, deq, cell, u, z0, target):
 def exact_gradient(cell, u, z0, target) -> torch.Tensor:
     """The implicit gradient of the weights, in float64 with both solves at rel tol 1e-10."""
     ref = copy.deepcopy(cell).double()
-    deq = DEQ(solver="anderson", max_iter=400, tol=1e-10, solver_options={"m": 8},
-              backward="ift", backward_solver="anderson", backward_max_iter=400,
-              backward_tol=1e-10).train()
+    deq = DEQ(forward={"solver": "anderson", "max_iter": 400, "tol": 1e-10, "anderson": {"m": 8}},
+              backward={"mode": "ift", "solver": "anderson", "max_iter": 400,
+                        "tol": 1e-10}).train()
     z, info = deq(ref, u.double(), z0.double())
     (z * target.double()).mean().backward()
     if not (bool(info.forward.converged.all()) and bool(info.backward.converged.all())):

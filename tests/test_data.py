@@ -78,9 +78,8 @@ def test_unknown_dataset_lists_valid_names():
     with pytest.raises(recipes.RecipeError) as err:
         DataSettings(name="imagenet")
     msg = str(err.value).splitlines()[1]
-    assert "data.name: unknown 'imagenet'" in msg
-    for name in SOURCES:
-        assert repr(name) in msg
+    assert "data.name: unknown data source 'imagenet'" in msg
+    assert f"(valid: {', '.join(SOURCES.names())}, or an import path" in msg
 
 
 # --- batching ------------------------------------------------------------------------

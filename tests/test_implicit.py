@@ -19,12 +19,14 @@ def small_problem(seed=0, dim=6, batch=4):
     return W, x, target, cell
 
 
-EXACT = dict(solver="anderson", tol=1e-13, max_iter=300, backward_tol=1e-11,
-             backward_max_iter=300)
+EXACT_FORWARD = dict(solver="anderson", tol=1e-13, max_iter=300)
 
 
-def deq_layer(mode="ift", solver="anderson", **kw):
-    return DEQ(**{**EXACT, "backward": mode, "backward_solver": solver, **kw}).train()
+def deq_layer(mode="ift", solver="anderson", backward=None, **kw):
+    """The layer solved to float64 precision, with backward mode `mode` (and its solver)."""
+    return DEQ(forward=EXACT_FORWARD, backward={"mode": mode, "solver": solver, "tol": 1e-11,
+                                                "max_iter": 300, **(backward or {})},
+               **kw).train()
 
 
 def loss_of(z, target):
@@ -68,17 +70,18 @@ def test_mixed_precision_forward_keeps_the_implicit_gradient():
         return torch.tanh(z @ W.T + u)
     grads = []
     for until in (None, 1e-2):
-        layer = DEQ(solver="anderson", tol=1e-6, max_iter=200, backward_tol=1e-7,
-                    backward_max_iter=200, bf16_until=until).train()
+        layer = DEQ(forward=dict(solver="anderson", tol=1e-6, max_iter=200, bf16_until=until),
+                    backward=dict(tol=1e-7, max_iter=200)).train()
         z, info = layer(cell, x, torch.zeros_like(x))
         grads.append(torch.autograd.grad(loss_of(z, target), W)[0])
         assert info.forward.converged.all() and (info.forward.bf16_nfe > 0) == bool(until)
     assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()    # bf16 alone: ~1e-3
-    assert DEQ(tol=1e-4, bf16_until=1e-2, eval_tol=1e-2).eval_spec.bf16_until is None
-    assert DEQ(tol=1e-4, bf16_until=1e-2, eval_stop_mode="abs").eval_spec.bf16_until is None
-    assert DEQ(tol=1e-4, bf16_until=1e-2, eval_tol=1e-3).eval_spec.bf16_until == 1e-2
-    with pytest.raises(ValueError, match="bf16_until must be None or a number above tol"):
-        DEQ(tol=1e-2, bf16_until=1e-3)
+    mixed = dict(tol=1e-4, bf16_until=1e-2)
+    assert DEQ(forward=mixed, eval=dict(tol=1e-2)).eval_spec.bf16_until is None
+    assert DEQ(forward=mixed, eval=dict(stop_mode="abs")).eval_spec.bf16_until is None
+    assert DEQ(forward=mixed, eval=dict(tol=1e-3)).eval_spec.bf16_until == 1e-2
+    with pytest.raises(ValueError, match=r"forward.bf16_until: must be above tol \(0.01\)"):
+        DEQ(forward=dict(tol=1e-2, bf16_until=1e-3))
 
 
 def test_ift_matches_finite_differences():
@@ -104,7 +107,7 @@ def test_ift_matches_finite_differences():
 @pytest.mark.parametrize("mode", ["phantom", "jfb"])
 def test_inexact_gradients_are_finite_and_descend(mode):
     W, x, target, cell = small_problem(seed=2)
-    layer = deq_layer(mode, phantom_steps=5, phantom_tau=0.5) if mode == "phantom" else deq_layer(mode)
+    layer = deq_layer(mode, backward=dict(phantom_steps=5, phantom_tau=0.5))
     loss, _ = deq_loss(layer, cell, x, target)
     gW, = torch.autograd.grad(loss, W)
     exact, _ = unrolled_grads(W, x, target, cell)
@@ -141,8 +144,8 @@ def test_hutchinson_estimate_is_unbiased():
 
 def test_fixed_point_correction_and_jacobian_loss_are_produced():
     W, x, target, cell = small_problem()
-    layer = DEQ(solver="fixed_point", tol=1e-12, max_iter=30, fp_correction=2, fp_gamma=0.8,
-                jacobian_reg=1.0).train()
+    layer = DEQ(forward=dict(solver="fixed_point", tol=1e-12, max_iter=30),
+                fp_correction=dict(states=2, gamma=0.8), jacobian_reg=dict(weight=1.0)).train()
     z, info = layer(cell, x, torch.zeros_like(x))
     assert len(info.corrections) == 2
     assert [w for w, _ in info.corrections] == pytest.approx([0.8 ** 2, 0.8])
@@ -154,7 +157,7 @@ def test_fixed_point_correction_and_jacobian_loss_are_produced():
 def test_jacobian_reg_leaves_the_ift_gradient_of_the_task_loss_alone():
     W, x, target, cell = small_problem(seed=1)
     plain = deq_layer()
-    regularised = deq_layer(jacobian_reg=1.0)
+    regularised = deq_layer(jacobian_reg=dict(weight=1.0))
     loss, _ = deq_loss(plain, cell, x, target)
     (expected,) = torch.autograd.grad(loss, W)
     loss, info = deq_loss(regularised, cell, x, target)
@@ -169,8 +172,8 @@ def test_jacobian_reg_leaves_the_ift_gradient_of_the_task_loss_alone():
 def test_gradient_checker_reports():
     from deqctl.implicit.gradcheck import compare_to_unrolled, ift_vs_finite_differences
     W, x, _, cell = small_problem(seed=3)
-    settings = dict(solver="anderson", tol=1e-13, max_iter=300, backward_solver="anderson",
-                    backward_tol=1e-12, backward_max_iter=300)
+    settings = dict(forward=dict(solver="anderson", tol=1e-13, max_iter=300),
+                    backward=dict(solver="anderson", tol=1e-12, max_iter=300))
     reports = compare_to_unrolled(cell, x, torch.zeros_like(x), [W, x], settings)
     assert reports["ift"].cosine >= 0.999 and reports["ift"].rel_error < 1e-4
     assert 0 < reports["jfb"].cosine < reports["ift"].cosine
@@ -217,7 +220,7 @@ def test_jacobian_reg_with_ift_is_exact_on_cells_that_save_their_output(activati
     def cell(z, u):
         return activation(z @ W.T + u)
 
-    layer = deq_layer(jacobian_reg=2.0)
+    layer = deq_layer(jacobian_reg=dict(weight=2.0))
     torch.manual_seed(7)
     z, info = layer(cell, x, torch.zeros_like(x))
     (got,) = torch.autograd.grad(loss_of(z, target) + 2.0 * info.jac_loss, W)
@@ -243,22 +246,25 @@ def test_a_second_backward_through_a_retained_graph_is_still_implicit():
     assert torch.allclose(second, rW, rtol=1e-7, atol=1e-9)
 
 
-def test_plain_keyword_errors_list_the_valid_choices():
-    with pytest.raises(ValueError, match=r"DEQ: solver 'newton' is unknown \(valid: fixed_point, anderson, broyden\)"):
-        DEQ(solver="newton")
-    with pytest.raises(ValueError, match="DEQ: backward must be one of ift, phantom, jfb"):
-        DEQ(backward="exact")
-    with pytest.raises(ValueError, match="solver 'anderson' has no option history"):
-        DEQ(solver_options={"history": 3})
-    with pytest.raises(ValueError, match="tol must be a finite number > 0"):
-        DEQ(tol=float("inf"))
-    with pytest.raises(ValueError, match="max_iter must be an integer >= 1"):
-        DEQ(backward_max_iter=True)
+def test_plain_keyword_errors_name_the_key_and_list_the_valid_choices():
+    with pytest.raises(ValueError, match=r"DEQ: forward.solver: unknown solver 'newton' "
+                                         r"\(valid: fixed_point, anderson, broyden"):
+        DEQ(forward=dict(solver="newton"))
+    with pytest.raises(ValueError, match="backward.mode: Input should be 'ift', 'phantom' or 'jfb'"):
+        DEQ(backward=dict(mode="exact"))
+    with pytest.raises(ValueError, match=r"forward.anderson.history: unknown key \(valid: m, lam, beta\)"):
+        DEQ(forward=dict(anderson={"history": 3}))
+    with pytest.raises(ValueError, match="forward.tol: Input should be a finite number"):
+        DEQ(forward=dict(tol=float("inf")))
+    with pytest.raises(ValueError, match="backward.max_iter: expected an integer, got true"):
+        DEQ(backward=dict(max_iter=True))
+    with pytest.raises(ValueError, match=r"unknown key \(valid: mode, unrolled, forward"):
+        DEQ(solver="anderson")
 
 
 def test_unrolled_twin_is_autograd_through_the_same_cell():
     W, x, target, cell = small_problem(seed=6)
-    twin = DEQ(mode="unrolled", unrolled_depth=7, tol=1e-3).train()
+    twin = DEQ(mode="unrolled", unrolled=dict(depth=7), forward=dict(tol=1e-3)).train()
     z, info = twin(cell, x, torch.zeros_like(x))
     (got,) = torch.autograd.grad(loss_of(z, target), W)
     ref = torch.zeros_like(x)
@@ -276,8 +282,8 @@ def test_unrolled_twin_is_autograd_through_the_same_cell():
     with torch.no_grad():
         z_eval, info = twin.eval()(cell, x, torch.zeros_like(x))
     assert torch.equal(z_eval, ref.detach()) and info.forward.nfe == 7
-    with pytest.raises(ValueError, match="fp_correction must be 0 with mode='unrolled'"):
-        DEQ(mode="unrolled", fp_correction=2)
+    with pytest.raises(ValueError, match="fp_correction.states must be 0 with mode=unrolled"):
+        DEQ(mode="unrolled", fp_correction=dict(states=2))
 
 
 @pytest.mark.parametrize("mode", ["ift", "phantom", "jfb"])
@@ -289,7 +295,7 @@ def test_a_finished_step_leaves_nothing_alive(mode):
     import weakref
 
     W, x, target, cell = small_problem()
-    layer = deq_layer(mode, jacobian_reg=1.0)
+    layer = deq_layer(mode, jacobian_reg=dict(weight=1.0))
     loss, info = deq_loss(layer, cell, x, target)
     loss = loss + info.jac_loss
     loss.backward()
@@ -334,11 +340,11 @@ def test_shine_starts_the_adjoint_nearer_its_solution_and_keeps_it_exact():
         exact = torch.linalg.solve(torch.eye(8, dtype=DT) - J.T, grad[b])
         assert (start[b] - exact).norm() < (grad[b] - exact).norm()
 
-    layer = DEQ(**{**EXACT, "solver": "broyden", "solver_options": {"history": 300},
-                   "shine": True}).train()
+    layer = DEQ(forward={**EXACT_FORWARD, "solver": "broyden", "broyden": {"history": 256}},
+                backward=dict(tol=1e-11, max_iter=300, shine=True)).train()
     loss, info = deq_loss(layer, cell, x, target)
     gW, gx = torch.autograd.grad(loss, (W, x))
     rW, rx = unrolled_grads(W, x, target, cell)
     assert torch.allclose(gW, rW, rtol=1e-7, atol=1e-9) and torch.allclose(gx, rx, rtol=1e-7, atol=1e-9)
     with pytest.raises(ValueError, match="shine"):
-        DEQ(solver="anderson", shine=True)
+        DEQ(forward=dict(solver="anderson"), backward=dict(shine=True))

@@ -110,8 +110,8 @@ def test_ift_gradient_matches_the_unrolled_reference(model, task):
     x = x if task == "lm" else x.double()
     u = m.inject(x)
     params = [p for n, p in m.named_parameters() if n.startswith("body.")]
-    settings = dict(solver="anderson", tol=1e-12, max_iter=200, backward_solver="anderson",
-                    backward_tol=1e-12, backward_max_iter=200)
+    settings = dict(forward=dict(solver="anderson", tol=1e-12, max_iter=200),
+                    backward=dict(solver="anderson", tol=1e-12, max_iter=200))
     reports = compare_to_unrolled(m.cell, u, m.init_state(u), params, settings)
     assert reports["ift"].cosine > 0.99999 and reports["ift"].rel_error < 1e-5
     assert reports["jfb"].cosine < reports["ift"].cosine
@@ -223,8 +223,8 @@ def test_mdeq_ift_gradient_matches_the_unrolled_reference():
     def loss(z):
         return sum(((t - 0.1) ** 2).sum() for t in z)
 
-    settings = dict(tol=1e-12, max_iter=300, backward_solver="anderson", backward_tol=1e-12,
-                    backward_max_iter=300)
+    settings = dict(forward=dict(tol=1e-12, max_iter=300),
+                    backward=dict(solver="anderson", tol=1e-12, max_iter=300))
     reports = compare_to_unrolled(m.cell, u, m.init_state(u), params, settings, loss=loss)
     assert reports["ift"].cosine > 0.99999 and reports["ift"].rel_error < 1e-5
 

@@ -22,7 +22,7 @@ def test_every_error_is_reported_at_once_with_its_dotted_key():
     assert "data.batch_size:" in text
     assert ("data.bogus: unknown key (valid for data.name=mnist-5k: name, batch_size, "
             "eval_batch_size, limit_train, limit_eval, augment)") in text
-    assert "deq.forward.solver:" in text and "'fixed_point', 'anderson' or 'broyden'" in text
+    assert "deq.forward.solver: unknown solver 'newton' (valid: fixed_point, anderson, broyden" in text
     assert "extra: unknown key" in text
 
 
@@ -62,7 +62,7 @@ def test_eval_inherits_forward_settings():
 
 def test_bf16_until_is_a_forward_setting_above_tol():
     r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2}}})
-    assert r.deq.forward.spec().bf16_until == 1e-2 == r.deq.layer_kwargs()["bf16_until"]
+    assert r.deq.forward.spec().bf16_until == 1e-2
     assert r.deq.eval_settings().spec().bf16_until == 1e-2
     # an eval tolerance at or above it leaves the eval solve in one precision
     r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2},
@@ -115,8 +115,8 @@ def test_data_and_model_blocks_are_chosen_by_name_and_checked_as_their_own():
     assert lines[1].startswith("model.channels: unknown key (valid for "
                                "model.name=transformer_deq: name, d_model")
     assert lines[2].startswith("deq.forward.max_iter:")
-    with pytest.raises(recipes.RecipeError, match=r"model.name: unknown 'mlp' \(valid: "
-                                                  r"'resnet_deq', 'mdeq', 'transformer_deq', 'tcn_deq'\)"):
+    with pytest.raises(recipes.RecipeError, match=r"model.name: unknown model 'mlp' \(valid: "
+                                                  r"resnet_deq, mdeq, transformer_deq, tcn_deq"):
         recipes.validate({"model": {"name": "mlp"}})
 
 
@@ -133,13 +133,15 @@ def test_a_stored_recipe_moves_to_other_data_of_its_kind_by_overrides_alone():
     assert (r.data.window, r.data.columns) == (104, ["a", "b"])
 
 
-def test_the_deq_block_is_an_adapter_onto_the_plain_layer():
+def test_the_deq_block_is_the_plain_layer_s_settings():
     from deqctl import DEQ
-    r = recipes.validate({"deq": {"forward": {"solver": "broyden", "max_iter": 12},
-                                  "eval": {"solver": "anderson", "max_iter": 40},
-                                  "backward": {"mode": "phantom", "phantom_steps": 3},
-                                  "jacobian_reg": {"weight": 0.5, "every": 2}}})
-    layer = DEQ(**r.deq.layer_kwargs())
+    raw = {"forward": {"solver": "broyden", "max_iter": 12},
+           "eval": {"solver": "anderson", "max_iter": 40},
+           "backward": {"mode": "phantom", "phantom_steps": 3},
+           "jacobian_reg": {"weight": 0.5, "every": 2}}
+    r = recipes.validate({"deq": raw})
+    assert DEQ(**raw).settings == r.deq            # the same schema, from Python
+    layer = DEQ(r.deq)
     assert (layer.fwd_spec.solver, layer.fwd_spec.max_iter) == ("broyden", 12)
     assert layer.fwd_spec.options == {"history": 8, "line_search": False, "ls_steps": 3}
     assert (layer.eval_spec.solver, layer.eval_spec.max_iter, layer.eval_spec.options) == \

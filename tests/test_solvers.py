@@ -229,7 +229,7 @@ def test_implicit_gradient_through_a_state_of_several_tensors():
         return torch.tanh(a @ W.T + u), torch.tanh(0.5 * b + (a @ V.T).view(-1, 2, 2))
 
     z0 = (torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, 2, 2, dtype=torch.float64))
-    layer = DEQ(tol=1e-13, max_iter=300, backward_tol=1e-12, backward_max_iter=300).train()
+    layer = DEQ(forward=dict(tol=1e-13, max_iter=300), backward=dict(tol=1e-12, max_iter=300)).train()
     (a, b), info = layer(cell, x, z0)
     loss = (a ** 2).sum() + (b * torch.arange(4.0, dtype=torch.float64).view(2, 2)).sum()
     got = torch.autograd.grad(loss, (W, V))

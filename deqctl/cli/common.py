@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +15,7 @@ from ..data import DataError
 from ..engine.checkpoint import CheckpointError
 from ..engine.device import DeviceError
 from ..engine.rundir import RunDirError
+from ..engine.usercode import CodeChanged
 from ..files import FileRefused, OutputError
 from ..models import ModelError
 from ..recipe import RecipeError
@@ -23,6 +25,18 @@ USAGE, FAILED, INTERRUPTED = 2, 1, 130
 # errors in what the user asked for: usage, exit 2
 INPUT_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, DeviceError,
                 RunDirError, OutputError, FileRefused, FileNotFoundError)
+
+
+TRUST_CODE = typer.Option(False, "--trust-code", help="import the user code (model, solver "
+                          "or data by import path) this run or checkpoint names: it runs that "
+                          "code, so only for runs you trust")
+
+
+def say_user_code(recipe) -> None:
+    """The first line of a command that imported user code a recipe names."""
+    for key, part in recipe.user_code().items():
+        typer.echo(f"user code: {key}={part.ref} imported from {part.path} "
+                   f"(sha256 {part.sha256[:12] if part.sha256 else '?'})")
 
 
 def fail(message: str, code: int) -> None:
@@ -37,7 +51,10 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", CodeChanged)
+                warnings.showwarning = _one_line
+                return fn(*args, **kwargs)
         except INPUT_ERRORS as exc:
             fail(str(exc), USAGE)
         except typer.Exit:
@@ -53,6 +70,10 @@ def user_errors(fn: Callable) -> Callable:
                  FAILED)
 
     return wrapper
+
+
+def _one_line(message, category, *args, **kwargs) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:

@@ -17,8 +17,8 @@ from ..engine.evaluate import evaluate
 from ..implicit import SolveSpec
 from ..inspect import Source, open_source
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
-from ..recipe import ITER_LIMIT
-from .common import USAGE, fail, split_args, user_errors
+from ..limits import ITER_LIMIT
+from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
 
 SOLVER_KEYS = ("fwd_nfe", "fwd_nfe_max", "fwd_abs_residual", "fwd_rel_residual",
                "fwd_rel_residual_max", "fwd_converged")
@@ -39,13 +39,14 @@ def eval_command(
         None, "--sweep-iters", help="re-solve with each max_iter, e.g. 1,2,4,8,16,32 "
                                     "(tol stays the eval tol): metric against NFE"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout, nothing else"),
+    trust_code: bool = TRUST_CODE,
 ) -> None:
     """Evaluate a trained DEQ with any test-time solver settings (loss, task metrics, NFE, residuals)."""
     path, overrides = split_args(args)
     if path is None:
         fail("missing RUN_OR_CHECKPOINT (e.g. deqctl eval runs/mnist-deq)", USAGE)
     iters = _parse_iters(sweep_iters) if sweep_iters is not None else None
-    src = open_source(path, overrides)
+    src = open_source(path, overrides, trust_code=trust_code)
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
     data = src.split(split.value)

@@ -10,13 +10,14 @@ import torch
 import typer
 
 from ..api import load as load_model
+from ..engine import usercode
 from ..engine.bundle import save_bundle
 from ..export import (ExportFailed, MissingDependency, UNROLLABLE, Unrolled, calibrate_iters,
                       compare, fold_norms, require_onnx, write_onnx, write_pt2)
 from ..inspect import open_source
 from ..files import Output
-from ..recipe import UNROLL_LIMIT
-from .common import FAILED, USAGE, fail, split_args, user_errors
+from ..limits import UNROLL_LIMIT
+from .common import FAILED, TRUST_CODE, USAGE, fail, split_args, user_errors
 
 
 class Format(str, Enum):
@@ -47,6 +48,7 @@ def export(
     min_agree: float = typer.Option(0.99, "--min-agree", min=0.0, max=1.0,
                                     help="fail if fewer predictions agree with the eager model"),
     force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+    trust_code: bool = TRUST_CODE,
 ) -> None:
     """Export a trained DEQ with its solver unrolled to fixed iterations; check parity on a real batch."""
     path, overrides = split_args(args)
@@ -60,7 +62,8 @@ def export(
     try:
         if fmt is Format.onnx:
             require_onnx()   # before any work: a missing extra should fail in a second
-        _export(path, overrides, fmt, target, iters, solver, batch, max_diff, min_agree)
+        _export(path, overrides, fmt, target, iters, solver, batch, max_diff, min_agree,
+                trust_code)
     except MissingDependency as exc:
         fail(str(exc), USAGE)
     except ExportFailed as exc:
@@ -68,18 +71,19 @@ def export(
 
 
 def _export(path: str, overrides: list[str], fmt: Format, target: Output, iters: int | None,
-            solver: Solver | None, batch: int, max_diff: float | None, min_agree: float) -> None:
+            solver: Solver | None, batch: int, max_diff: float | None, min_agree: float,
+            trust_code: bool) -> None:
     """Write the artefact to a temporary file, check it, and only then move it to --out."""
     with target.writing() as tmp:
         _write(path, overrides, fmt, tmp, target.path, iters, solver, batch, max_diff,
-               min_agree)
+               min_agree, trust_code)
 
 
 def _write(path: str, overrides: list[str], fmt: Format, out: Path, named: Path,
            iters: int | None, solver: Solver | None, batch: int, max_diff: float | None,
-           min_agree: float) -> None:
+           min_agree: float, trust_code: bool) -> None:
     say = typer.echo
-    src = open_source(path, overrides)
+    src = open_source(path, overrides, trust_code=trust_code)
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
     # Artefacts are written for and checked on the CPU, where they will be loaded first.
@@ -94,9 +98,11 @@ def _write(path: str, overrides: list[str], fmt: Format, out: Path, named: Path,
     info, task = src.info, src.task
 
     if fmt is Format.safetensors:
-        save_bundle(out, model, src.recipe, info.as_dict(), extra={"source": src.label})
+        save_bundle(out, model, src.recipe, info.as_dict(),
+                    extra={"source": src.label,
+                           "code": usercode.records(src.recipe.user_code())})
         with torch.no_grad():
-            candidate = load_model(out)(x)
+            candidate = load_model(out, trust_code=trust_code)(x)
         parity = compare(task, eager, candidate)
         say(f"export {named}: weights, resolved recipe and data description (eval solver "
             f"{s.describe()}); load with deqctl.load({str(named)!r})")

@@ -14,13 +14,13 @@ from rich.table import Table
 
 from ..implicit import SolveSpec
 from ..inspect import SolverTrace, TraceReport, is_recipe, open_source, trace_model
-from ..recipe import SolverSettings
+from ..implicit.settings import SolverSettings
 from ..solvers import SOLVERS
 from ..ui import plot_traces, sparkline
 from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
 from ..files import Output
-from ..recipe import ITER_LIMIT
-from .common import USAGE, fail, split_args, user_errors
+from ..limits import ITER_LIMIT
+from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
 
 
 @user_errors
@@ -41,6 +41,7 @@ def solve_trace(
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of residual vs iteration"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the traces as JSON"),
     force: bool = typer.Option(False, "--force", help="replace --plot / --json files that exist"),
+    trust_code: bool = TRUST_CODE,
 ) -> None:
     """Compare solvers on a real batch: true residual per iteration, NFE and time to tol,
     spectral radius of df/dz at z* next to fixed-point iteration's observed rate."""
@@ -48,16 +49,15 @@ def solve_trace(
     if path is None:
         fail("missing RUN_OR_CHECKPOINT or RECIPE.yaml", USAGE)
     names = [s.strip() for s in solvers.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SOLVERS]
-    if unknown or not names:
-        fail(f"--solvers: unknown solver {', '.join(unknown) or '(none given)'} "
-             f"(valid: {', '.join(SOLVERS)})", USAGE)
+    if not names:
+        fail("--solvers: name at least one solver, e.g. anderson,broyden", USAGE)
     if tol is not None and tol <= 0:
         fail("--tol must be > 0", USAGE)
     outputs = _outputs(plot, json_path, backward, force)     # refused before any work
-    src = open_source(path, overrides, allow_recipe=True)
+    src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code)
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
+    _check_solvers(names, src.recipe)
     x, y = src.batch("test", batch)
     update = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     fwd = _specs(src.recipe.deq.eval_settings(), names, update)
@@ -105,6 +105,16 @@ def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: b
     if json_path is not None:
         outputs["json"] = Output(json_path, force, "--json")
     return {k: o.check() for k, o in outputs.items()}
+
+
+def _check_solvers(names: list[str], recipe) -> None:
+    """Exit 2 unless every name is a built-in solver or one the recipe names."""
+    valid = [*SOLVERS.builtins, *(p.ref for k, p in recipe.user_code().items()
+                                  if k.startswith("deq."))]
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        fail(f"--solvers: unknown solver {', '.join(unknown)} (valid: {', '.join(valid)})",
+             USAGE)
 
 
 def _specs(settings: SolverSettings, names: list[str], update: dict) -> list[SolveSpec]:

@@ -18,7 +18,7 @@ from ..engine.resume import check_changes, run_of
 from ..engine.rundir import RunDirError, RunLock, claim_new, lock_existing
 from ..engine.train import Interrupted, TrainingDiverged, train as run_training
 from ..ui import TrainView
-from .common import FAILED, USAGE, fail, split_args, user_errors
+from .common import FAILED, TRUST_CODE, USAGE, fail, say_user_code, split_args, user_errors
 
 
 @dataclass
@@ -40,25 +40,27 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run or checkpoint"),
     plain: Optional[bool] = typer.Option(None, "--plain/--live",
                                          help="plain lines or live table (default: live on a terminal)"),
+    trust_code: bool = TRUST_CODE,
 ) -> None:
     """Train a DEQ from a YAML recipe, showing fixed-point residuals and solver NFE live."""
     path, overrides = split_args(args)
     if resume is not None:
         if path is not None:
             fail("with --resume, give only overrides (the recipe comes from the checkpoint)", USAGE)
-        plan = _plan_resume(resume, overrides, out)
+        plan = _plan_resume(resume, overrides, out, trust_code)
         recipe, run_dir, new_dir = plan.recipe, plan.run_dir, plan.new_dir
     else:
         if path is None:
             fail("missing RECIPE.yaml (e.g. deqctl train configs/mnist-deq.yaml)", USAGE)
         recipe = recipes.load(path, overrides)
         plan, run_dir, new_dir = None, out, True
+    say_user_code(recipe)                          # importing it is the first thing said
     group = join(recipe.runtime.device)            # torchrun: its process group, else none
     try:
         lock, run_dir = _claim(group, run_dir, new_dir, recipe.name)
         try:
             if plan is not None:   # read again under the lock: the run may have moved on
-                plan = _plan_resume(resume, overrides, out)
+                plan = _plan_resume(resume, overrides, out, trust_code)
             _run(plan.recipe if plan else recipe, run_dir, plan, plain, group)
         finally:
             if lock is not None:
@@ -67,11 +69,11 @@ def train(
         leave(group)
 
 
-def _plan_resume(resume: Path, overrides: list[str], out: Path | None) -> Resume:
+def _plan_resume(resume: Path, overrides: list[str], out: Path | None, trust_code: bool
+                 ) -> Resume:
     folder = checkpoint.resolve(resume)
-    base, _ = checkpoint.read_meta(folder)
-    raw = recipes.apply_overrides(base.model_dump(mode="json"), overrides)
-    recipe = recipes.validate(raw, source="overrides")
+    base, _ = checkpoint.read_meta(folder, trust_code)
+    recipe, _ = checkpoint.read_meta(folder, trust_code, overrides) if overrides else (base, None)
     warnings = check_changes(base, recipe)
     own = run_of(folder)
     if out is None and own is None:

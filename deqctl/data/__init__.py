@@ -4,53 +4,55 @@
     for x, y in iterate_batches(bundle.train, 64, shuffle=True, seed=0, epoch=e, start=k):
         ...                                   # typed batches: see deqctl.data.base
 
-A new source is one loader `f(data_settings, like) -> DataBundle` added to SOURCES (and
-its settings block to deqctl.recipe.DataSettings); `like`, the description of the data a
-trained model saw, matters to sources that fit something to their data (a vocabulary).
+A new built-in source is one module: a loader `f(settings, like) -> DataBundle` registered
+with `@source("name", SettingsBlock)`, imported below. A user's source needs no edit at
+all: `data.name: PATH.py:function` returning the arrays an .npz holds (deqctl.data.registry).
+`like`, the description of the data a trained model saw, matters to sources that fit
+something to their data (a vocabulary).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-from ..errors import quote
-from .arrays import load_npz
+from ..options import Block, options_block
+from ..registry import Part
+from . import images, text, arrays, series, hf  # noqa: F401,E401  (they register themselves)
+from .arrays import function_source
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .batches import augment_batch, epoch_order, iterate_batches, num_batches
-from .hf import load_hf
-from .images import load_imagefolder, load_mnist_5k, load_sequential_mnist, load_torchvision
-from .series import load_co2, load_csv
-from .text import Tokenizer, load_shakespeare, load_text
+from .registry import SOURCES, Source
+from .settings import ArraysData, DataBase
+from .text import Tokenizer
 
-Loader = Callable[..., DataBundle]
+_BLOCKS: dict[tuple[str, int], type[Block]] = {}
 
-SOURCES: dict[str, Loader] = {
-    "mnist-5k": load_mnist_5k,
-    "sequential-mnist": load_sequential_mnist,
-    "mnist": load_torchvision,
-    "fashion-mnist": load_torchvision,
-    "cifar10": load_torchvision,
-    "imagefolder": load_imagefolder,
-    "shakespeare": load_shakespeare,
-    "text": load_text,
-    "npz": load_npz,
-    "co2": load_co2,
-    "csv": load_csv,
-    "hf": load_hf,
-}
+
+def data_block(part: Part) -> type[Block]:
+    """The `data` block of a recipe choosing `part`: `name`, the keys every source takes,
+    and the source's own (a user function's: its keyword arguments, and the npz keys)."""
+    key = (part.ref, id(part.obj))
+    if key not in _BLOCKS:
+        if isinstance(part.obj, Source):
+            block = options_block(lambda: None, 0, f"data {part.ref}", name=part.ref,
+                                  base=part.obj.settings)
+            block.__source__ = part.obj
+        else:
+            block = options_block(part.obj, 0, f"data {part.ref}", name=part.ref,
+                                  base=ArraysData)
+            block.__source__ = Source(function_source(part.obj, part.ref), block)
+        _BLOCKS[key] = block
+    return _BLOCKS[key]
+
 
 def build_data(cfg, like: DataInfo | None = None) -> DataBundle:
-    """Return the data named by data.name, with data.limit_train applied to train and
-    data.limit_eval to test and val (first N samples of each).
+    """Return the data `cfg` (a validated `data` block) names, with data.limit_train
+    applied to train and data.limit_eval to test and val (first N samples of each).
 
     `like` is the description of the data a model was trained on: a text is then
     tokenized with that model's vocabulary, and the data must fit the model.
-    Raises DataError (one line) for an unknown name, data that cannot be found or read,
-    or data that does not fit `like`.
+    Raises DataError (one line) for data that cannot be found or read, or that does not
+    fit `like`.
     """
-    if cfg.name not in SOURCES:
-        raise DataError(f"data.name: unknown source {quote(cfg.name)} (valid: {', '.join(SOURCES)})")
-    bundle = SOURCES[cfg.name](cfg, like)
+    bundle = type(cfg).__source__.load(cfg, like)
     for part in ("train", "val", "test"):
         split = getattr(bundle, part)
         if split is not None and len(split) == 0:
@@ -66,5 +68,6 @@ def build_data(cfg, like: DataInfo | None = None) -> DataBundle:
                       notes=bundle.notes, facts=bundle.facts)
 
 
-__all__ = ["DataError", "DataInfo", "Split", "DataBundle", "SOURCES", "Tokenizer", "build_data",
-           "num_batches", "iterate_batches", "augment_batch", "epoch_order", "channel_stats"]
+__all__ = ["DataError", "DataInfo", "DataBase", "Split", "DataBundle", "SOURCES", "Source",
+           "Tokenizer", "build_data", "data_block", "num_batches", "iterate_batches",
+           "augment_batch", "epoch_order", "channel_stats"]

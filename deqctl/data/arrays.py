@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 from ..files import FileRefused, open_regular
+from ..options import parameters
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
+from .registry import source
+from .settings import ArraysData
 
 
 MAX_CLASSES = 100_000      # a label beyond this is a mistake, and would size the head
@@ -82,11 +85,11 @@ def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
 
 
-def _finite(a: np.ndarray, key: str, path: Path) -> None:
+def _finite(a: np.ndarray, key: str, where: str) -> None:
     if a.dtype.kind == "f":
         bad = ~np.isfinite(a)
         if bad.any():
-            raise DataError(f"{path.name}: {key} holds NaN or inf ({int(bad.sum())} value(s), "
+            raise DataError(f"{where}: {key} holds NaN or inf ({int(bad.sum())} value(s), "
                             f"the first at index {_first_bad(bad)}); fill or drop them first")
 
 
@@ -132,6 +135,13 @@ def _targets(y: np.ndarray, key: str, n: int) -> torch.Tensor:
     raise DataError(f"{key}: expected integer classes or float values, got {y.dtype}")
 
 
+class NpzData(ArraysData):
+    """data.path: arrays x, y, x_test, y_test (optional x_val, y_val)."""
+
+    path: str | None = None
+
+
+@source("npz", NpzData)
 def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return the arrays of data.path as a classification or regression bundle; scaling
     statistics come from the training part."""
@@ -140,19 +150,25 @@ def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DataError(f"data.path: {path} not found")
-    arrays = _arrays(path)
+    return arrays_bundle(_arrays(path), f"npz:{path.stem}", path.name, cfg, like)
+
+
+def arrays_bundle(arrays: dict[str, np.ndarray], name: str, where: str, cfg,
+                  like: DataInfo | None) -> DataBundle:
+    """The bundle of arrays x, y, x_test, y_test (optional x_val, y_val), read per
+    cfg.layout; `where` names their origin in errors."""
     missing = [k for k in ("x", "y", "x_test", "y_test") if k not in arrays]
     if ("x_val" in arrays) != ("y_val" in arrays):
         missing.append("y_val" if "x_val" in arrays else "x_val")
     if missing:
-        raise DataError(f"data.path: {path.name} lacks array(s) {', '.join(missing)} "
+        raise DataError(f"{where} lacks array(s) {', '.join(missing)} "
                         f"(has: {', '.join(arrays) or 'none'})")
     splits, kind = {}, None
     for part, suffix in (("train", ""), ("test", "_test"), ("val", "_val")):
         if f"x{suffix}" not in arrays:
             continue
         for key in (f"x{suffix}", f"y{suffix}"):
-            _finite(arrays[key], key, path)
+            _finite(arrays[key], key, where)
         x, this = _inputs(arrays[f"x{suffix}"], f"x{suffix}", cfg.layout)
         y = _targets(arrays[f"y{suffix}"], f"y{suffix}", x.shape[0])
         if splits and (this != kind or x.shape[1:] != splits["train"].inputs.shape[1:]):
@@ -165,7 +181,27 @@ def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
         if cfg.augment and this != "image":
             raise DataError("data.augment: shifts apply to images; this x holds sequences")
         splits[part], kind = Split(x, y, augment="shift" if this == "image" else None), this
-    return _bundle(f"npz:{path.stem}", splits, kind, like)
+    return _bundle(name, splits, kind, like)
+
+
+def function_source(fn, ref: str):
+    """The loader of a user's data function: its options are its keyword arguments, and
+    it returns the arrays an .npz would hold (NumPy arrays or tensors)."""
+    def load(cfg, like: DataInfo | None = None) -> DataBundle:
+        options = {p.name: getattr(cfg, p.name) for p in parameters(fn, 0)}
+        try:
+            arrays = fn(**options)
+        except Exception as exc:    # the user's code: say where it failed, in one line
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise DataError(f"data.name={ref}: the data function raised "
+                            f"{type(exc).__name__}: {first}") from None
+        if not isinstance(arrays, dict) or not all(isinstance(k, str) for k in arrays):
+            raise DataError(f"data.name={ref}: the data function must return a dict of "
+                            f"arrays (x, y, x_test, y_test), got {type(arrays).__name__}")
+        arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                  for k, v in arrays.items()}
+        return arrays_bundle(arrays, ref.rpartition(":")[2], f"data.name={ref}", cfg, like)
+    return load
 
 
 def _bundle(name: str, splits: dict[str, Split], kind: str, like: DataInfo | None) -> DataBundle:

@@ -8,11 +8,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from ..errors import quote
+from ..options import Block, Bool, Int
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import colour_mode, decode_images, image_bundle
+from .registry import source
+from .settings import TextTokens
 from .text import lm_bundle
+
+
+class HfSource(Block):
+    path: str | None = Field(None, description="hub name (e.g. wikitext) or a folder "
+                             "written by save_to_disk")
+    config: str | None = None
+    train_split: str = "train"
+    val_split: str | None = None
+    test_split: str = "test"
+    text_column: str | None = Field(None, description="a text dataset: its column")
+    image_column: str | None = Field(None, description="an image dataset: its columns")
+    label_column: str | None = None
+
+
+class HfData(TextTokens):
+    """Any Hugging Face dataset: text (language modelling) or image + label (classification)."""
+
+    hf: HfSource = HfSource()
+    root: str | None = Field(None, description="datasets cache directory")
+    image_size: Int | None = Field(None, ge=4)
+    augment: Bool = False
 
 TEXT_COLUMNS = ("text", "content", "sentence")
 IMAGE_COLUMNS = ("image", "img")
@@ -50,6 +75,7 @@ def _pick(given: str | None, candidates: tuple[str, ...], columns: list[str]) ->
     return next((c for c in candidates if c in columns), None)
 
 
+@source("hf", HfData)
 def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return the splits data.hf.{train,val,test}_split of data.hf.path as a bundle."""
     src = cfg.hf

@@ -14,13 +14,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pydantic import Field
+
 from ..files import FileRefused, open_regular
+from ..options import Bool, Int
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .idx import read_idx
+from .registry import source
+from .settings import Augmentable
 
 EMBEDDED = Path(__file__).parent / "embedded"
 DEFAULT_ROOT = "~/.cache/deqctl/data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class TorchvisionData(Augmentable):
+    """torchvision's MNIST, Fashion-MNIST and CIFAR-10."""
+
+    root: str | None = Field(None, description="where the files live (default ~/.cache/deqctl/data)")
+    download: Bool = False
+
+
+class ImageFolderData(Augmentable):
+    """root/train/<class>/*.png|jpg, root/test/<class>/..., optional root/val/."""
+
+    root: str | None = None
+    image_size: Int | None = Field(None, ge=4, description="resize to this square size "
+                                   "(needed when image sizes differ)")
 
 
 def data_root(cfg) -> Path:
@@ -52,6 +72,7 @@ def _mnist_5k_splits() -> tuple[Split, Split]:
     return split("train"), split("t10k")
 
 
+@source("mnist-5k", Augmentable)
 def load_mnist_5k(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return the embedded 5000-digit MNIST subset: 4000 train / 1000 test, stratified
     (400 / 100 per class), no val split. Works offline.
@@ -65,6 +86,7 @@ def load_mnist_5k(cfg, like: DataInfo | None = None) -> DataBundle:
     return image_bundle("mnist-5k", train, test, num_classes=10)
 
 
+@source("sequential-mnist", Augmentable)
 def load_sequential_mnist(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return the embedded MNIST subset as sequences: each digit is 28 steps (rows) of 28
     values (pixels in [0, 1]), a class per sequence. Augmentation shifts rows and columns."""
@@ -109,6 +131,9 @@ def _torchvision(cfg, name: str, cls_name: str, augment: str) -> DataBundle:
                         num_classes=len(train.classes))
 
 
+@source("cifar10", TorchvisionData)
+@source("fashion-mnist", TorchvisionData)
+@source("mnist", TorchvisionData)
 def load_torchvision(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return MNIST, Fashion-MNIST (60000 / 10000) or CIFAR-10 (50000 / 10000, RGB 32x32,
     augmentation also flips) via torchvision; no val split."""
@@ -192,6 +217,7 @@ def _loaded(paths: list[Path]):
             yield im
 
 
+@source("imagefolder", ImageFolderData)
 def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return data.root/{train,test[,val]}/<class>/*.png|jpg as a classification bundle;
     classes are the train subfolders, sorted."""

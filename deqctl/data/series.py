@@ -21,10 +21,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from typing import Any
+
+from pydantic import Field, field_validator
+
 from ..errors import quote
 from ..files import FileRefused, open_regular
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
+from .registry import source
+from .settings import Forecasting
+
+
+class CsvData(Forecasting):
+    """A table with a header row, forecast column by column."""
+
+    path: str | None = None
+    time_column: str | None = Field(None, description="dates or plain numbers (rows are "
+                                    "sorted by it); None keeps the file's row order")
+    columns: list[str] = Field(default_factory=list, description="target columns to forecast")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _one_column(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v   # data.columns=co2 on the command line
 
 
 def parse_time(text: str) -> float | None:
@@ -187,6 +207,7 @@ def forecast_bundle(name: str, times: np.ndarray, values: np.ndarray, columns: l
                       val=splits.get("val"), notes=notes, facts={"gaps_interpolated": gaps})
 
 
+@source("csv", CsvData)
 def load_csv(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return a forecasting bundle from data.path (CSV with a header row): data.columns
     are both the model's input channels and its targets."""
@@ -202,6 +223,7 @@ def load_csv(cfg, like: DataInfo | None = None) -> DataBundle:
     return forecast_bundle(f"csv:{path.stem}", times, values, list(cfg.columns), cfg)
 
 
+@source("co2", Forecasting)
 def load_co2(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return the embedded weekly Mauna Loa CO2 series (ppm), 1958-03-29 to 2001-12-29,
     2284 weeks of which 59 have no measurement (Scripps / CDIAC, public domain; see

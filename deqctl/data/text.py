@@ -15,12 +15,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pydantic import Field
+
 from ..errors import quote
 from ..files import is_regular
+from ..options import Block
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
+from .registry import source
+from .settings import TextTokens
 
 UNKNOWN = 0   # char vocabularies: the id of every character the training text lacks
+
+
+class TextFiles(Block):
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+
+class TextData(TextTokens):
+    """Local UTF-8 text files, read through Hugging Face datasets' "text" builder."""
+
+    files: TextFiles = TextFiles()
+    root: str | None = Field(None, description="datasets cache directory")
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,7 @@ def lm_bundle(name: str, texts: dict[str, str], cfg, like: DataInfo | None) -> D
                       val=splits.get("val"), notes=notes, facts={"unknown_tokens": unknown})
 
 
+@source("shakespeare", TextTokens)
 def load_shakespeare(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return the embedded Shakespeare corpus: 8 plays to train, A Midsummer Night's
     Dream to validate, The Merchant of Venice to test (public domain; see
@@ -143,6 +162,7 @@ def load_shakespeare(cfg, like: DataInfo | None = None) -> DataBundle:
     return lm_bundle("shakespeare", read_text_files(files, None), cfg, like)
 
 
+@source("text", TextData)
 def load_text(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return UTF-8 text files data.files.{train,val,test} as a language-modelling bundle.
     With `like` (evaluating a trained model) no training file is needed."""

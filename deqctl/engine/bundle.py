@@ -46,26 +46,29 @@ def bundle_metadata(path: str | Path) -> dict[str, str] | None:
     return meta if meta.get("format") == FORMAT else None
 
 
-def read_bundle(path: str | Path, overrides: list[str] = ()
-                ) -> tuple[recipes.Recipe, dict[str, Any]]:
-    """Return (recipe with overrides applied, data_info) of a safetensors export.
+def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Return (the stored recipe as parsed YAML, data_info, user-code records) of a
+    safetensors export.
 
     The header may have been written by anyone: ValueError (one line) for a missing or
-    malformed field, RecipeError for a recipe that is invalid, too large or hostile."""
+    malformed field, RecipeError for a recipe that is not valid, too large or hostile YAML."""
     meta = bundle_metadata(path)
     if meta is None:
         raise ValueError(f"{path}: safetensors file without deqctl metadata")
     missing = [k for k in ("recipe", "data_info") if not isinstance(meta.get(k), str)]
     if missing:
         raise ValueError(f"{path}: deqctl metadata lacks {', '.join(missing)}")
-    try:
-        info = json.loads(meta["data_info"])
-    except RecursionError:
-        raise ValueError(f"{path}: data_info in the metadata is nested too deeply") from None
-    except ValueError:
-        raise ValueError(f"{path}: data_info in the metadata is not valid JSON") from None
+    info, extra = (_json(meta.get(k) or "{}", k, path) for k in ("data_info", "extra"))
     if not isinstance(info, dict):
         raise ValueError(f"{path}: data_info in the metadata is not a mapping")
     raw = recipes.parse(meta["recipe"], f"{path} (stored recipe)")
-    raw = recipes.apply_overrides(recipes.migrate(raw), list(overrides))
-    return recipes.validate(raw, source=f"{path} (stored recipe)"), info
+    return raw, info, extra.get("code") if isinstance(extra, dict) else None
+
+
+def _json(text: str, key: str, path: str | Path) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}: {key} in the metadata is nested too deeply") from None
+    except ValueError:
+        raise ValueError(f"{path}: {key} in the metadata is not valid JSON") from None

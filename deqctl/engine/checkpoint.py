@@ -27,6 +27,7 @@ from .. import recipe as recipes
 from ..data import DataInfo
 from ..files import read_json
 from ..models import DEQModel, ModelError, build_model
+from . import usercode
 from .bundle import bundle_metadata, read_bundle
 from .rundir import is_run, live_holder
 
@@ -144,14 +145,14 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: not a run directory or checkpoint (no complete checkpoint found)")
 
 
-def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
-    """Return (recipe, meta) of a checkpoint folder."""
+def read_meta(folder: Path, trust_code: bool = False, overrides: list[str] = ()
+              ) -> tuple[recipes.Recipe, dict]:
+    """Return (recipe, meta) of a checkpoint folder, `overrides` (key=value) applied to
+    its recipe. A recipe naming user code imports it only with `trust_code` (else
+    CheckpointError saying so), found where the run recorded it, and warns when that
+    source has changed since."""
     try:
-        recipe = recipes.validate(recipes.migrate(recipes.load_raw(folder / "recipe.yaml")),
-                                  source=str(folder / "recipe.yaml"))
         meta = read_json(folder / "meta.json", JSON_LIMIT)
-    except recipes.RecipeError as exc:
-        raise CheckpointError(f"{folder}: stored recipe is invalid: {exc}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: meta.json missing") from None
     except (OSError, ValueError) as exc:
@@ -162,29 +163,68 @@ def read_meta(folder: Path) -> tuple[recipes.Recipe, dict]:
                               f"step >= 0)")
     if meta.get("metrics") is not None and not isinstance(meta["metrics"], dict):
         raise CheckpointError(f"{folder}: meta.json is malformed (metrics is not a mapping)")
+    recipe = stored_recipe(_raw_recipe(folder), folder, meta.get("code"), trust_code, overrides)
     return recipe, meta
 
 
-def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu"
-               ) -> tuple[DEQModel, recipes.Recipe, dict]:
+def _raw_recipe(folder: Path) -> Any:
+    try:
+        return recipes.load_raw(folder / "recipe.yaml")
+    except recipes.RecipeError as exc:
+        raise CheckpointError(f"{folder}: stored recipe is unreadable: {exc}") from None
+
+
+def read_settings(folder: Path) -> tuple[dict[str, Any], DataInfo]:
+    """(the stored recipe, parsed but not validated, and the data description) of a
+    checkpoint: enough to compare runs, importing nothing a run names."""
+    try:
+        meta = read_json(folder / "meta.json", JSON_LIMIT)
+        info = DataInfo.from_dict(meta.get("data_info") if isinstance(meta, dict) else None)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{folder}: meta.json is unreadable or malformed ({exc})") from None
+    raw = _raw_recipe(folder)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{folder}: stored recipe is not a mapping")
+    return raw, info
+
+
+def stored_recipe(raw: Any, where: Path, code: Any, trust_code: bool,
+                  overrides: list[str] = ()) -> recipes.Recipe:
+    """The recipe stored in a checkpoint folder or export file `where` (`code`: its
+    user-code records), with `overrides` applied; CheckpointError (one line) when it is
+    invalid or names user code without `trust_code` (a bad override: RecipeError)."""
+    try:
+        raw = recipes.apply_overrides(recipes.migrate(raw), list(overrides))
+        recipe = recipes.validate(raw, source="overrides" if overrides else "recipe",
+                                  bases=usercode.bases(code), trust=trust_code)
+    except recipes.RecipeTrustError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    except recipes.RecipeError as exc:
+        if overrides:
+            raise
+        raise CheckpointError(f"{where}: stored recipe is invalid: {exc}") from None
+    usercode.check(recipe.user_code(), code, where)
+    return recipe
+
+
+def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu",
+               trust_code: bool = False) -> tuple[DEQModel, recipes.Recipe, dict]:
     """Rebuild the model of a run or checkpoint; returns (model in eval mode, recipe, meta).
 
     `overrides` (key=value) are applied to the stored recipe first, e.g. deq.eval.max_iter=8.
     """
     folder = resolve(path)
-    recipe, meta = read_meta(folder)
-    if overrides:
-        raw = recipes.apply_overrides(recipe.model_dump(mode="json"), list(overrides))
-        recipe = recipes.validate(raw, source="overrides")
+    recipe, meta = read_meta(folder, trust_code, overrides)
     model = rebuild(recipe, meta["data_info"], folder / "model.safetensors", folder, device)
     return model, recipe, meta
 
 
-def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu"
-               ) -> tuple[DEQModel, recipes.Recipe, DataInfo]:
+def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.device = "cpu",
+               trust_code: bool = False) -> tuple[DEQModel, recipes.Recipe, DataInfo]:
     """Return (model in eval mode, resolved recipe, data description) for a run directory,
     a checkpoint folder, a checkpoint's model.safetensors or a `deqctl export --format
-    safetensors` file. `overrides` (key=value) apply to the stored recipe.
+    safetensors` file. `overrides` (key=value) apply to the stored recipe; user code it
+    names is imported only with `trust_code`.
 
     Raises CheckpointError (one line) for anything else.
     """
@@ -199,18 +239,19 @@ def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         if not is_bundle:        # a checkpoint's own model.safetensors: load its folder
-            return open_model(p.parent, overrides, device)
+            return open_model(p.parent, overrides, device, trust_code)
         try:
-            recipe, info = read_bundle(p, overrides)
+            raw, info, code = read_bundle(p)
         except recipes.RecipeError as exc:
             raise CheckpointError(f"{p}: stored recipe is invalid: {exc}") from None
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
+        recipe = stored_recipe(raw, p, code, trust_code, overrides)
         model = rebuild(recipe, info, p, p, device)
         return model, recipe, model.info
     for attempt in range(3):
         try:
-            model, recipe, meta = load_model(p, list(overrides), device=device)
+            model, recipe, meta = load_model(p, list(overrides), device, trust_code)
             return model, recipe, model.info
         except (CheckpointError, FileNotFoundError):
             # a run in progress may replace its checkpoint while it is read: read again
@@ -235,22 +276,41 @@ def rebuild(recipe: recipes.Recipe, data_info: dict, weights: Path, where: Path,
         raise CheckpointError(f"{where}: stored data description is unreadable ({exc})") from None
     try:
         with torch.device("meta"):
-            shapes = {k: (tuple(v.shape), v.dtype)
-                      for k, v in build_model(recipe, info).state_dict().items()}
+            shapes = _shapes(build_model(recipe, info))
     except ModelError as exc:      # a stored recipe and data description that do not fit
         raise CheckpointError(f"{where}: {exc}") from None
     check_header(_header(weights), shapes, where)
+    state = _finite_weights(weights, where, device)
+    model = build_model(recipe, info)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_weights(folder: Path, model: torch.nn.Module, device: str | torch.device = "cpu"
+                 ) -> dict[str, Any]:
+    """Load a checkpoint's weights into `model` (built from its recipe); returns its meta.
+    CheckpointError when they do not fit it or hold NaN/inf."""
+    weights = folder / "model.safetensors"
+    check_header(_header(weights), _shapes(model), folder)
+    model.load_state_dict(_finite_weights(weights, folder, device))
+    return read_json(folder / "meta.json", JSON_LIMIT)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def _finite_weights(weights: Path, where: Path, device: str | torch.device
+                    ) -> dict[str, torch.Tensor]:
     try:
         state = load_file(weights, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: unreadable ({exc})") from None
-    model = build_model(recipe, info)
     for name, got in state.items():
         if got.is_floating_point() and not bool(torch.isfinite(got).all()):
             raise CheckpointError(f"{where}: tensor {name} holds NaN or inf values "
                                   f"(a diverged run); use an earlier checkpoint")
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return state
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,

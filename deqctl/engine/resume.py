@@ -24,19 +24,9 @@ MAY_CHANGE = ("train.", "log.", "runtime.device", "runtime.threads", "runtime.de
 SCHEDULE = ("train.epochs", "train.max_steps")
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_changes(saved: recipes.Recipe, wanted: recipes.Recipe) -> list[str]:
     """Return warnings for allowed changes; RecipeError (one line) for any other."""
-    a, b = _flat(saved.model_dump(mode="json")), _flat(wanted.model_dump(mode="json"))
+    a, b = recipes.flat(saved.model_dump(mode="json")), recipes.flat(wanted.model_dump(mode="json"))
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     refused = [k for k in changed if not k.startswith(MAY_CHANGE)]
     if refused:
@@ -94,25 +84,24 @@ def keep_edited_recipe(run_dir: Path, folder: Path, recipe: recipes.Recipe) -> s
     """Before a resume rewrites RUN/recipe.yaml: if it says something other than the
     checkpoint resumed from (edited by hand, or written by a resume whose checkpoints
     were given up), move it aside as recipe.edited.yaml and return a warning naming the
-    settings this resume ignores; None when there is nothing to say."""
+    settings this resume ignores; None when there is nothing to say. Both files are only
+    parsed, never validated: nothing they name is imported."""
     path = run_dir / RECIPE
-    base_recipe, _ = checkpoint.read_meta(folder)
     try:
         text = read_text(path, MAX_BYTES)
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError):
         text = None               # unreadable: still the user's, kept below
-    if text in (recipes.dump(base_recipe), recipes.dump(recipe)):
+    if text == recipes.dump(recipe):
         return None
-    base = _flat(base_recipe.model_dump(mode="json"))
-    given = _flat(recipe.model_dump(mode="json"))
+    stored = recipes.load_raw(folder / RECIPE)
+    base, given = recipes.flat(stored), recipes.flat(recipe.model_dump(mode="json"))
     try:
-        if text is None:
-            raise recipes.RecipeError("unreadable")
-        edited = _flat(recipes.validate(recipes.migrate(recipes.parse(text, str(path))),
-                                        str(path)).model_dump(mode="json"))
+        edited = recipes.flat(recipes.parse(text, str(path))) if text is not None else None
     except recipes.RecipeError:
+        edited = None
+    if edited is None:
         what = "is not a valid recipe"
     else:
         ignored = sorted(k for k in edited.keys() | base.keys()

@@ -8,16 +8,8 @@ from typing import Any
 
 import torch
 
-from ..recipe import OptimSettings, ScheduleSettings
-
-
-def build_optimizer(params, cfg: OptimSettings) -> torch.optim.Optimizer:
-    """The optimizer named by optim.name."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+from ..recipe import ScheduleSettings
+from .optim import build_optimizer  # noqa: F401  (the trainer's one import of trainer state)
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleSettings) -> float:

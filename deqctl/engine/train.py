@@ -24,7 +24,7 @@ from ..files import write_atomic
 from ..implicit.cache import FixedPointCache
 from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
-from . import checkpoint, rundir
+from . import checkpoint, rundir, usercode
 from .checkpoint import CheckpointError, CheckpointWriteError
 from .device import autocast, pick_device
 from .distributed import (Group, all_ranks, any_rank, average_gradients, barrier, gather,
@@ -264,7 +264,8 @@ def train(recipe: recipes.Recipe, run_dir: Path, view: View,
                             "scaler": scaler.state_dict() if scaler else None,
                             "deq": {"step": model.deq.step, "last_nfe": model.deq._last_nfe}}}
         checkpoint.save(folder, model, recipe, info,
-                        {"step": at.step, "epoch": at.step / nb, "metrics": final}, trainer)
+                        {"step": at.step, "epoch": at.step / nb, "metrics": final,
+                         "code": usercode.records(recipe.user_code())}, trainer)
         view.event(f"saved checkpoint {folder}")
         barrier(group)
         return folder
@@ -450,8 +451,7 @@ def _restore(path: Path, model, opt, device, scaler
     evaluation row if the checkpoint is a finished run's, the statistics of the steps
     since the last train row, one list per rank)."""
     folder = checkpoint.resolve(path)
-    weights, _, meta = checkpoint.load_model(folder, device=device)
-    model.load_state_dict(weights.state_dict())
+    meta = checkpoint.load_weights(folder, model, device)
     tensors, trainer = checkpoint.load_trainer(folder)
     # Everything below comes from files a user may have edited or been sent: any wrong
     # type or count is one line, never a traceback.

@@ -1,9 +1,11 @@
 """Gradient checker: how close each DEQ gradient rule is to the true gradient.
 
-    report = compare_to_unrolled(cell, u, z0, params, dict(tol=1e-8, max_iter=200))
+    report = compare_to_unrolled(cell, u, z0, params,
+                                 {"forward": {"tol": 1e-8, "max_iter": 200}})
     report["ift"].cosine   # >= 0.999 when the forward and adjoint solves converge
 
-`settings` are the DEQ layer's keyword arguments (`deqctl.DEQ(**settings)`).
+`settings` are the DEQ layer's keyword arguments (`deqctl.DEQ(**settings)`); each rule
+replaces only `backward.mode`.
 
 The reference is the gradient of an unrolled solve (plain fixed-point steps with autograd
 through every step) run until its residual stops falling; for a contraction that converges
@@ -85,9 +87,14 @@ def compare_to_unrolled(cell, u, z0, params, settings: Mapping[str, Any],
     ref = unrolled_gradient(cell, u, z0, params, loss)
     out = {}
     for mode in modes:
-        s = {**settings, "backward": mode}
-        out[mode] = _report(deq_gradient(cell, u, z0, params, s, loss), ref)
+        out[mode] = _report(deq_gradient(cell, u, z0, params, with_mode(settings, mode), loss),
+                            ref)
     return out
+
+
+def with_mode(settings: Mapping[str, Any], mode: str) -> dict[str, Any]:
+    """`settings` with backward.mode set to `mode`."""
+    return {**settings, "backward": {**settings.get("backward", {}), "mode": mode}}
 
 
 @torch.no_grad()
@@ -101,7 +108,7 @@ def ift_vs_finite_differences(cell, u, z0, params, settings: Mapping[str, Any],
     """IFT gradient against central differences over every parameter entry (float64;
     keep the problem small: two solves per entry)."""
     cell, z0, loss = _packed(cell, z0, loss)
-    s = {**settings, "backward": "ift"}
+    s = with_mode(settings, "ift")
     g = deq_gradient(cell, u, z0, params, s, loss)
     fd = []
     for p in params:

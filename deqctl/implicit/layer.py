@@ -1,7 +1,8 @@
 """The DEQ layer: solve z* = f(z*, u) without a graph, then attach gradients by one of
 three rules (implicit differentiation, phantom gradients, Jacobian-free backprop).
 
-    deq = DEQ(solver="anderson", max_iter=30, tol=1e-4, backward="ift")
+    deq = DEQ(forward={"solver": "anderson", "max_iter": 30, "tol": 1e-4},
+              backward={"mode": "ift"})
     z, info = deq(cell, u, z0)          # cell(z, u) -> tensor shaped like z
 
 Memory stays independent of the number of solver iterations: the forward solve runs under
@@ -10,22 +11,21 @@ no_grad, and only one (ift, jfb) or k (phantom) applications of f are recorded.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
+from ..options import OptionsError
 from ..solvers import CONVERGED, MAX_ITER, SolveResult, State, packing_of, shine_adjoint
 from ..solvers.tracker import EPS
+from .settings import DEQSettings, deq_settings
 from .spec import SolveSpec
 
 Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-BACKWARD_MODES = ("ift", "phantom", "jfb")
-MODES = ("implicit", "unrolled")
 
 
 @dataclass
@@ -103,110 +103,49 @@ def last_step_result(z: torch.Tensor, prev: torch.Tensor, steps: int, spec: Solv
         stop_mode=spec.stop_mode)
 
 
-def _check(name: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"DEQ: {name} must be {expected}, got {value!r}")
-
-
-def _inherited_bf16(bf16_until: float | None, tol: float, stop_mode: str,
-                    eval_tol: float | None, eval_stop_mode: str | None) -> float | None:
-    """The eval solve's bf16_until: the forward's, while it is above the eval tolerance and
-    measured the same way."""
-    if bf16_until is None or (eval_stop_mode or stop_mode) != stop_mode:
-        return None
-    return bf16_until if bf16_until > (eval_tol or tol) else None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 class DEQ(nn.Module):
-    """Fixed-point layer, configured by plain keyword arguments.
+    """Fixed-point layer, configured by plain keyword arguments: the blocks of a recipe's
+    `deq` section, as dicts (deqctl.implicit.settings holds the schema and its rules).
 
-    Forward solve: `solver`, `max_iter`, `tol`, `stop_mode` ("abs" | "rel"),
-    `solver_options` (the solver's knobs, e.g. {"m": 5}), `check_every`, `compact`,
-    `bf16_until` (a mixed-precision solve: f under bf16 autocast until every residual is
-    below it, then in full precision down to `tol`).
-    Gradient: `backward` = "ift" (implicit, solving y = J^T y + g with `backward_solver`,
-    `backward_max_iter`, `backward_tol`, ...), "phantom" (`phantom_steps` damped steps of
-    f with `phantom_tau`, differentiated) or "jfb" (one step of f, differentiated).
-    Test time (eval mode): `eval_solver`, `eval_max_iter`, `eval_tol`, `eval_stop_mode`;
-    unset ones inherit the forward settings (`bf16_until` while above `eval_tol`, in the
-    same stop mode).
-    Training extras: `jacobian_reg` (weight of
-    a Hutchinson estimate of ||df/dz||_F^2 / dim, returned in info.jac_loss for the caller to
-    add to its loss) every `jacobian_every` calls; `fp_correction` earlier solver states
-    returned in info.corrections with weights `fp_gamma`^k.
+        DEQ(forward={"solver": "anderson", "max_iter": 30, "tol": 1e-4, "anderson": {"m": 5}},
+            backward={"mode": "ift", "max_iter": 30, "tol": 1e-6})
 
-    `shine=True` (with solver="broyden", backward="ift") starts the adjoint solve from the
-    forward Broyden's inverse-Jacobian estimate (SHINE, Ramzi et al., 2022) instead of g.
-
-    `mode="unrolled"` makes the explicit twin of the same cell: `unrolled_depth`
-    applications from z0 (default: `max_iter`), back-propagated through every one, with
-    the statistics of its last application; the gradient settings do not apply to it.
+    `forward`: the training solve (solver, max_iter, tol, stop_mode, check_every, compact,
+    bf16_until, and the solver's knob block); `backward`: the gradient, `mode` "ift"
+    (implicit: solve y = J^T y + g with the block's solver settings), "phantom"
+    (`phantom_steps` damped steps of f with `phantom_tau`, differentiated) or "jfb" (one
+    step of f, differentiated), `shine` (with a broyden forward: start the adjoint solve
+    from its inverse-Jacobian estimate, Ramzi et al. 2022); `eval`: the test-time solve,
+    each unset field inherited from `forward`; `jacobian_reg` {weight, every, samples}: a
+    Hutchinson estimate of ||df/dz||_F^2 / dim in info.jac_loss for the caller to add to
+    its loss; `fp_correction` {states, gamma}: earlier solver states in info.corrections;
+    `mode` "unrolled" with `unrolled` {depth}: the explicit twin of the same cell,
+    back-propagated through every application; `warm_start`. Errors name the key and list
+    the valid choices. A validated `DEQSettings` may be passed instead.
 
     Call as `z, info = deq(cell, u, z0)`; `cell(z, u)` must return a tensor shaped like z.
     """
 
-    def __init__(self, *, solver: str = "anderson", max_iter: int = 30, tol: float = 1e-3,
-                 stop_mode: str = "rel", solver_options: Mapping[str, Any] | None = None,
-                 check_every: int | None = None, compact: bool = False,
-                 bf16_until: float | None = None, backward: str = "ift", backward_solver: str = "fixed_point",
-                 backward_max_iter: int = 30, backward_tol: float = 1e-4,
-                 backward_stop_mode: str = "rel",
-                 backward_options: Mapping[str, Any] | None = None,
-                 phantom_steps: int = 5, phantom_tau: float = 0.5,
-                 eval_solver: str | None = None, eval_max_iter: int | None = None,
-                 eval_tol: float | None = None, eval_stop_mode: str | None = None,
-                 eval_options: Mapping[str, Any] | None = None,
-                 jacobian_reg: float = 0.0, jacobian_every: int = 1, jacobian_samples: int = 1,
-                 fp_correction: int = 0, fp_gamma: float = 0.8, mode: str = "implicit",
-                 unrolled_depth: int | None = None, shine: bool = False):
+    def __init__(self, settings: DEQSettings | None = None, **kwargs: Any):
         super().__init__()
-        _check("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
-        _check("unrolled_depth", unrolled_depth,
-               unrolled_depth is None or (_is_int(unrolled_depth) and unrolled_depth >= 1),
-               "an integer >= 1 or None")
-        _check("fp_correction", fp_correction, mode == "implicit" or not fp_correction,
-               "0 with mode='unrolled' (the twin back-propagates through every state)")
-        _check("backward", backward, backward in BACKWARD_MODES,
-               f"one of {', '.join(BACKWARD_MODES)}")
-        _check("phantom_steps", phantom_steps, _is_int(phantom_steps) and phantom_steps >= 1,
-               "an integer >= 1")
-        _check("phantom_tau", phantom_tau, 0 < phantom_tau <= 1, "in (0, 1]")
-        _check("jacobian_reg", jacobian_reg,
-               isinstance(jacobian_reg, (int, float)) and math.isfinite(jacobian_reg)
-               and jacobian_reg >= 0, "a finite number >= 0")
-        for name, v in (("jacobian_every", jacobian_every), ("jacobian_samples", jacobian_samples)):
-            _check(name, v, _is_int(v) and v >= 1, "an integer >= 1")
-        _check("fp_correction", fp_correction, _is_int(fp_correction) and fp_correction >= 0,
-               "an integer >= 0")
-        _check("fp_gamma", fp_gamma, 0 < fp_gamma <= 1, "in (0, 1]")
-        _check("shine", shine, not shine or (backward == "ift" and solver == "broyden"
-                                             and not compact),
-               "False unless backward='ift' and solver='broyden' without compact (it reuses "
-               "the forward Broyden's inverse estimate)")
-        try:
-            self.fwd_spec = SolveSpec(solver, max_iter, tol, stop_mode, solver_options or {},
-                                      check_every, compact, bf16_until)
-            self.bwd_spec = SolveSpec(backward_solver, backward_max_iter, backward_tol,
-                                      backward_stop_mode, backward_options or {}, check_every)
-            same = eval_solver in (None, solver)
-            self.eval_spec = SolveSpec(
-                eval_solver or solver, eval_max_iter or max_iter, eval_tol or tol,
-                eval_stop_mode or stop_mode,
-                eval_options if eval_options is not None else (solver_options or {}) if same else {},
-                check_every, compact, _inherited_bf16(bf16_until, tol, stop_mode,
-                                                      eval_tol, eval_stop_mode))
-        except ValueError as exc:
-            raise ValueError(f"DEQ: {exc}") from None
-        self.backward_mode, self.phantom_steps, self.phantom_tau = backward, phantom_steps, phantom_tau
-        self.jacobian_reg, self.jacobian_every = float(jacobian_reg), jacobian_every
-        self.jacobian_samples = jacobian_samples
-        self.fp_correction, self.fp_gamma = fp_correction, fp_gamma
-        self.mode, self.unrolled_depth = mode, unrolled_depth or max_iter
-        self.shine = bool(shine)
+        if settings is None:
+            try:
+                settings = deq_settings(kwargs)
+            except OptionsError as exc:
+                raise ValueError("DEQ: " + "; ".join(exc.lines)) from None
+        elif kwargs:
+            raise TypeError("DEQ: pass either a DEQSettings or keyword arguments, not both")
+        self.settings = settings
+        self.fwd_spec, self.bwd_spec, self.eval_spec = settings.specs()
+        b = settings.backward
+        self.backward_mode, self.phantom_steps, self.phantom_tau = b.mode, b.phantom_steps, b.phantom_tau
+        self.shine = b.shine
+        self.jacobian_reg = settings.jacobian_reg.weight
+        self.jacobian_every, self.jacobian_samples = (settings.jacobian_reg.every,
+                                                      settings.jacobian_reg.samples)
+        self.fp_correction, self.fp_gamma = settings.fp_correction.states, settings.fp_correction.gamma
+        self.mode = settings.mode
+        self.unrolled_depth = settings.unrolled.depth or settings.forward.max_iter
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 

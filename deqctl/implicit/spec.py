@@ -10,17 +10,18 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..solvers import SOLVERS, SolveResult, check_options, solve
+from ..solvers import SolveResult, check_knobs, solve, solver_part
 
 STOP_MODES = ("abs", "rel")
 
 
 @dataclass(frozen=True)
 class SolveSpec:
-    """Settings of one solve. `options` are the solver's own knobs (Anderson's m, lam,
-    beta; Broyden's history, line_search, ls_steps; fixed_point's damping)."""
+    """Settings of one solve. `solver` is a registered name, an import path or a solver
+    function; `options` are its own knobs (Anderson's m, lam, beta; Broyden's history,
+    line_search, ls_steps; fixed_point's damping; a user solver's keyword arguments)."""
 
-    solver: str = "anderson"
+    solver: Any = "anderson"
     max_iter: int = 30
     tol: float = 1e-3
     stop_mode: str = "rel"
@@ -28,10 +29,12 @@ class SolveSpec:
     check_every: int | None = None     # None: every evaluation on CPU, every 4 on GPUs
     compact: bool = False              # evaluate f only on unconverged samples
     bf16_until: float | None = None    # evaluate f in bf16 until the residual is below this
+    # the solver function itself, when the caller resolved `solver` already (a recipe's
+    # user solver is found relative to the recipe's folder, once)
+    fn: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver {self.solver!r} is unknown (valid: {', '.join(SOLVERS)})")
+        fn = self.fn or solver_part(self.solver).obj      # ValueError listing the valid names
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"stop_mode {self.stop_mode!r} is unknown (valid: abs, rel)")
         if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 1:
@@ -45,19 +48,25 @@ class SolveSpec:
                              f"got {self.bf16_until!r}")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"check_every must be >= 1 or None, got {self.check_every!r}")
-        check_options(self.solver, dict(self.options))
-        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "options", check_knobs(fn, dict(self.options), self.name))
+
+    @property
+    def name(self) -> str:
+        """The solver as a recipe names it (a function given directly: its __name__)."""
+        return self.solver if isinstance(self.solver, str) else self.fn.__name__
 
     def but(self, **changes: Any) -> SolveSpec:
         """Return a copy with `changes`; switching `solver` drops the old solver's options
         unless new ones are given."""
-        if "solver" in changes and changes["solver"] != self.solver and "options" not in changes:
-            changes["options"] = {}
+        if "solver" in changes and changes["solver"] != self.solver:
+            changes.setdefault("options", {})
+            changes.setdefault("fn", None)
         return replace(self, **changes)
 
     def run(self, f: Callable, z0: torch.Tensor, **extra: Any) -> SolveResult:
         """Solve z = f(z) from z0 with these settings (`extra`: trace, snapshot_at)."""
-        return solve(f, z0, self.solver, tol=self.tol, max_iter=self.max_iter,
+        return solve(f, z0, self.fn, tol=self.tol, max_iter=self.max_iter,
                      stop_mode=self.stop_mode, check_every=self.check_every,
                      compact=self.compact, bf16_until=self.bf16_until, **self.options,
                      **extra)
@@ -65,11 +74,11 @@ class SolveSpec:
     def describe(self) -> str:
         """e.g. "anderson, tol 0.001 rel, max_iter 30" (+ ", bf16 until 0.01")."""
         mixed = f", bf16 until {self.bf16_until:g}" if self.bf16_until is not None else ""
-        return f"{self.solver}, tol {self.tol:g} {self.stop_mode}, max_iter {self.max_iter}{mixed}"
+        return f"{self.name}, tol {self.tol:g} {self.stop_mode}, max_iter {self.max_iter}{mixed}"
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form: solver, max_iter, tol, stop_mode (and bf16_until when set)."""
-        out = {"solver": self.solver, "max_iter": self.max_iter, "tol": self.tol,
+        out = {"solver": self.name, "max_iter": self.max_iter, "tol": self.tol,
                "stop_mode": self.stop_mode}
         if self.bf16_until is not None:
             out["bf16_until"] = self.bf16_until

@@ -71,15 +71,16 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
     note = in_progress(run, folder)
     if note and warn:
         warn(note)
-    recipe, meta = checkpoint.read_meta(folder)
-    task = task_for(DataInfo.from_dict(meta["data_info"]))
+    recipe, info = checkpoint.read_settings(folder)   # read, not validated: nothing imported
+    task = task_for(info)
     train = [r for r in rows if r.get("split") == "train"]
     evals = [r for r in rows if r.get("split") == "test"]
     key = task.headline.key
     scores = [r[key] for r in evals if _num(r.get(key)) is not None]
     best = (max if task.headline.higher_is_better else min)(scores) if scores else None
     s = RunSummary(
-        name=run.name, path=run, task=task, mode=recipe.deq.mode, model=recipe.model.name,
+        name=run.name, path=run, task=task, mode=_get(recipe, "deq.mode", "implicit"),
+        model=str(_get(recipe, "model.name", "resnet_deq")),
         final=scores[-1] if scores else None, best=best,
         steps=max((r.get("step", 0) for r in rows), default=0),
         wall_s=_max(rows, "wall_s"), peak_mem_mb=_max(rows, "peak_mem_mb"),
@@ -96,6 +97,14 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
                 s.target_step, s.target_wall_s = r.get("step"), _num(r.get("wall_s"))
                 break
     return s
+
+
+def _get(raw: dict, key: str, default: Any) -> Any:
+    """A dotted key of a raw recipe, or `default` where it is missing."""
+    node: Any = raw
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return default if node is None else node
 
 
 def metric_for(task: Task, key: str) -> Metric:

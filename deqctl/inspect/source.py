@@ -74,10 +74,12 @@ def is_recipe(path: str | Path) -> bool:
     return Path(path).suffix in RECIPE_SUFFIXES
 
 
-def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bool = False
-                ) -> Source:
+def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bool = False,
+                trust_code: bool = False) -> Source:
     """Return the Source for a run dir, checkpoint or safetensors export (or a recipe, when
-    `allow_recipe`: an untrained model initialised from recipe.seed).
+    `allow_recipe`: an untrained model initialised from recipe.seed). User code a run or
+    checkpoint names is imported only with `trust_code`; a recipe's always (its user
+    chose to run it).
 
     Applies runtime.threads and picks runtime.device; raises RecipeError, CheckpointError,
     DataError or ModelError (all one line) for bad input.
@@ -92,7 +94,7 @@ def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bo
         label = f"untrained model from recipe {path}"
     else:
         check_overrides(overrides)
-        model, recipe, _ = open_model(path, overrides)
+        model, recipe, _ = open_model(path, overrides, trust_code=trust_code)
         _apply_threads(recipe)
         data = None
         label = f"{path}"

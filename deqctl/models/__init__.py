@@ -1,45 +1,63 @@
 """Models by name. A model is a `DEQModel`; `build_model` rebuilds one from a recipe and
-the data's description alone, which is all a checkpoint stores."""
+the data's description alone, which is all a checkpoint stores.
+
+A new built-in is one module defining a DEQModel subclass registered with
+`@MODELS.register("name")`, imported below; a user's model needs no edit here at all
+(`model.name: PATH.py:Class`, or an entry point in group `deqctl.models`)."""
 
 from __future__ import annotations
 
-from ..errors import quote
+from typing import Any
+
 from ..data import DataInfo
 from ..implicit import DEQ
-from ..recipe import Recipe
+from ..options import Block, options_block
+from ..registry import Part
 from .base import DEQModel, ModelOutput
-from .image import ResNetDEQ
-from .mdeq import MDEQ
-from .tcn import TcnDEQ
-from .transformer import TransformerDEQ
+from .registry import MODELS
+from . import image, mdeq, transformer, tcn  # noqa: F401,E401  (they register themselves)
 
-MODELS: dict[str, type[DEQModel]] = {"resnet_deq": ResNetDEQ, "mdeq": MDEQ,
-                                     "transformer_deq": TransformerDEQ, "tcn_deq": TcnDEQ}
+_BLOCKS: dict[tuple[str, int], type[Block]] = {}
 
 
 class ModelError(ValueError):
     """A recipe names a model that does not exist or does not fit the data."""
 
 
-def build_model(recipe: Recipe, info: DataInfo) -> DEQModel:
-    """Instantiate recipe.model.name for data described by `info`, with the DEQ layer the
+def model_block(part: Part) -> type[Block]:
+    """The `model` block of a recipe choosing `part`: `name` and its constructor's options."""
+    key = (part.ref, id(part.obj))
+    if key not in _BLOCKS:
+        _BLOCKS[key] = options_block(part.obj, 2, f"model {part.ref}", name=part.ref)
+    return _BLOCKS[key]
+
+
+def options_of(block: Block) -> dict[str, Any]:
+    """A validated `model` block as the model's keyword arguments (values as validated:
+    a nested block stays a block)."""
+    return {k: getattr(block, k) for k in type(block).model_fields if k != "name"}
+
+
+def build_model(recipe, info: DataInfo) -> DEQModel:
+    """Instantiate the recipe's model for data described by `info`, with the DEQ layer the
     recipe's `deq` block describes. Raises ModelError (one line) when they do not fit."""
-    name = recipe.model.name
-    if name not in MODELS:
-        raise ModelError(f"model.name: unknown model {quote(name)} (valid: {', '.join(MODELS)})")
-    cls = MODELS[name]
+    part = recipe.part("model")
+    cls, name = part.obj, part.ref
     if info.inputs not in cls.inputs or info.task not in cls.tasks:
-        fits = [n for n, c in MODELS.items() if info.inputs in c.inputs and info.task in c.tasks]
+        fits = [n for n in MODELS.builtins if info.inputs in MODELS.get(n).obj.inputs
+                and info.task in MODELS.get(n).obj.tasks]
         raise ModelError(f"model.name={name} takes {'/'.join(cls.inputs)} inputs for "
                          f"{'/'.join(cls.tasks)}; data {info.name} is {info.inputs} for "
                          f"{info.task} (use {' or '.join(fits) or 'another source'})")
-    if recipe.model.dropout and recipe.deq.forward.compact:
-        raise ModelError("model.dropout > 0 draws one mask for the whole batch per forward pass; "
-                         "it cannot be combined with deq.forward.compact=true")
     try:
-        return cls(recipe.model, info, DEQ(**recipe.deq.layer_kwargs()), recipe.deq.warm_start)
+        model = cls(info, DEQ(recipe.deq), **options_of(recipe.model))
     except ValueError as exc:
         raise ModelError(str(exc)) from None
+    if recipe.deq.forward.compact and not model.per_sample:
+        raise ModelError(f"model.name={name} couples the samples of a batch (model.dropout > 0 "
+                         f"draws one mask for the whole batch per forward pass); it cannot be "
+                         f"combined with deq.forward.compact=true")
+    return model
 
 
-__all__ = ["build_model", "MODELS", "DEQModel", "ModelOutput", "ModelError"]
+__all__ = ["build_model", "model_block", "MODELS", "DEQModel", "ModelOutput", "ModelError"]

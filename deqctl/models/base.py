@@ -1,5 +1,5 @@
 """What every DEQ model shares: input injection, a weight-tied cell, a decoder, and the
-DEQ layer between them. Subclasses define `inject`, `cell`, `init_state` and `decode`;
+DEQ layer between them. Subclasses define `inject`, `cell`, `decode` (and `init_state`);
 tools (eval, solve-trace, export) only use those four and so work for any model."""
 
 from __future__ import annotations
@@ -25,21 +25,35 @@ class ModelOutput:
 
 
 class DEQModel(nn.Module):
-    """Base class: `forward(x)` returns the model's output; `run(x)` also returns stats.
+    """A DEQ model: z* = cell(z*, inject(x)), output = decode(z*, x).
 
-    `inputs` and `tasks` name what a model accepts (DataInfo.inputs, DataInfo.task);
-    `dynamic_length` says whether it takes sequences of any length (export).
+    The contract a model by import path (`model.name: PATH.py:Class`) or entry point
+    (group `deqctl.models`) keeps, like every built-in:
+    - it subclasses `deqctl.DEQModel` and declares `inputs` (which DataInfo.inputs it
+      reads: "image", "tokens", "sequence") and `tasks` ("classify", "lm", "forecast");
+    - its constructor is `(info: deqctl.DataInfo, deq: deqctl.DEQ, **options)` and calls
+      `super().__init__(info, deq)`: the recipe's other `model.*` keys are its options,
+      validated against the signature and its annotations (deqctl.options has strict,
+      constrained types: Count, Positive, Rate, Fraction);
+    - it defines `inject(x) -> u` (once per forward pass), `cell(z, u) -> z` (the
+      weight-tied map, a tensor or a tuple of tensors shaped like z), `decode(z, x)` (the
+      output: class logits, next-token logits or a forecast in the data's units), and
+      optionally `init_state(u)` (zeros shaped like u by default).
+    `dynamic_length`: takes sequences of any length (export); `per_sample`: the cell never
+    mixes samples (no batch statistics, no batch-wide dropout mask), which the solvers'
+    `compact` option needs.
     """
 
     inputs: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     dynamic_length: bool = False
+    per_sample: bool = True
 
-    def __init__(self, info: DataInfo, deq: DEQ, warm_start: bool = False):
+    def __init__(self, info: DataInfo, deq: DEQ):
         super().__init__()
         self.info = info
         self.deq = deq
-        self.warm_start = warm_start
+        self.warm_start = deq.settings.warm_start
         self._warm: torch.Tensor | None = None
         self.fixed_point_cache: FixedPointCache | None = None   # set by the trainer
         self.compiled_cell = None    # torch.compile(self.cell) when runtime.compile is on
@@ -59,8 +73,8 @@ class DEQModel(nn.Module):
         raise NotImplementedError
 
     def init_state(self, u: torch.Tensor) -> torch.Tensor:
-        """The solver's starting point z0 (zeros by default)."""
-        raise NotImplementedError
+        """The solver's starting point z0: zeros shaped like u unless a model says otherwise."""
+        return torch.zeros_like(u)
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Map a (fixed-point) state to the model's output; `x` is the raw input (a

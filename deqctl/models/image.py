@@ -12,10 +12,11 @@ from torch import nn
 
 from ..data import DataInfo
 from ..implicit import DEQ
-from ..recipe import ResNetDEQSettings
+from ..options import Count, Positive, Rate
 from .base import DEQModel
 from .dropout import dropout, variational_mask
-from .norms import normalised
+from .norms import Norm, normalised
+from .registry import MODELS
 
 
 class ResNetCell(nn.Module):
@@ -53,25 +54,35 @@ def _groups(groups: int, channels: int) -> int:
     return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
 
 
+@MODELS.register("resnet_deq")
 class ResNetDEQ(DEQModel):
-    """Stem (optionally downsampling) -> DEQ ResNet cell -> pooled linear head."""
+    """Stem (optionally downsampling) -> DEQ ResNet cell -> pooled linear head.
+
+    `channels` of the state, `inner_channels` inside the cell, `groups` of GroupNorm,
+    `stem_stride` downsampling of the stem, `norm` of the cell's convolutions, `head_pool`
+    (the head pools to head_pool x head_pool cells), `init_std` (N(0, std) init of the
+    cell's convolutions), `dropout` (variational, one mask per forward pass).
+    """
 
     inputs, tasks = ("image",), ("classify",)
 
-    def __init__(self, cfg: ResNetDEQSettings, info: DataInfo, deq: DEQ, warm_start: bool = False):
-        super().__init__(info, deq, warm_start)
-        c, ch = info.channels, cfg.channels
+    def __init__(self, info: DataInfo, deq: DEQ, *, channels: Count = 32,
+                 inner_channels: Count = 64, groups: Count = 4, stem_stride: Count = 2,
+                 norm: Norm = "weight", head_pool: Count = 4, init_std: Positive | None = None,
+                 dropout: Rate = 0.0):
+        super().__init__(info, deq)
+        c, ch = info.channels, channels
+        self.per_sample = not dropout
         self.register_buffer("mean", torch.tensor(info.mean).view(1, c, 1, 1))
         self.register_buffer("std", torch.tensor(info.std).view(1, c, 1, 1))
         self.stem = nn.Sequential(
-            nn.Conv2d(c, ch, 3, stride=cfg.stem_stride, padding=1, bias=False),
-            nn.GroupNorm(_groups(cfg.groups, ch), ch))
-        self.body = ResNetCell(ch, cfg.inner_channels, cfg.groups, cfg.norm, cfg.dropout,
-                               cfg.init_std)
+            nn.Conv2d(c, ch, 3, stride=stem_stride, padding=1, bias=False),
+            nn.GroupNorm(_groups(groups, ch), ch))
+        self.body = ResNetCell(ch, inner_channels, groups, norm, dropout, init_std)
         self.head = nn.Sequential(
-            nn.GroupNorm(_groups(cfg.groups, ch), ch), nn.AdaptiveAvgPool2d(cfg.head_pool),
+            nn.GroupNorm(_groups(groups, ch), ch), nn.AdaptiveAvgPool2d(head_pool),
             nn.Flatten(),
-            nn.Linear(ch * cfg.head_pool ** 2, info.num_classes))
+            nn.Linear(ch * head_pool ** 2, info.num_classes))
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         u = self.stem((x - self.mean) / self.std)
@@ -80,9 +91,6 @@ class ResNetDEQ(DEQModel):
 
     def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.body(z, u)
-
-    def init_state(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(u)
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.head(z)

@@ -17,17 +17,21 @@ normalisation is GroupNorm (per sample), so the solvers' `compact` option applie
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Len
 from torch import nn
 
 from ..data import DataInfo
 from ..implicit import DEQ
-from ..recipe import MDEQSettings
+from ..options import Count, Positive, Rate
 from .base import DEQModel
 from .dropout import dropout, variational_mask
 from .image import _groups
-from .norms import normalised
+from .norms import Norm, normalised
+from .registry import MODELS
 
 
 class Branch(nn.Module):
@@ -99,29 +103,36 @@ class Fusion(nn.Module):
         return tuple(fused)
 
 
+@MODELS.register("mdeq")
 class MDEQ(DEQModel):
-    """Stem -> multiscale DEQ (branches solved jointly) -> pooled branches -> linear head."""
+    """Stem -> multiscale DEQ (branches solved jointly) -> pooled branches -> linear head.
+
+    `channels` per branch, finest first (2 to 4 branches; branch i runs at 1/2^i of the
+    stem's resolution), `expansion` of each branch block's inner channels, `groups` of
+    GroupNorm, `stem_stride`, `norm`, `init_std`, `dropout`, `head_width`.
+    """
 
     inputs, tasks = ("image",), ("classify",)
 
-    def __init__(self, cfg: MDEQSettings, info: DataInfo, deq: DEQ, warm_start: bool = False):
-        if info.inputs != "image":
-            raise ValueError(f"model.name=mdeq reads images; data {info.name} holds "
-                             f"{info.inputs}s (use transformer_deq or tcn_deq)")
-        super().__init__(info, deq, warm_start)
-        c0, chans = info.channels, list(cfg.channels)
+    def __init__(self, info: DataInfo, deq: DEQ, *,
+                 channels: Annotated[list[Count], Len(2, 4)] = (24, 48), expansion: Count = 2,
+                 groups: Count = 4, stem_stride: Count = 1, norm: Norm = "weight",
+                 init_std: Positive | None = None, dropout: Rate = 0.0, head_width: Count = 128):
+        super().__init__(info, deq)
+        self.per_sample = not dropout
+        c0, chans = info.channels, list(channels)
         self.register_buffer("mean", torch.tensor(info.mean).view(1, c0, 1, 1))
         self.register_buffer("std", torch.tensor(info.std).view(1, c0, 1, 1))
         self.stem = nn.Sequential(
-            nn.Conv2d(c0, chans[0], 3, stride=cfg.stem_stride, padding=1, bias=False),
-            nn.GroupNorm(_groups(cfg.groups, chans[0]), chans[0]))
-        self.branches = nn.ModuleList(Branch(c, cfg.expansion, cfg.groups, cfg.norm, cfg.init_std)
+            nn.Conv2d(c0, chans[0], 3, stride=stem_stride, padding=1, bias=False),
+            nn.GroupNorm(_groups(groups, chans[0]), chans[0]))
+        self.branches = nn.ModuleList(Branch(c, expansion, groups, norm, init_std)
                                       for c in chans)
-        self.fusion = Fusion(chans, cfg.groups, cfg.norm, cfg.init_std)
+        self.fusion = Fusion(chans, groups, norm, init_std)
         self.injections = nn.ModuleList(nn.Conv2d(chans[0], c, 1, bias=False) for c in chans[1:])
-        self.head = nn.Sequential(nn.Linear(sum(chans), cfg.head_width), nn.ReLU(),
-                                  nn.Linear(cfg.head_width, info.num_classes))
-        self.p = cfg.dropout
+        self.head = nn.Sequential(nn.Linear(sum(chans), head_width), nn.ReLU(),
+                                  nn.Linear(head_width, info.num_classes))
+        self.p = dropout
         self.masks: list[torch.Tensor | None] = [None] * len(chans)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:

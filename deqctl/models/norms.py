@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
+
+Norm = Literal["weight", "spectral", "none"]     # how a cell's linear maps are normalised
 
 
 def normalised(layer: nn.Module, kind: str, init_std: float | None = None) -> nn.Module:

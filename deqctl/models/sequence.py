@@ -10,12 +10,26 @@ target shape (e.g. (N, horizon, channels)) in the data's own units.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..data import DataInfo
-from ..recipe import SequenceHead
+from ..options import Block
+
+
+class SequenceHead(Block):
+    """The `head` option of sequence models: how the fixed point becomes the output."""
+
+    pool: Literal["mean", "last", "flatten"] = Field(
+        "mean", description="classify / forecast: how the sequence's states become one "
+        "vector (flatten: all positions, fixed length; causal forecasts default to last)")
+    window_norm: Literal["none", "last", "last_std"] = Field(
+        "last", description="forecast: read each continued channel relative to the "
+        "window's last value (last), also in units of the window's spread (last_std, as "
+        "RevIN), and predict in the same frame; none: the data's global scale only")
 
 
 def sinusoidal_positions(length: int, width: int, device: torch.device,

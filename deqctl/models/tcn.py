@@ -15,17 +15,22 @@ application: the fixed point sees the whole past. Cheaper per f call than attent
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import nn
 
 from ..data import DataInfo
 from ..implicit import DEQ
-from ..recipe import TcnDEQSettings
+from ..options import Count, Positive, Rate
 from .base import DEQModel
 from .dropout import dropout, variational_mask
-from .norms import normalised
-from .sequence import InputReader, TaskHead, WindowNorm, check_inputs, takes_any_length
+from .norms import Norm, normalised
+from .registry import MODELS
+from .sequence import (InputReader, SequenceHead, TaskHead, WindowNorm, check_inputs,
+                       takes_any_length)
 
 
 def causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
@@ -36,12 +41,11 @@ def causal_conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
 class TrellisCell(nn.Module):
     """f(z, u) with LSTM gating over a causal convolution of the hidden half of z."""
 
-    def __init__(self, cfg: TcnDEQSettings):
+    def __init__(self, d: int, kernel_size: int, norm: str, init_std: float | None,
+                 dropout: float):
         super().__init__()
-        d = cfg.channels
-        self.d, self.p = d, cfg.dropout
-        self.conv = normalised(nn.Conv1d(d, 4 * d, cfg.kernel_size, bias=False), cfg.norm,
-                               cfg.init_std)
+        self.d, self.p = d, dropout
+        self.conv = normalised(nn.Conv1d(d, 4 * d, kernel_size, bias=False), norm, init_std)
         self.mask: torch.Tensor | None = None
 
     def draw_mask(self, u: torch.Tensor, training: bool) -> None:
@@ -59,21 +63,29 @@ class TrellisCell(nn.Module):
         return torch.cat([torch.sigmoid(o) * torch.tanh(c_new), c_new], dim=1)
 
 
+@MODELS.register("tcn_deq")
 class TcnDEQ(DEQModel):
-    """Input embedding -> causal input injection -> DEQ TrellisNet cell -> task head."""
+    """Input embedding -> causal input injection -> DEQ TrellisNet cell -> task head.
+
+    `channels` (hidden; the state holds h and c), `kernel_size` (causal, over time),
+    `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead).
+    """
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
 
-    def __init__(self, cfg: TcnDEQSettings, info: DataInfo, deq: DEQ, warm_start: bool = False):
+    def __init__(self, info: DataInfo, deq: DEQ, *, channels: Annotated[int, Ge(4)] = 128,
+                 kernel_size: Count = 2, norm: Norm = "weight", init_std: Positive | None = None,
+                 dropout: Rate = 0.0, head: SequenceHead = SequenceHead()):
         check_inputs(info, "tcn_deq")
-        super().__init__(info, deq, warm_start)
-        d = cfg.channels
-        self.dynamic_length = takes_any_length(info, cfg.head)
-        window = WindowNorm(cfg.head.window_norm, info)
+        super().__init__(info, deq)
+        self.per_sample = not dropout
+        d = channels
+        self.dynamic_length = takes_any_length(info, head)
+        window = WindowNorm(head.window_norm, info)
         self.reader = InputReader(info, d, window)
-        self.inject_conv = nn.Conv1d(d, 4 * d, cfg.kernel_size)
-        self.body = TrellisCell(cfg)
-        self.head = TaskHead(cfg.head, info, d, True, window)
+        self.inject_conv = nn.Conv1d(d, 4 * d, kernel_size)
+        self.body = TrellisCell(d, kernel_size, norm, init_std, dropout)
+        self.head = TaskHead(head, info, d, True, window)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         u = causal_conv(self.reader(x).transpose(1, 2), self.inject_conv)     # (N, 4d, L)

@@ -16,35 +16,39 @@ the recipe says otherwise. State: (N, L, d_model).
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from torch import nn
 
 from ..data import DataInfo
 from ..implicit import DEQ
-from ..recipe import TransformerDEQSettings
+from ..options import Count, Positive, Rate
 from .base import DEQModel
 from .dropout import dropout, variational_mask
-from .norms import normalised
-from .sequence import (InputReader, TaskHead, WindowNorm, causal_for, check_inputs,
-                       sinusoidal_positions, takes_any_length)
+from .norms import Norm, normalised
+from .registry import MODELS
+from .sequence import (InputReader, SequenceHead, TaskHead, WindowNorm, causal_for,
+                       check_inputs, sinusoidal_positions, takes_any_length)
 
 
 class AttentionCell(nn.Module):
     """f(z, u): one transformer block applied to z + u. Per sample (LayerNorm only), so
     the solvers' `compact` option may skip converged samples."""
 
-    def __init__(self, cfg: TransformerDEQSettings, causal: bool):
+    def __init__(self, d: int, heads: int, ff: int, pre: bool, norm: str,
+                 init_std: float | None, dropout: float, causal: bool):
         super().__init__()
-        d, ff = cfg.d_model, cfg.d_ff
-        if d % cfg.heads:
-            raise ValueError(f"model.d_model={d} is not divisible by model.heads={cfg.heads}")
-        self.heads, self.causal, self.pre = cfg.heads, causal, cfg.norm_placement == "pre"
-        lin = (lambda i, o: normalised(nn.Linear(i, o), cfg.norm, cfg.init_std))
+        if d % heads:
+            raise ValueError(f"model.d_model={d} is not divisible by model.heads={heads}")
+        self.heads, self.causal, self.pre = heads, causal, pre
+        lin = (lambda i, o: normalised(nn.Linear(i, o), norm, init_std))
         self.qkv, self.proj = lin(d, 3 * d), lin(d, d)
         self.ff1, self.ff2 = lin(d, ff), lin(ff, d)
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.p = cfg.dropout
+        self.p = dropout
         self.masks: tuple[torch.Tensor, torch.Tensor] | tuple[None, None] = (None, None)
 
     def draw_masks(self, u: torch.Tensor, training: bool) -> None:
@@ -75,21 +79,32 @@ class AttentionCell(nn.Module):
         return self.ln2(h + self.feed_forward(h))
 
 
+@MODELS.register("transformer_deq")
 class TransformerDEQ(DEQModel):
-    """Input embedding + sinusoidal positions -> DEQ transformer block -> task head."""
+    """Input embedding + sinusoidal positions -> DEQ transformer block -> task head.
+
+    `d_model`, `heads`, `d_ff` (feed-forward width), `norm_placement` (LayerNorm before
+    or after each sublayer), `causal` (None: causal for lm and forecast, bidirectional
+    for classify), `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead).
+    """
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
 
-    def __init__(self, cfg: TransformerDEQSettings, info: DataInfo, deq: DEQ,
-                 warm_start: bool = False):
+    def __init__(self, info: DataInfo, deq: DEQ, *, d_model: Annotated[int, Ge(8)] = 128,
+                 heads: Count = 4, d_ff: Annotated[int, Ge(8)] = 256,
+                 norm_placement: Literal["pre", "post"] = "post", causal: bool | None = None,
+                 norm: Norm = "weight", init_std: Positive | None = None, dropout: Rate = 0.0,
+                 head: SequenceHead = SequenceHead()):
         check_inputs(info, "transformer_deq")
-        super().__init__(info, deq, warm_start)
-        causal = causal_for(cfg.causal, info)
-        self.dynamic_length = takes_any_length(info, cfg.head)
-        window = WindowNorm(cfg.head.window_norm, info)
-        self.reader = InputReader(info, cfg.d_model, window)
-        self.body = AttentionCell(cfg, causal)
-        self.head = TaskHead(cfg.head, info, cfg.d_model, causal, window)
+        super().__init__(info, deq)
+        self.per_sample = not dropout
+        causal = causal_for(causal, info)
+        self.dynamic_length = takes_any_length(info, head)
+        window = WindowNorm(head.window_norm, info)
+        self.reader = InputReader(info, d_model, window)
+        self.body = AttentionCell(d_model, heads, d_ff, norm_placement == "pre", norm,
+                                  init_std, dropout, causal)
+        self.head = TaskHead(head, info, d_model, causal, window)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         e = self.reader(x)
@@ -99,9 +114,6 @@ class TransformerDEQ(DEQModel):
 
     def cell(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return self.body(z, u)
-
-    def init_state(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(u)
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.head(z, x)

@@ -1,47 +1,72 @@
-"""Fixed-point solvers behind one function, `solve`.
+"""Fixed-point solvers behind one function, `solve`, and one registry, `SOLVERS`.
 
 Solvers are pure tensor code: they know nothing of models, files or terminals. Each works
-on a flattened (B, D) view of the state, so any layout of z works unchanged.
+on a flattened (B, D) view of the state, so any layout of z works unchanged. A solver is a
+function `(tr, z, **knobs)` over the tracker, which counts every evaluation of f, keeps
+each sample's best iterate and decides when to stop (deqctl.solvers.tracker); a user's
+solver, named by import path or entry point, gets the same statistics as a built-in.
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .anderson import anderson
+from ..options import Block, OptionsError, options_block, validate
+from ..registry import Part, PartError
+from .fixed_point import fixed_point          # noqa: F401  (registration order: the
+from .anderson import anderson                # noqa: F401   order of "valid: ..." lists)
 from .broyden import broyden, shine_adjoint
-from .fixed_point import fixed_point
 from .pack import Packing, State, packing_of
+from .registry import SOLVERS
 from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
 
-SOLVERS: dict[str, Callable] = {"fixed_point": fixed_point, "anderson": anderson,
-                                "broyden": broyden}
+__all__ = ["solve", "solver_part", "knob_block", "check_knobs", "SolveResult", "SOLVERS",
+           "CONVERGED", "MAX_ITER", "NONFINITE", "Packing", "State", "packing_of",
+           "shine_adjoint", "Tracker"]
 
-__all__ = ["solve", "check_options", "SolveResult", "SOLVERS", "CONVERGED", "MAX_ITER",
-           "NONFINITE", "Packing", "State", "packing_of", "shine_adjoint"]
-
-
-def check_options(method: str, knobs: dict) -> None:
-    """Raise ValueError unless `method` is a solver and `knobs` are options it takes."""
-    if method not in SOLVERS:
-        raise ValueError(f"unknown solver {method!r} (valid: {', '.join(SOLVERS)})")
-    allowed = [p for p in inspect.signature(SOLVERS[method]).parameters if p not in ("tr", "z")]
-    unknown = sorted(set(knobs) - set(allowed))
-    if unknown:
-        raise ValueError(f"solver {method!r} has no option {', '.join(unknown)} "
-                         f"(valid: {', '.join(allowed) or 'none'})")
+_BLOCKS: dict[int, type[Block]] = {}
 
 
-def solve(f: Callable, z0: State, method: str = "anderson", tol: float = 1e-4,
+def solver_part(method: str | Callable) -> Part:
+    """The solver `method` names (a registered name, entry point or import path), or
+    `method` itself when it is a function; ValueError listing the valid names."""
+    if callable(method):
+        SOLVERS.check(method, getattr(method, "__name__", "solver"))
+        return Part(getattr(method, "__name__", "solver"), method, "user code")
+    try:
+        return SOLVERS.get(method)
+    except PartError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def knob_block(fn: Callable) -> type[Block]:
+    """The settings block of a solver's knobs: its keyword arguments after (tr, z)."""
+    key = id(fn)
+    if key not in _BLOCKS:
+        block = options_block(fn, 2, f"{getattr(fn, '__name__', 'solver')} knobs")
+        block.__solver__ = fn
+        _BLOCKS[key] = block
+    return _BLOCKS[key]
+
+
+def check_knobs(fn: Callable, knobs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`knobs` validated against the solver's signature (all defaults filled in);
+    ValueError naming each unknown or wrong one."""
+    try:
+        return validate(knob_block(fn), knobs, prefix).model_dump()
+    except OptionsError as exc:
+        raise ValueError("; ".join(exc.lines)) from None
+
+
+def solve(f: Callable, z0: State, method: str | Callable = "anderson", tol: float = 1e-4,
           max_iter: int = 50, stop_mode: str = "rel", *, check_every: int | None = None,
           compact: bool = False, trace: bool = False, snapshot_at: tuple[int, ...] = (),
           bf16_until: float | None = None, **knobs) -> SolveResult:
     """Find z = f(z) for every sample of the batch z0 (first dimension). z0 may be a tuple
     of tensors (f then maps tuples to tuples): they are solved as one state, and res.z and
-    the snapshots come back as tuples.
+    the snapshots come back as tuples. `method` is a solver's name or a solver function.
 
     Returns a SolveResult with the lowest-residual iterate per sample and honest
     statistics. `max_iter` bounds the number of f evaluations. With `compact=True`, f is
@@ -53,8 +78,8 @@ def solve(f: Callable, z0: State, method: str = "anderson", tol: float = 1e-4,
     rounding stops its progress), then in the caller's precision down to `tol`: the
     cheap early iterations of a mixed-precision solve (res.bf16_nfe counts them).
     """
-    check_options(method, knobs)
-    run = SOLVERS[method]
+    run = solver_part(method).obj
+    knobs = check_knobs(run, knobs, f"{getattr(run, '__name__', 'solver')}")
     packing = packing_of(z0)
     if packing is not None:
         f, z0 = packing.wrap(f), packing.pack(z0)

@@ -11,8 +11,13 @@ Cholesky, so nothing here waits for the host.
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated
 
+import torch
+from annotated_types import Ge, Interval
+
+from ..limits import HISTORY_LIMIT
+from .registry import SOLVERS
 from .tracker import Tracker
 
 
@@ -28,9 +33,14 @@ def _weights(gram: torch.Tensor, ridge: torch.Tensor) -> tuple[torch.Tensor, tor
     return alpha, ok
 
 
-def anderson(tr: Tracker, z: torch.Tensor, *, m: int = 5, lam: float = 1e-4,
-             beta: float = 1.0) -> None:
-    """Anderson-accelerated fixed-point iteration; results live in the tracker."""
+@SOLVERS.register("anderson")
+def anderson(tr: Tracker, z: torch.Tensor, *,
+             m: Annotated[int, Interval(ge=1, le=HISTORY_LIMIT)] = 5,
+             lam: Annotated[float, Ge(0)] = 1e-4,
+             beta: Annotated[float, Interval(gt=0, le=1)] = 1.0) -> None:
+    """Anderson-accelerated fixed-point iteration; results live in the tracker.
+    `m`: history size; `lam`: ridge, relative to the mean diagonal of the Gram matrix;
+    `beta`: mixing between f-values and iterates."""
     b, d = z.shape
     F = z.new_empty(b, m, d)   # a slot is written before anything reads it
     G = z.new_empty(b, m, d)

@@ -11,8 +11,13 @@ previous one, so one update reads the buffers four times.
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated
 
+import torch
+from annotated_types import Interval
+
+from ..limits import HISTORY_LIMIT
+from .registry import SOLVERS
 from .tracker import Tracker
 
 
@@ -33,9 +38,13 @@ def _apply_t(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _apply(V, U, x)
 
 
-def broyden(tr: Tracker, z: torch.Tensor, *, history: int = 8, line_search: bool = False,
-            ls_steps: int = 3) -> None:
-    """Broyden root finding on f(z) - z; results live in the tracker."""
+@SOLVERS.register("broyden")
+def broyden(tr: Tracker, z: torch.Tensor, *,
+            history: Annotated[int, Interval(ge=1, le=HISTORY_LIMIT)] = 8,
+            line_search: bool = False, ls_steps: Annotated[int, Interval(ge=1, le=60)] = 3
+            ) -> None:
+    """Broyden root finding on f(z) - z; results live in the tracker. `history`: rank-one
+    updates kept (limited memory); `ls_steps`: step halvings tried by the line search."""
     b, d = z.shape
     U = z.new_zeros(b, history, d)
     V = z.new_zeros(b, history, d)

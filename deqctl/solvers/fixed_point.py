@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from typing import Annotated
 
+import torch
+from annotated_types import Interval
+
+from .registry import SOLVERS
 from .tracker import Tracker
 
 
-def fixed_point(tr: Tracker, z: torch.Tensor, *, damping: float = 1.0) -> None:
+@SOLVERS.register("fixed_point")
+def fixed_point(tr: Tracker, z: torch.Tensor, *,
+                damping: Annotated[float, Interval(gt=0, le=1)] = 1.0) -> None:
     """Iterate until the tracker says stop; results live in the tracker."""
     while True:
         fz, g = tr.evaluate(z)

@@ -1,0 +1,45 @@
+"""The settings blocks data sources share: the keys every source takes, and the families
+of sources (images, text, forecasts). Each source's own block lives in its module."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..options import Block, Bool, Float, Int
+
+
+class DataBase(Block):
+    """Keys every data source takes (and keeps when data.name switches source)."""
+
+    batch_size: Int = Field(64, ge=1)
+    eval_batch_size: Int = Field(500, ge=1)
+    limit_train: Int | None = Field(None, ge=1, description="use only the first N training samples")
+    limit_eval: Int | None = Field(None, ge=1, description="use only the first N eval samples")
+
+
+class Augmentable(DataBase):
+    augment: Bool = Field(False, description="random shifts (+ flips for natural images); "
+                          "images only")
+
+
+class TextTokens(DataBase):
+    tokenizer: Literal["char", "byte"] = "char"
+    seq_len: Int = Field(128, ge=2, description="tokens per training sequence (context length)")
+
+
+class Forecasting(DataBase):
+    window: Int = Field(104, ge=2, description="past steps the model sees")
+    horizon: Int = Field(52, ge=1, description="future steps it predicts")
+    season: Int = Field(52, ge=1, description="period of the seasonal-naive baseline")
+    val_fraction: Float = Field(0.0, ge=0, lt=1, description="chronological, before test")
+    test_fraction: Float = Field(0.2, gt=0, lt=1, description="the last part of the series")
+
+
+class ArraysData(Augmentable):
+    """What arrays (an .npz file, or a user's data function) are read with."""
+
+    layout: Literal["auto", "sequence", "image"] = Field(
+        "auto", description="how to read a 3-d float x: (N, L, C) sequences (auto) or "
+        "(N, H, W) images")

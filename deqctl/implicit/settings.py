@@ -1,0 +1,243 @@
+"""The DEQ layer's settings: the recipe's `deq` block and `deqctl.DEQ(**settings)` are the
+same schema, validated once, in one place, with the rules that tie its parts together
+(eval inherits forward, bf16_until above tol, what unrolled and SHINE allow).
+
+Forward, backward and eval solves share one shape: solver, max_iter, tol, stop_mode,
+check_every, compact, and one block of knobs per solver, named after it (`anderson:
+{m, lam, beta}`), so switching `solver` never leaves a stray option behind. A solver named
+by entry point or import path (`./mine.py:picard`) gets its own block (`picard: {...}`),
+read from its signature.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
+
+from ..limits import ITER_LIMIT
+from ..errors import quote
+from ..options import Block, Bool, Float, Int, OptionsError, validate
+from ..registry import Part, PartError, TrustError
+from ..solvers import SOLVERS, knob_block
+from .spec import SolveSpec
+
+StopMode = Literal["abs", "rel"]
+
+
+def knob_key(ref: str) -> str:
+    """The block a solver's knobs live in: its short name, or the name after `:`."""
+    return ref.rpartition(":")[2]
+
+
+class SolverSettings(Block):
+    """One solve. Subclasses built by `deq_schema` add a knob block per solver."""
+
+    solver: str = "anderson"
+    max_iter: Int = Field(30, ge=1, le=ITER_LIMIT)
+    tol: Float = Field(1e-3, gt=0)
+    stop_mode: StopMode = "rel"
+    check_every: Int | None = Field(
+        None, ge=1, description="read convergence back to the host every k iterations "
+        "(None: every iteration on CPU, every 4 on accelerators)")
+    compact: Bool = Field(False, description="evaluate f only on unconverged samples "
+                          "(needs a per-sample cell: no batch statistics)")
+
+    @field_validator("solver")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return _known_solver(cls, v)
+
+    def options(self) -> dict[str, Any]:
+        """The chosen solver's own knobs (e.g. Anderson's m, lam, beta)."""
+        return getattr(self, knob_key(self.solver)).model_dump()
+
+    def spec(self) -> SolveSpec:
+        """These settings as the SolveSpec the layer runs."""
+        fn = type(getattr(self, knob_key(self.solver))).__solver__
+        return SolveSpec(self.solver, self.max_iter, self.tol, self.stop_mode, self.options(),
+                         self.check_every, self.compact, fn=fn)
+
+
+class ForwardSettings(SolverSettings):
+    bf16_until: Float | None = Field(
+        None, gt=0, description="a mixed-precision solve: f under bf16 autocast until every "
+        "running sample's residual is below this, then in full precision down to tol; for "
+        "fp32 runs on hardware with fast bf16 (tensor cores, AMX)")
+
+    @field_validator("bf16_until")
+    @classmethod
+    def _above_tol(cls, v: float | None, info: ValidationInfo) -> float | None:
+        tol = info.data.get("tol")
+        if v is not None and tol is not None and v <= tol:
+            raise ValueError(f"must be above tol ({tol:g}): bf16 is only for the early "
+                             f"iterations")
+        return v
+
+    def spec(self) -> SolveSpec:
+        """As SolverSettings.spec, with bf16_until while it is above tol (an override such
+        as an eval or trace tolerance may have moved tol past it)."""
+        above = self.bf16_until is not None and self.bf16_until > self.tol
+        return super().spec().but(bf16_until=self.bf16_until if above else None)
+
+
+class BackwardSettings(SolverSettings):
+    mode: Literal["ift", "phantom", "jfb"] = "ift"
+    solver: str = "fixed_point"
+    tol: Float = Field(1e-4, gt=0)
+    phantom_steps: Int = Field(5, ge=1, le=ITER_LIMIT, description="unrolled steps for mode=phantom")
+    phantom_tau: Float = Field(0.5, gt=0, le=1, description="damping for mode=phantom")
+    shine: Bool = Field(False, description="mode=ift with a broyden forward: start the "
+                        "adjoint solve from the forward's inverse-Jacobian estimate (SHINE)")
+
+
+class EvalSettings(Block):
+    """Test-time solve; unset fields inherit deq.forward."""
+
+    solver: str | None = None
+    max_iter: Int | None = Field(None, ge=1, le=ITER_LIMIT)
+    tol: Float | None = Field(None, gt=0)
+    stop_mode: StopMode | None = None
+
+    @field_validator("solver")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        return v if v is None else _known_solver(cls, v)
+
+
+def _known_solver(cls: type[Block], v: str) -> str:
+    """`v` if this schema has a knob block for it; ValueError listing the valid names."""
+    if knob_key(v) not in getattr(cls, "__knobs__", set()):
+        raise ValueError(f"unknown solver {quote(v)} (valid: {', '.join(SOLVERS.names())}, "
+                         f"or an import path PATH.py:function)")
+    return v
+
+
+class JacobianReg(Block):
+    weight: Float = Field(0.0, ge=0, description="weight of the Hutchinson ||df/dz||_F^2 loss")
+    every: Int = Field(1, ge=1, description="apply on every k-th training step")
+    samples: Int = Field(1, ge=1, le=100, description="Hutchinson probe vectors")
+
+
+class FixedPointCorrection(Block):
+    states: Int = Field(0, ge=0, le=100, description="extra solver states supervised (0: off)")
+    gamma: Float = Field(0.8, gt=0, le=1, description="weight decay towards early states")
+
+
+class UnrolledSettings(Block):
+    depth: Int | None = Field(None, ge=1, le=ITER_LIMIT, description="applications of the "
+                              "cell (None: deq.forward.max_iter)")
+
+
+class DEQSettings(Block):
+    mode: Literal["implicit", "unrolled"] = Field(
+        "implicit", description="implicit: solve for the fixed point, implicit gradients; "
+        "unrolled: the explicit twin, the same cell applied deq.unrolled.depth times with "
+        "backprop through every application")
+    unrolled: UnrolledSettings = UnrolledSettings()
+    forward: ForwardSettings = Field(default_factory=lambda: ForwardSettings())
+    backward: BackwardSettings = Field(default_factory=lambda: BackwardSettings())
+    eval: EvalSettings = EvalSettings()
+    jacobian_reg: JacobianReg = JacobianReg()
+    fp_correction: FixedPointCorrection = FixedPointCorrection()
+    warm_start: Bool = Field(False, description="start from z* of the previous batch "
+                             "when shapes match (training only)")
+    cache_fixed_points: Bool = Field(False, description="start each training example's "
+                                     "solve from its own z* of the previous epoch (kept "
+                                     "on the device, saved in checkpoints)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DEQSettings":
+        if self.mode == "unrolled" and self.fp_correction.states:
+            raise ValueError("fp_correction.states must be 0 with mode=unrolled (the twin "
+                             "back-propagates through every state)")
+        b = self.backward
+        if b.shine and not (b.mode == "ift" and self.forward.solver == "broyden"
+                            and not self.forward.compact):
+            raise ValueError("backward.shine needs backward.mode=ift and forward.solver="
+                             "broyden without compact (it reuses the forward Broyden's "
+                             "inverse estimate)")
+        return self
+
+    def eval_settings(self) -> ForwardSettings:
+        """The forward settings with deq.eval's fields applied on top (bf16_until only in
+        the forward's stop mode: it is a residual in that measure)."""
+        overrides = {k: v for k, v in self.eval.model_dump().items() if v is not None}
+        if overrides.get("stop_mode", self.forward.stop_mode) != self.forward.stop_mode:
+            overrides["bf16_until"] = None
+        return self.forward.model_copy(update=overrides)
+
+    def specs(self) -> tuple[SolveSpec, SolveSpec, SolveSpec]:
+        """(forward, backward, eval) as the layer runs them."""
+        return self.forward.spec(), self.backward.spec(), self.eval_settings().spec()
+
+
+def solver_refs(raw: Any) -> list[tuple[str, str]]:
+    """(dotted key, name) of every solver a raw `deq` block names, defaults left out."""
+    found = []
+    if isinstance(raw, dict):
+        for block in ("forward", "backward", "eval"):
+            value = raw.get(block)
+            if isinstance(value, dict) and isinstance(value.get("solver"), str):
+                found.append((f"{block}.solver", value["solver"]))
+    return found
+
+
+def resolve_solvers(raw: Any, prefix: str = "", bases: Iterable[Path] = (),
+                    trust: bool = True) -> tuple[dict[str, Part], list[str]]:
+    """{key: part} of the non-built-in solvers a raw `deq` block names (imported), and one
+    error line per name that does not resolve. TrustError for user code without `trust`."""
+    parts, errors = {}, []
+    for key, ref in solver_refs(raw):
+        if ref in SOLVERS.builtins:
+            continue
+        try:
+            parts[key] = SOLVERS.get(ref, bases, trust)
+        except TrustError as exc:
+            raise TrustError(f"{prefix}{key}: {exc}") from None
+        except PartError as exc:
+            errors.append(f"{prefix}{key}: {exc}")
+    return parts, errors
+
+
+@lru_cache(maxsize=64)
+def deq_schema(extra: tuple[tuple[str, Any], ...] = ()) -> type[DEQSettings]:
+    """DEQSettings with a knob block for every built-in solver and for each (name,
+    function) of `extra`."""
+    blocks = {name: knob_block(fn) for name, fn in
+              [*((n, SOLVERS.get(n).obj) for n in SOLVERS.builtins), *extra]}
+    knobs = {knob_key(ref): (block, Field(default_factory=block)) for ref, block in blocks.items()}
+    names = set(knobs)
+
+    def solve_block(base: type[Block], fields: dict) -> type[Block]:
+        cls = create_model(base.__name__, __base__=base, **fields)
+        cls.__knobs__ = names
+        return cls
+
+    fwd, bwd = solve_block(ForwardSettings, knobs), solve_block(BackwardSettings, knobs)
+    ev = solve_block(EvalSettings, {})
+    return create_model("DEQSettings", __base__=DEQSettings,
+                        forward=(fwd, Field(default_factory=fwd)),
+                        backward=(bwd, Field(default_factory=bwd)),
+                        eval=(ev, Field(default_factory=ev)))
+
+
+def schema_for(raw: Any, prefix: str = "", bases: Iterable[Path] = (), trust: bool = True
+               ) -> tuple[type[DEQSettings], dict[str, Part], list[str]]:
+    """The schema that validates the raw `deq` block `raw` (its solvers imported), the
+    non-built-in solvers by key, and the error lines of names that do not resolve."""
+    parts, errors = resolve_solvers(raw, prefix, bases, trust)
+    extra = tuple(dict.fromkeys((p.ref, p.obj) for p in parts.values()))
+    return deq_schema(extra), parts, errors
+
+
+def deq_settings(raw: dict[str, Any] | None = None) -> DEQSettings:
+    """Validate plain keyword arguments (the recipe's `deq` block as Python dicts);
+    OptionsError listing every problem with its key."""
+    raw = raw or {}
+    schema, _, errors = schema_for(raw)
+    if errors:
+        raise OptionsError(errors)
+    return validate(schema, raw)
