@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["DEQ", "SolveSpec", "load", "CheckpointError", "__version__"]
+__all__ = ["DEQ", "DEQModel", "DataInfo", "SolveSpec", "load", "CheckpointError",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +18,10 @@ def __getattr__(name: str):
     if name in ("DEQ", "SolveSpec"):
         from . import implicit
         return getattr(implicit, name)
+    if name == "DEQModel":             # what a model of your own subclasses
+        from .models import DEQModel
+        return DEQModel
+    if name == "DataInfo":             # what it is built for
+        from .data import DataInfo
+        return DataInfo
     raise AttributeError(f"module 'deqctl' has no attribute {name!r}")

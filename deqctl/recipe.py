@@ -99,8 +99,8 @@ class Recipe(Block):
     _parts: dict[str, Part] = PrivateAttr(default_factory=dict)
 
     def part(self, kind: str) -> Part:
-        """What `model`, `data` or `optim` names; for solvers, `deq.forward.solver` etc."""
-        return self._parts[kind]
+        """What `model`, `data` or `optim` names (`kind` "model" is key "model.name")."""
+        return self._parts[f"{kind}.name"]
 
     def user_code(self) -> dict[str, Part]:
         """The parts this recipe imports from user code, by the key that names them."""
@@ -137,7 +137,7 @@ def _resolve(raw: dict[str, Any], bases: Iterable[Path], trust: bool
         except PartError as exc:
             errors.append(f"{section}.name: {exc}")
             continue
-        parts[section], blocks[section] = part, make(part)
+        parts[f"{section}.name"], blocks[section] = part, make(part)
     deq_raw = raw.get("deq") if isinstance(raw.get("deq"), dict) else {}
     try:
         deq, solvers, deq_errors = schema_for(deq_raw, "deq.", bases, trust)

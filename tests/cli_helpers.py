@@ -1,10 +1,13 @@
 """What the CLI test files share: the default recipe, `deqctl train` in-process, a run's
-metrics rows, and waiting for a training subprocess to log its first rows."""
+metrics rows, waiting for a training subprocess to log its first rows, and trials of
+`deqctl` killed or signalled at a chosen write (tests/crash_points.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,3 +35,16 @@ def wait_for_rows(proc: subprocess.Popen, run: Path, n: int = 2, timeout: float 
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= n:
             return
         time.sleep(0.05)
+
+
+def run_trials(folder: Path, trials: list[dict]) -> list:
+    """Run crash_points.py trials (writes counted under `folder`); returns each trial's
+    exit status or "killed"."""
+    spec = folder / f"trials-{len(list(folder.glob('trials-*')))}.json"
+    spec.write_text(json.dumps(trials))
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent)}
+    done = subprocess.run([sys.executable, str(here / "crash_points.py"), str(folder),
+                           str(spec)], capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -2,11 +2,13 @@
 
     python crash_points.py FOLDER TRIALS.json
 
-Each trial is {"argv": [...], "kill_at": K, "log": PATH, "output": PATH} (the last two
-optional): a forked child runs the
+Each trial is {"argv": [...], "kill_at": K, "log": PATH, "output": PATH, "signal": NAME,
+"fsize": BYTES} (all but argv and kill_at optional): a forked child runs the
 command in-process and kills itself just before its K-th file-system write under FOLDER
 (K = 0: never), logs every write it counts into `log` and its stdout and stderr into
-`output`. Writes are
+`output`. `signal` (SIGINT, SIGTERM) sends that signal instead, once, and lets the run go
+on; `fsize` limits every file the child writes to that many bytes (RLIMIT_FSIZE: a write
+past it fails as on a full disk). Writes are
 counted at the level of the operating system calls Python makes (open for writing,
 mkdir, rename, replace, link, unlink, rmtree, truncate, safetensors' save_file), so the
 count does not depend on how deqctl is organised. The process that forks imports only
@@ -37,7 +39,7 @@ PARALLEL = 2            # trials at once (each a single-threaded process)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
-def _install(folder: str, kill_at: int, log: str | None) -> None:
+def _install(folder: str, kill_at: int, log: str | None, sig: int = signal.SIGKILL) -> None:
     count = 0
     busy = False
     real_open = io.open
@@ -52,7 +54,7 @@ def _install(folder: str, kill_at: int, log: str | None) -> None:
             log_file.write(f"{count} {kind} {' '.join(map(str, paths))}\n")
             log_file.flush()
         if count == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), sig)
 
     def wrap(owner, name, kind, paths=lambda *a, **k: a[:1], when=lambda *a, **k: True):
         real = getattr(owner, name)
@@ -83,7 +85,12 @@ def _install(folder: str, kill_at: int, log: str | None) -> None:
 
 
 def _child(folder: str, trial: dict) -> None:
-    _install(folder, trial["kill_at"], trial.get("log"))
+    _install(folder, trial["kill_at"], trial.get("log"),
+             getattr(signal, trial.get("signal", "SIGKILL")))
+    if trial.get("fsize"):
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (trial["fsize"], trial["fsize"]))
     out = os.open(trial.get("output") or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(out, 1)
     os.dup2(out, 2)

@@ -5,11 +5,7 @@ counts writes at the level of the calls Python makes to the operating system).""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +13,8 @@ from safetensors.torch import load_file
 
 from deqctl.engine import checkpoint
 
-from cli_helpers import RECIPE, rows
+from cli_helpers import RECIPE, rows, run_trials
 
-HERE = Path(__file__).parent
 TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=160",
         "data.limit_eval=32", "data.batch_size=32", "data.eval_batch_size=32",
         "deq.forward.max_iter=6", "deq.backward.max_iter=6", "deq.eval.max_iter=6",
@@ -29,16 +24,6 @@ TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=160",
 SCHEDULE = ["train.max_steps=5", "train.save_every=2", "train.log_every=3",
             "train.eval_every=3"]
 TIMING = {"step_time_s", "samples_per_s", "wall_s", "peak_mem_mb", "eval_time_s"}
-
-
-def run_trials(folder: Path, trials: list[dict]) -> list:
-    spec = folder / f"trials-{len(list(folder.glob('trials-*')))}.json"
-    spec.write_text(json.dumps(trials))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    done = subprocess.run([sys.executable, str(HERE / "crash_points.py"), str(folder),
-                           str(spec)], capture_output=True, text=True, env=env, timeout=1800)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def content(run: Path) -> list[tuple]:

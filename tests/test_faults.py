@@ -17,11 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from rich.console import Console
+
 from deqctl import recipe as recipes
 from deqctl.cli import app
 from deqctl.engine import checkpoint, train as engine
+from deqctl.engine.signals import StopOnSignal
+from deqctl.ui import TrainView
 
-from cli_helpers import RECIPE, rows, runner, train, wait_for_rows
+from cli_helpers import RECIPE, rows, run_trials, runner, train, wait_for_rows
 
 TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=192",
         "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=32",
@@ -77,22 +81,35 @@ def test_a_signal_finishes_the_step_saves_and_resumes_bit_exactly(reference, tmp
     assert got == {k: ref[k] for k in got} and ("test", 8) in got
 
 
-def test_a_signal_during_the_final_evaluation_leaves_a_finished_resumable_run(
-        tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    evaluate = engine.evaluate
+class SignalAt:
+    """A trainer callback (the loop's public seam) that sends `sig` to this process at the
+    first evaluation batch of step `step` (None: any)."""
 
-    def signalled(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)    # arrives inside the final evaluation
-        return evaluate(*args, **kwargs)
-    monkeypatch.setattr(engine, "evaluate", signalled)
-    result = train(RECIPE, *TINY, "train.max_steps=2", "train.eval_every_epoch=false",
-                   "--out", str(out))
-    assert result.exit_code == 143 and "interrupted during the final evaluation" in result.output
+    def __init__(self, sig: int, step: int | None = None):
+        self.sig, self.step, self.sent = sig, step, False
+
+    def on_eval_batch(self, trainer, done, total):
+        if not self.sent and self.step in (None, trainer.state.step):
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
+
+
+def run_trainer(out: Path, *overrides: str, callbacks=()):
+    """Train the tiny recipe in this process through the Trainer, with `callbacks`."""
+    recipe = recipes.load(RECIPE, [*TINY, *overrides])
+    view = TrainView(None, fwd_tol=1e-3, bwd_tol=1e-3, plain=True, console=Console(quiet=True))
+    return engine.Trainer(recipe, out, view, callbacks=callbacks).run()
+
+
+def test_a_signal_during_the_final_evaluation_leaves_a_finished_resumable_run(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(engine.Interrupted, match="interrupted during the final evaluation") as err:
+        run_trainer(out, "train.max_steps=2", "train.eval_every_epoch=false",
+                    callbacks=[SignalAt(signal.SIGTERM)])
+    assert err.value.code == 143
     final = out / "checkpoints" / "final"
     assert checkpoint.step_of(final) == 2
     assert json.loads((final / "meta.json").read_text())["metrics"] is None
-    monkeypatch.setattr(engine, "evaluate", evaluate)
 
     result = train("--resume", str(out))          # runs only the evaluation
     assert result.exit_code == 0, result.output
@@ -106,7 +123,7 @@ def test_a_signal_during_the_final_evaluation_leaves_a_finished_resumable_run(
 
 
 def test_a_second_signal_aborts_at_once():
-    with engine._StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):
@@ -118,16 +135,10 @@ def test_a_second_signal_aborts_at_once():
 # --- divergence --------------------------------------------------------------------------
 
 
-def test_a_nonfinite_total_loss_with_a_finite_task_loss_stops_and_saves_nothing(
-        tmp_path, monkeypatch):
-    objective = engine.objective
-
-    def exploding(task, out, y, jac_weight):
-        loss, task_loss = objective(task, out, y, jac_weight)
-        return loss * float("inf"), task_loss      # e.g. a huge Jacobian weight
-    monkeypatch.setattr(engine, "objective", exploding)
-    out = tmp_path / "run"
-    result = train(RECIPE, *TINY, "train.max_steps=4", "train.save_every=1", "--out", str(out))
+def test_a_nonfinite_total_loss_with_a_finite_task_loss_stops_and_saves_nothing(tmp_path):
+    out = tmp_path / "run"        # a Jacobian weight beyond float32: the total loss is inf
+    result = train(RECIPE, *TINY, "train.max_steps=4", "train.save_every=1",
+                   "deq.jacobian_reg.weight=1e39", "--out", str(out))
     assert result.exit_code == 1 and "non-finite" in result.output
     assert "Traceback" not in result.output
     assert not (out / "checkpoints").exists() or not checkpoint.checkpoints(out)
@@ -280,75 +291,69 @@ def test_damaged_checkpoints_are_one_line(reference, tmp_path, damage):
         assert not (tmp_path / "r").exists()
 
 
-def test_a_full_disk_stops_with_one_line_and_leaves_no_debris(reference, tmp_path, monkeypatch):
-    import errno
-
+def test_a_full_disk_stops_with_one_line_and_leaves_no_debris(reference, tmp_path):
+    """Files may grow no larger than the weights: the trainer state (Adam's moments are
+    twice the weights) no longer fits, as on a disk that fills during a save."""
     run = tmp_path / "copy"
     shutil.copytree(reference, run)
     shutil.rmtree(run / "checkpoints" / "final")
     before = snapshot(run / "checkpoints")
-    real = checkpoint.save_file
-
-    def full(tensors, path, *a, **k):
-        if path.name == "trainer.safetensors":
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors, path, *a, **k)
-    monkeypatch.setattr(checkpoint, "save_file", full)
-    result = train("--resume", str(run))
-    assert result.exit_code == 1 and "No space left on device" in result.output
-    assert "earlier checkpoints are intact" in result.output and "Traceback" not in result.output
+    ckpt = reference / "checkpoints" / "final"
+    limit = ((ckpt / "model.safetensors").stat().st_size
+             + (ckpt / "trainer.safetensors").stat().st_size) // 2
+    output = tmp_path / "out.txt"
+    status = run_trials(tmp_path, [{"argv": ["train", "--resume", str(run), "--plain"],
+                                    "kill_at": 0, "fsize": limit, "output": str(output)}])
+    text = output.read_text()
+    assert status == [1] and "File too large" in text, text
+    assert "earlier checkpoints are intact" in text and "Traceback" not in text
     assert snapshot(run / "checkpoints") == before      # no .tmp left, nothing replaced
 
 
 def test_a_disk_too_small_for_two_checkpoints_is_refused_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.shutil, "disk_usage",
+    monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "run"
     result = train(RECIPE, *TINY, "train.max_steps=1", "--out", str(out))
     assert result.exit_code == 1 and "MB free" in result.output and not out.exists()
 
 
-def test_a_signal_during_a_checkpoint_write_finishes_the_write_then_stops(reference, tmp_path,
-                                                                           monkeypatch):
-    real = checkpoint.save_file
-    sent = []
+def signal_at_write(tmp_path: Path, out: Path, sig: str, write: str, *overrides: str):
+    """Train the tiny recipe in a child process that receives `sig` just before its first
+    write whose path ends with `write`; returns (exit status, output)."""
+    argv = ["train", RECIPE, *TINY, *overrides, "--out", str(out), "--plain"]
+    log = tmp_path / "writes.log"
+    assert run_trials(tmp_path, [{"argv": argv, "kill_at": 0, "log": str(log)}]) == [0]
+    k = next(i for i, line in enumerate(log.read_text().splitlines(), 1) if line.endswith(write))
+    shutil.rmtree(out)
+    output = tmp_path / "out.txt"
+    status = run_trials(tmp_path, [{"argv": argv, "kill_at": k, "signal": sig,
+                                    "output": str(output)}])
+    return status[0], output.read_text()
 
-    def signalled(tensors, path, *a, **k):
-        if not sent:                       # the first checkpoint write (step 3) is hit
-            sent.append(path)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(tensors, path, *a, **k)
-    monkeypatch.setattr(checkpoint, "save_file", signalled)
+
+def test_a_signal_during_a_checkpoint_write_finishes_the_write_then_stops(reference, tmp_path):
     out = tmp_path / "run"
-    result = train(RECIPE, *TINY, "train.max_steps=8", "train.save_every=3", "--out", str(out))
-    assert result.exit_code == 130, result.output
+    code, output = signal_at_write(tmp_path, out, "SIGINT", "step-000003.tmp/model.safetensors",
+                                   "train.max_steps=8", "train.save_every=3")
+    assert code == 130, output
     assert checkpoint.step_of(out / "checkpoints" / "step-000003") == 3      # completed
     assert checkpoint.step_of(out / "checkpoints" / "interrupted") == 3
     assert not list((out / "checkpoints").glob("*.tmp"))
-    monkeypatch.setattr(checkpoint, "save_file", real)
     result = train("--resume", str(out))
     assert result.exit_code == 0, result.output
     ref = {(r["split"], r["step"]): r["loss"] for r in rows(reference)}
     assert {(r["split"], r["step"]): r["loss"] for r in rows(out)} == ref
 
 
-def test_a_signal_during_a_mid_training_evaluation_redoes_it_on_resume(reference, tmp_path,
-                                                                       monkeypatch):
-    evaluate = engine.evaluate
-    calls = []
-
-    def signalled(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:                 # the epoch evaluation at step 6
-            os.kill(os.getpid(), signal.SIGTERM)
-        return evaluate(*args, **kwargs)
-    monkeypatch.setattr(engine, "evaluate", signalled)
-    out = tmp_path / "run"
-    result = train(RECIPE, *TINY, "train.max_steps=8", "train.save_every=3", "--out", str(out))
-    assert result.exit_code == 143, result.output
+def test_a_signal_during_a_mid_training_evaluation_redoes_it_on_resume(reference, tmp_path):
+    out = tmp_path / "run"                  # the epoch evaluation at step 6
+    with pytest.raises(engine.Interrupted) as err:
+        run_trainer(out, "train.max_steps=8", "train.save_every=3",
+                    callbacks=[SignalAt(signal.SIGTERM, step=6)])
+    assert err.value.code == 143
     assert checkpoint.step_of(out / "checkpoints" / "interrupted") == 6
     assert ("test", 6) not in {(r["split"], r["step"]) for r in rows(out)}
-    monkeypatch.setattr(engine, "evaluate", evaluate)
     result = train("--resume", str(out))
     assert result.exit_code == 0, result.output
     ref = {(r["split"], r["step"]): r["loss"] for r in rows(reference)}
@@ -366,19 +371,12 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(reference
     assert max(r["step"] for r in rows(run)) == 5 and one_row_per_split_and_step(run)
 
 
-def test_a_late_stop_still_logs_the_steps_since_the_last_row(tmp_path, monkeypatch):
+def test_a_late_stop_still_logs_the_steps_since_the_last_row(tmp_path):
     """With log_every > 1, a signal during a checkpoint write stops at that step; the steps
     since the last row are written before the `interrupted` checkpoint, not lost."""
-    real = checkpoint.save_file
-
-    def signalled(tensors, path, *a, **k):
-        if path.parent.name == "step-000003.tmp" and path.name == "model.safetensors":
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(tensors, path, *a, **k)
-    monkeypatch.setattr(checkpoint, "save_file", signalled)
     out = tmp_path / "run"
-    result = train(RECIPE, *TINY, "train.max_steps=8", "train.save_every=3",
-                   "train.log_every=5", "--out", str(out))
-    assert result.exit_code == 130, result.output
+    code, output = signal_at_write(tmp_path, out, "SIGINT", "step-000003.tmp/model.safetensors",
+                                   "train.max_steps=8", "train.save_every=3", "train.log_every=5")
+    assert code == 130, output
     train_rows = [r for r in rows(out) if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == [3] and train_rows[0]["n"] == 3 * 32

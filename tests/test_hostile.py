@@ -277,10 +277,11 @@ def test_a_tampered_export_is_exit_2_and_a_checkpoint_error(run, tmp_path, damag
 
 
 @pytest.mark.parametrize("field, value", [
-    ("progress.step", "three"), ("progress.step", -4), ("progress.pos", 10**30),
-    ("progress.wall_s", "soon"), ("progress.eval_pending", "yes"), ("progress.extra", 1),
-    ("progress", [1, 2]), ("deq.step", -1), ("deq", None), ("optimizer", {}),
-    ("optimizer.param_groups", "all"), ("pending_rows", "many"), ("pending_rows", [[{"loss": "x"}]]),
+    ("state.step", "three"), ("state.step", -4), ("state.pos", 10**30),
+    ("state.wall_s", "soon"), ("state.eval_pending", "yes"), ("state.extra", 1),
+    ("state", [1, 2]), ("state.deq_step", -1), ("state.deq_last_nfe", "x"), ("optimizer", {}),
+    ("optimizer.param_groups", "all"), ("state.pending", "many"),
+    ("state.pending", [[{"loss": "x"}]]),
 ])
 def test_tampered_trainer_state_is_one_line_on_resume(run, tmp_path, field, value):
     bad = tmp_path / "run"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from deqctl.engine.metrics import Accumulator
+from deqctl.engine.metrics import Accumulator, with_stop_reason
 
 
 def test_reduce_weights_means_by_batch_and_keeps_partial_keys():
@@ -12,7 +12,7 @@ def test_reduce_weights_means_by_batch_and_keeps_partial_keys():
              "fwd_converged": torch.tensor(1.0), "jac_loss": torch.tensor(0.5)})
     acc.add({"n": 10, "loss": torch.tensor(3.0), "fwd_nfe_max": 12, "accuracy": torch.tensor(1.0),
              "fwd_converged": torch.tensor(0.5)})
-    row = acc.reduce()
+    row = with_stop_reason(acc.reduce())
     assert row["loss"] == pytest.approx((30 * 1.0 + 10 * 3.0) / 40)
     assert row["fwd_nfe_max"] == 12 and row["n"] == 40
     assert row["accuracy"] == pytest.approx(25 / 40)

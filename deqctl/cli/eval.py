@@ -15,14 +15,11 @@ from rich.table import Table
 from ..errors import quote
 from ..engine.evaluate import evaluate
 from ..implicit import SolveSpec
+from ..keys import SOLVER, K
 from ..inspect import Source, open_source
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from ..limits import ITER_LIMIT
 from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
-
-SOLVER_KEYS = ("fwd_nfe", "fwd_nfe_max", "fwd_abs_residual", "fwd_rel_residual",
-               "fwd_rel_residual_max", "fwd_converged")
-
 
 class SplitName(str, Enum):
     test = "test"
@@ -99,25 +96,25 @@ def _parse_iters(text: str) -> list[int]:
 
 def _result_row(row: dict[str, Any], src: Source) -> dict[str, Any]:
     """The reported subset of an evaluate() row: loss, task metrics, solver statistics."""
-    return {"n": row["n"], "loss": row["loss"],
+    return {"n": row[K.n], "loss": row[K.loss],
             **{m.key: row[m.key] for m in src.task.metrics if m.key in row},
-            **{k: row[k] for k in SOLVER_KEYS}, "samples_per_s": row["samples_per_s"]}
+            **{k: row[k] for k in SOLVER}, "samples_per_s": row[K.samples_per_s]}
 
 
 def _summary_table(row: dict[str, Any], src: Source, s: SolveSpec) -> Table:
     table = Table(title="evaluation", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("samples", str(row["n"]))
-    table.add_row("loss", fmt_float(row["loss"]))
+    table.add_row("samples", str(row[K.n]))
+    table.add_row("loss", fmt_float(row[K.loss]))
     for m in src.task.metrics:
         table.add_row(m.key, m.fmt(row.get(m.key)))
-    table.add_row("fwd NFE mean / max", f"{fmt_float(row['fwd_nfe'], 3)} / {row['fwd_nfe_max']:.0f}")
-    table.add_row("fwd abs residual (mean)", fmt_sci(row["fwd_abs_residual"]))
+    table.add_row("fwd NFE mean / max", f"{fmt_float(row[K.fwd_nfe], 3)} / {row[K.fwd_nfe_max]:.0f}")
+    table.add_row("fwd abs residual (mean)", fmt_sci(row[K.fwd_abs_residual]))
     table.add_row("fwd rel residual mean / max",
-                  f"{fmt_sci(row['fwd_rel_residual'])} / {fmt_sci(row['fwd_rel_residual_max'])}")
-    table.add_row(f"converged (tol {s.tol:g} {s.stop_mode})", fmt_pct(row["fwd_converged"]))
-    table.add_row("samples/s", f"{row['samples_per_s']:.0f}")
+                  f"{fmt_sci(row[K.fwd_rel_residual])} / {fmt_sci(row[K.fwd_rel_residual_max])}")
+    table.add_row(f"converged (tol {s.tol:g} {s.stop_mode})", fmt_pct(row[K.fwd_converged]))
+    table.add_row("samples/s", f"{row[K.samples_per_s]:.0f}")
     return table
 
 
@@ -128,10 +125,10 @@ def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolveSpec) -> Tabl
                 *(m.label for m in metrics), "samp/s"):
         table.add_column(col, justify="right")
     for r in sweep:
-        table.add_row(str(r["max_iter"]), fmt_float(r["fwd_nfe"], 3), f"{r['fwd_nfe_max']:.0f}",
-                      fmt_sci(r[f"fwd_{s.stop_mode}_residual"]), fmt_pct(r["fwd_converged"]),
-                      fmt_float(r["loss"]), *(m.fmt(r.get(m.key)) for m in metrics),
-                      f"{r['samples_per_s']:.0f}")
+        table.add_row(str(r["max_iter"]), fmt_float(r[K.fwd_nfe], 3), f"{r[K.fwd_nfe_max]:.0f}",
+                      fmt_sci(r[K.fwd_rel_residual if s.stop_mode == "rel" else K.fwd_abs_residual]), fmt_pct(r[K.fwd_converged]),
+                      fmt_float(r[K.loss]), *(m.fmt(r.get(m.key)) for m in metrics),
+                      f"{r[K.samples_per_s]:.0f}")
     return table
 
 

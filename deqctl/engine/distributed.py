@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import Split
-from .metrics import Accumulator
+from ..keys import over_ranks
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,6 @@ def gather(group: Group, value: Any) -> list[Any]:
     return values
 
 
-SUM = set(Accumulator.SUM) | {"samples_per_s"}
-MAX = set(Accumulator.MAX) | {"step_time_s", "eval_time_s", "peak_mem_mb", "wall_s"}
-
-
 def merge_rows(group: Group, row: dict[str, Any]) -> dict[str, Any]:
     """One metrics row from every rank's row of the same interval: counts and throughput
     summed, maxima and times as the slowest rank saw them, means weighted by samples."""
@@ -153,9 +149,9 @@ def merge_rows(group: Group, row: dict[str, Any]) -> dict[str, Any]:
             out[key] = math.nan                 # one rank's NaN is the row's NaN
         elif not _number(value) or len(numbers) != len(values):
             out[key] = value
-        elif key in SUM:
+        elif over_ranks(key) == "sum":
             out[key] = type(value)(sum(numbers))
-        elif key in MAX:
+        elif over_ranks(key) in ("max", "same"):
             out[key] = max(numbers)
         else:
             out[key] = sum(v * k for v, k in zip(numbers, n)) / total

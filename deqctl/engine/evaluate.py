@@ -12,7 +12,7 @@ from ..implicit import SolveSpec
 from ..models import DEQModel
 from ..tasks import Task
 from .device import autocast
-from .metrics import Accumulator, step_stats
+from .metrics import Accumulator, step_stats, with_stop_reason
 
 
 @torch.inference_mode()
@@ -39,7 +39,7 @@ def evaluate(model: DEQModel, task: Task, split: Split, batch_size: int, *,
             if on_batch:
                 on_batch(i + 1, total)
         row = acc.reduce()
-        row = task.finish(merge(row) if merge else row)
+        row = task.finish(with_stop_reason(merge(row) if merge else row))
         elapsed = time.perf_counter() - start
     finally:           # an evaluation cut short by a signal leaves the model as it was
         model.train(was_training)

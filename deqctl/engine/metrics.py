@@ -14,6 +14,7 @@ import torch
 
 from ..models import ModelOutput
 from ..files import open_regular
+from ..keys import K, over_batches
 from ..recipe import RecipeError
 from ..solvers import NONFINITE
 
@@ -30,6 +31,7 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tenso
         "fwd_nfe": fwd.sample_nfe.float().mean(),
         "fwd_nfe_max": fwd.nfe,
         "fwd_abs_residual": fwd.abs_residual.float().mean(),
+        "fwd_abs_residual_max": fwd.abs_residual.float().max(),
         "fwd_rel_residual": fwd.rel_residual.float().mean(),
         "fwd_rel_residual_max": fwd.rel_residual.float().max(),
         "fwd_converged": fwd.converged.float().mean(),
@@ -54,10 +56,8 @@ ROW_LIMIT = 2**20        # bytes in one metrics row; real rows hold a few hundre
 
 
 class Accumulator:
-    """Collects step statistics and reduces them to one metrics row with a single sync."""
-
-    MAX = ("fwd_nfe_max", "fwd_nfe_bf16", "fwd_rel_residual_max", "bwd_rel_residual_max")
-    SUM = ("nonfinite", "fallbacks", "n", "skipped_steps")
+    """Collects step statistics and reduces them to one metrics row with a single sync;
+    each key as the metrics table (deqctl.keys) says."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
@@ -91,17 +91,24 @@ class Accumulator:
         for k in keys:
             col, sizes = host[i:i + len(cols[k])], [r["n"] for r in cols[k]]
             i += len(col)
-            if k in self.MAX:
+            how = over_batches(k)
+            if how == "max":
                 out[k] = max(col)
-            elif k in self.SUM:
+            elif how == "sum":
                 out[k] = int(sum(col))
             else:  # weighted by batch size, so a short last batch counts for what it holds
                 out[k] = sum(c * n for c, n in zip(col, sizes)) / sum(sizes)
-        if "fwd_converged" in out:   # the interval's worst stop reason, as the table shows it
-            out["fwd_stop"] = ("nonfinite" if out.get("nonfinite") else
-                               "conv" if out["fwd_converged"] >= 1 else "max_iter")
         self.rows = []
         return out
+
+
+def with_stop_reason(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with fwd_stop, the worst stop reason of its solves (after any merge of ranks:
+    one rank's NaN is the row's)."""
+    if K.fwd_converged in row:
+        row[K.fwd_stop] = ("nonfinite" if row.get(K.nonfinite) else
+                           "conv" if row[K.fwd_converged] >= 1 else "max_iter")
+    return row
 
 
 class MetricsWriteError(RuntimeError):

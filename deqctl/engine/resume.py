@@ -13,7 +13,7 @@ from ..files import free_name, read_text, write_atomic
 from ..yamlio import MAX_BYTES
 from . import checkpoint
 from .metrics import read_rows
-from .rundir import RECIPE
+from .rundir import METRICS, RECIPE
 
 # Settings a resumed run may change. Everything else changes shapes, the data order, the
 # optimizer or what the saved state means, and would silently break the run.
@@ -35,6 +35,24 @@ def check_changes(saved: recipes.Recipe, wanted: recipes.Recipe) -> list[str]:
             f"order or the optimizer); start a new run from the recipe instead")
     return [f"{k} changed from {a.get(k)} to {b.get(k)}: the learning-rate schedule follows "
             f"the new length" for k in changed if k in SCHEDULE]
+
+
+def continue_run(run_dir: Path, folder: Path, recipe: recipes.Recipe, state: Any, view: Any
+                 ) -> None:
+    """Make a run's files what the checkpoint resumed from knows, in an order a crash at
+    any point leaves resumable: later checkpoints are set aside before the rows they
+    account for are dropped (so the next `--resume RUN` finds this checkpoint), and a
+    hand-edited recipe is kept under a new name before recipe.yaml is rewritten."""
+    later = set_aside_later(run_dir, state.step)
+    if later:
+        view.event(f"checkpoints of later steps set aside: {', '.join(later)}")
+    dropped = trim_metrics(run_dir / METRICS, state.step, state.logged, warn=view.event)
+    if dropped:
+        view.event(f"dropped {dropped} metrics rows logged after the checkpoint resumed "
+                   f"from (step {state.step})")
+    edited = keep_edited_recipe(run_dir, folder, recipe)
+    if edited:
+        view.event(f"warning: {edited}")
 
 
 def run_of(checkpoint: Path) -> Path | None:

@@ -1,15 +1,103 @@
-"""Trainer state as (tensors, JSON) pairs: optimizer, schedule and RNG, for bit-exact
-resume without pickle."""
+"""Trainer state: where training stands (TrainerState), and everything a checkpoint holds
+to continue bit-exactly (optimizer, RNG, gradient scaler, fixed-point cache) as a
+(tensors, JSON) pair: nothing is ever pickled."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from ..recipe import ScheduleSettings
-from .optim import build_optimizer  # noqa: F401  (the trainer's one import of trainer state)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+
+
+def _time(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved in every checkpoint so a resume is bit-exact."""
+
+    step: int = 0
+    epoch: int = 0                 # epochs completed
+    pos: int = 0                   # batches done in the current epoch
+    wall_s: float = 0.0            # training time so far, evaluations excluded
+    eval_pending: bool = False     # a signal cut this step's evaluation short: redo it
+    # The metrics rows of this step already written (splits): a resume keeps exactly
+    # these and the rows of earlier steps. None (checkpoints before this field): all.
+    logged: list[str] | None = field(default_factory=list)
+    row_start: int = 0             # the step the next train row's interval starts after
+    row_start_wall: float = 0.0    # ... and the training time then
+    # every rank's statistics of the steps since the last train row (host numbers)
+    pending: list[list[dict[str, float]]] = field(default_factory=list)
+    deq_step: int = 0              # the DEQ layer's training calls (Jacobian-reg cadence)
+    deq_last_nfe: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Any) -> "TrainerState":
+        """The state stored in trainer.json (this version's, or the earlier layout of
+        "progress", "deq" and "pending_rows"); ValueError naming a malformed field."""
+        if isinstance(d, dict) and isinstance(d.get("progress"), dict):    # earlier layout
+            deq = d.get("deq") if isinstance(d.get("deq"), dict) else {}
+            d = {**d["progress"], "pending": d.get("pending_rows", []),
+                 "deq_step": deq.get("step"), "deq_last_nfe": deq.get("last_nfe")}
+        if not isinstance(d, dict) or set(d) - {f.name for f in fields(cls)}:
+            raise ValueError("the trainer state is not a mapping of its fields")
+        if "row_start" not in d:      # before rows spanned checkpoints: start afresh
+            d = {**d, "row_start": d.get("step"), "row_start_wall": d.get("wall_s")}
+        s = cls(**d)
+        checks = {"step, epoch, pos, row_start and deq_step must be integers >= 0":
+                  all(_count(v) for v in (s.step, s.epoch, s.pos, s.row_start, s.deq_step)),
+                  "times must be finite numbers >= 0": _time(s.wall_s) and _time(s.row_start_wall),
+                  "eval_pending must be true or false": isinstance(s.eval_pending, bool),
+                  "row_start is after step": s.row_start <= s.step,
+                  "logged must be a list of splits": s.logged is None or (
+                      isinstance(s.logged, list) and all(isinstance(x, str) for x in s.logged)),
+                  "deq_last_nfe must be an integer >= 0 or null":
+                      s.deq_last_nfe is None or _count(s.deq_last_nfe),
+                  "pending must be lists of rows of numbers": isinstance(s.pending, list) and all(
+                      isinstance(rank, list) and all(isinstance(r, dict) and all(
+                          isinstance(v, (int, float)) for v in r.values()) for r in rank)
+                      for rank in s.pending)}
+        bad = [what for what, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return s
+
+
+def trainer_payload(state: TrainerState, opt: torch.optim.Optimizer, scaler, cache
+                    ) -> dict[str, Any]:
+    """What a training checkpoint stores besides the weights: {"tensors", "json"}."""
+    tensors, opt_json = optimizer_state(opt)
+    return {"tensors": {**tensors, **rng_state(), **(cache.tensors() if cache else {})},
+            "json": {"state": state.to_json(), "optimizer": opt_json,
+                     "scaler": scaler.state_dict() if scaler else None}}
+
+
+def restore_trainer(tensors: dict[str, torch.Tensor], scalars: dict[str, Any],
+                    opt: torch.optim.Optimizer, scaler, cache, device) -> TrainerState:
+    """Put a checkpoint's optimizer, RNG, scaler and cache state back; returns where
+    training stood. Any malformed field (the files may have been edited or sent by
+    anyone) raises one of KeyError, TypeError, ValueError, IndexError or RuntimeError."""
+    state = TrainerState.from_json(scalars.get("state", scalars))
+    load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
+                               if k.startswith("optim.")}, scalars["optimizer"])
+    set_rng_state(tensors)
+    if cache is not None:
+        cache.load({k: v.to(device) for k, v in tensors.items()})
+    if scaler is not None and scalars.get("scaler"):
+        scaler.load_state_dict(scalars["scaler"])
+    return state
 
 
 def lr_factor(step: int, total: int, cfg: ScheduleSettings) -> float:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..keys import K
 from ..errors import quote
 from ..data import DataInfo
 from ..engine import checkpoint
@@ -73,8 +74,8 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
         warn(note)
     recipe, info = checkpoint.read_settings(folder)   # read, not validated: nothing imported
     task = task_for(info)
-    train = [r for r in rows if r.get("split") == "train"]
-    evals = [r for r in rows if r.get("split") == "test"]
+    train = [r for r in rows if r.get(K.split) == "train"]
+    evals = [r for r in rows if r.get(K.split) == "test"]
     key = task.headline.key
     scores = [r[key] for r in evals if _num(r.get(key)) is not None]
     best = (max if task.headline.higher_is_better else min)(scores) if scores else None
@@ -82,19 +83,19 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
         name=run.name, path=run, task=task, mode=_get(recipe, "deq.mode", "implicit"),
         model=str(_get(recipe, "model.name", "resnet_deq")),
         final=scores[-1] if scores else None, best=best,
-        steps=max((r.get("step", 0) for r in rows), default=0),
-        wall_s=_max(rows, "wall_s"), peak_mem_mb=_max(rows, "peak_mem_mb"),
-        fwd_nfe=_mean(train, "fwd_nfe"),
-        converged_start=_num(train[0].get("fwd_converged")) if train else None,
-        converged_end=_num(train[-1].get("fwd_converged")) if train else None,
-        test_converged=_num(evals[-1].get("fwd_converged")) if evals else None,
+        steps=max((r.get(K.step, 0) for r in rows), default=0),
+        wall_s=_max(rows, K.wall_s), peak_mem_mb=_max(rows, K.peak_mem_mb),
+        fwd_nfe=_mean(train, K.fwd_nfe),
+        converged_start=_num(train[0].get(K.fwd_converged)) if train else None,
+        converged_end=_num(train[-1].get(K.fwd_converged)) if train else None,
+        test_converged=_num(evals[-1].get(K.fwd_converged)) if evals else None,
         train=train, evals=evals)
     if target is not None:
         metric = metric_for(task, target[0])
         for r in evals:
             v = _num(r.get(metric.key))
             if v is not None and (v >= target[1] if metric.higher_is_better else v <= target[1]):
-                s.target_step, s.target_wall_s = r.get("step"), _num(r.get("wall_s"))
+                s.target_step, s.target_wall_s = r.get(K.step), _num(r.get(K.wall_s))
                 break
     return s
 

@@ -56,7 +56,27 @@ class SolveResult:
 
 
 class Tracker:
-    """Runs f for a solver and keeps every statistic of the solve."""
+    """Runs f for a solver and keeps every statistic of the solve.
+
+    The contract every solver keeps, built-in or a user's (`deq.forward.solver:
+    PATH.py:function`): a solver is `solver(tr, z, **knobs) -> None`, with `z` the
+    flattened starting state (b, D), and loops
+
+        while True:
+            fz, g = tr.evaluate(z)          # f(z) and g = f(z) - z, each (b, D)
+            if tr.finished():               # the budget is spent, or every sample stopped
+                return
+            z = tr.freeze(z_next, z)        # z_next: the solver's new iterate; stopped
+                                            # samples stay where they are
+            z, *state = tr.compact_state(z, *state)   # with `compact`, drop stopped
+                                                      # samples from batch-first state
+
+    It never writes into an iterate it has already evaluated (the tracker may keep it as
+    a sample's best). The tracker counts every evaluation (NFE), keeps each sample's
+    lowest-residual iterate, decides when to stop and records the residual traces, so a
+    user's solver reports the same statistics as a built-in. Its keyword arguments are
+    its knobs, validated from its signature (annotations and defaults) like any block.
+    """
 
     def __init__(self, f: Callable, z0: torch.Tensor, *, tol: float, max_iter: int,
                  stop_mode: str, check_every: int | None, compact: bool,

@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from ..keys import K
 from ..tasks.base import Metric, Task
 from .fmt import (MISSING, _nonfinite, _num, fmt_fixed, fmt_float, fmt_int, fmt_ms, fmt_pair,
                   fmt_pct, fmt_sci)
@@ -49,8 +50,8 @@ def _above(v: Any, tol: float) -> bool:
 def _fwd_residual(row: Row, stop_mode: str) -> tuple[Any, Any, str]:
     """Return (mean, max, label) of the forward residual that the tolerance applies to."""
     if stop_mode == "abs":
-        return row.get("fwd_abs_residual"), row.get("fwd_abs_residual_max"), "abs"
-    return row.get("fwd_rel_residual"), row.get("fwd_rel_residual_max"), "rel"
+        return row.get(K.fwd_abs_residual), row.get(K.fwd_abs_residual_max), "abs"
+    return row.get(K.fwd_rel_residual), row.get(K.fwd_rel_residual_max), "rel"
 
 
 def _fwd_flagged(row: Row, fwd_tol: float, stop_mode: str) -> bool:
@@ -62,13 +63,13 @@ def _fwd_flagged(row: Row, fwd_tol: float, stop_mode: str) -> bool:
 
 def _is_eval(row: Row) -> bool:
     """Return True for evaluation rows (split "val"/"test")."""
-    return row.get("split", "train") not in (None, "train")
+    return row.get(K.split, "train") not in (None, "train")
 
 
 def _step_label(row: Row) -> str:
     """Return "120" for training rows and "test@120" for evaluation rows."""
-    step = fmt_int(row.get("step"))
-    return f"{row['split']}@{step}" if _is_eval(row) else step
+    step = fmt_int(row.get(K.step))
+    return f"{row[K.split]}@{step}" if _is_eval(row) else step
 
 
 def _notes(row: Row, labelled: bool = False) -> str:
@@ -77,12 +78,12 @@ def _notes(row: Row, labelled: bool = False) -> str:
     ``labelled`` prefixes the stop reason with "stop" so a plain line never reads "... conv".
     """
     parts = []
-    if row.get("fwd_stop"):
-        parts.append(f"stop {row['fwd_stop']}" if labelled else str(row["fwd_stop"]))
-    if (_num(row.get("fallbacks")) or 0) > 0:
-        parts.append(f"fallbacks {fmt_int(row['fallbacks'])}" if labelled else f"fb {fmt_int(row['fallbacks'])}")
-    if (_num(row.get("nonfinite")) or 0) > 0:
-        parts.append(f"nonfinite {fmt_int(row['nonfinite'])}")
+    if row.get(K.fwd_stop):
+        parts.append(f"stop {row[K.fwd_stop]}" if labelled else str(row[K.fwd_stop]))
+    if (_num(row.get(K.fallbacks)) or 0) > 0:
+        parts.append(f"fallbacks {fmt_int(row[K.fallbacks])}" if labelled else f"fb {fmt_int(row[K.fallbacks])}")
+    if (_num(row.get(K.nonfinite)) or 0) > 0:
+        parts.append(f"nonfinite {fmt_int(row[K.nonfinite])}")
     return " ".join(parts) or MISSING
 
 
@@ -101,26 +102,26 @@ def row_cells(row: Row, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel
               metrics: Sequence[Metric] = ()) -> list[Text]:
     """Return the styled table cells of one row, in ``columns(metrics)`` order."""
     fwd_mean, fwd_max, _ = _fwd_residual(row, stop_mode)
-    conv = _num(row.get("fwd_converged"))
-    nonfinite = (_num(row.get("nonfinite")) or 0) > 0
-    notes_style = STYLE_BAD if nonfinite or str(row.get("fwd_stop", "")).startswith("nan") else (
-        STYLE_WARN if (_num(row.get("fallbacks")) or 0) > 0 else "")
-    loss = _num(row.get("loss"))
+    conv = _num(row.get(K.fwd_converged))
+    nonfinite = (_num(row.get(K.nonfinite)) or 0) > 0
+    notes_style = STYLE_BAD if nonfinite or row.get(K.fwd_stop) == "nonfinite" else (
+        STYLE_WARN if (_num(row.get(K.fallbacks)) or 0) > 0 else "")
+    loss = _num(row.get(K.loss))
     return [
         Text(_step_label(row)),
-        Text(fmt_fixed(row.get("epoch"), 2)),
-        Text(fmt_float(row.get("loss")), style=STYLE_BAD if loss is not None and _nonfinite(loss) else ""),
+        Text(fmt_fixed(row.get(K.epoch), 2)),
+        Text(fmt_float(row.get(K.loss)), style=STYLE_BAD if loss is not None and _nonfinite(loss) else ""),
         *(Text(m.fmt(row.get(m.key))) for m in metrics if m.column),
-        Text(fmt_sci(row.get("lr"))),
-        Text(fmt_pair(row.get("fwd_nfe"), row.get("fwd_nfe_max"), fmt_fixed, fmt_int)),
+        Text(fmt_sci(row.get(K.lr))),
+        Text(fmt_pair(row.get(K.fwd_nfe), row.get(K.fwd_nfe_max), fmt_fixed, fmt_int)),
         Text(fmt_pair(fwd_mean, fwd_max, fmt_sci, fmt_sci),
              style=STYLE_BAD if _fwd_flagged(row, fwd_tol, stop_mode) else ""),
         Text(fmt_pct(conv), style=STYLE_WARN if conv is not None and not conv >= 1.0 else ""),
-        Text(fmt_fixed(row.get("bwd_nfe"))),
-        Text(fmt_sci(row.get("bwd_rel_residual")),
-             style=STYLE_BAD if _above(row.get("bwd_rel_residual"), bwd_tol) else ""),
-        Text(fmt_ms(row.get("step_time_s"))),
-        Text(fmt_int(row.get("samples_per_s"))),
+        Text(fmt_fixed(row.get(K.bwd_nfe))),
+        Text(fmt_sci(row.get(K.bwd_rel_residual)),
+             style=STYLE_BAD if _above(row.get(K.bwd_rel_residual), bwd_tol) else ""),
+        Text(fmt_ms(row.get(K.step_time_s))),
+        Text(fmt_int(row.get(K.samples_per_s))),
         Text(_notes(row), style=notes_style),
     ]
 
@@ -152,26 +153,26 @@ def plain_line(row: Row, stop_mode: str = "rel", metrics: Sequence[Metric] = ())
         return any(_num(row.get(k)) is not None for k in keys)
 
     fwd_mean, fwd_max, label = _fwd_residual(row, stop_mode)
-    res_keys = ("fwd_abs_residual", "fwd_abs_residual_max") if label == "abs" else (
-        "fwd_rel_residual", "fwd_rel_residual_max")
-    parts = [f"{row['split']} " if _is_eval(row) else ""]
-    parts[0] += f"step {fmt_int(row.get('step'))} ep {fmt_fixed(row.get('epoch'), 2)}"
-    if present("loss"):
-        parts.append(f"loss {fmt_float(row.get('loss'))}")
+    res_keys = (K.fwd_abs_residual, K.fwd_abs_residual_max) if label == "abs" else (
+        K.fwd_rel_residual, K.fwd_rel_residual_max)
+    parts = [f"{row[K.split]} " if _is_eval(row) else ""]
+    parts[0] += f"step {fmt_int(row.get(K.step))} ep {fmt_fixed(row.get(K.epoch), 2)}"
+    if present(K.loss):
+        parts.append(f"loss {fmt_float(row.get(K.loss))}")
     parts += [f"{m.label} {m.fmt(row.get(m.key))}" for m in metrics if present(m.key)]
-    if present("lr"):
-        parts.append(f"lr {fmt_sci(row.get('lr'))}")
-    if present("fwd_nfe", "fwd_nfe_max", "fwd_converged", *res_keys):
+    if present(K.lr):
+        parts.append(f"lr {fmt_sci(row.get(K.lr))}")
+    if present(K.fwd_nfe, K.fwd_nfe_max, K.fwd_converged, *res_keys):
         parts.append(
-            f"fwd nfe {fmt_pair(row.get('fwd_nfe'), row.get('fwd_nfe_max'), fmt_fixed, fmt_int)}"
+            f"fwd nfe {fmt_pair(row.get(K.fwd_nfe), row.get(K.fwd_nfe_max), fmt_fixed, fmt_int)}"
             f" {label} {fmt_pair(fwd_mean, fwd_max, fmt_sci, fmt_sci)}"
-            f" conv {fmt_pct(row.get('fwd_converged'))}")
-    if present("bwd_nfe", "bwd_rel_residual"):
-        parts.append(f"bwd nfe {fmt_fixed(row.get('bwd_nfe'))} rel {fmt_sci(row.get('bwd_rel_residual'))}")
-    if present("step_time_s"):
-        parts.append(f"{fmt_ms(row.get('step_time_s'))} ms/step")
-    if present("samples_per_s"):
-        parts.append(f"{fmt_int(row.get('samples_per_s'))} samp/s")
+            f" conv {fmt_pct(row.get(K.fwd_converged))}")
+    if present(K.bwd_nfe, K.bwd_rel_residual):
+        parts.append(f"bwd nfe {fmt_fixed(row.get(K.bwd_nfe))} rel {fmt_sci(row.get(K.bwd_rel_residual))}")
+    if present(K.step_time_s):
+        parts.append(f"{fmt_ms(row.get(K.step_time_s))} ms/step")
+    if present(K.samples_per_s):
+        parts.append(f"{fmt_int(row.get(K.samples_per_s))} samp/s")
     notes = _notes(row, labelled=True)
     if notes != MISSING:
         parts.append(notes)
@@ -251,7 +252,7 @@ class TrainView:
         self._table = self.table()  # the Live picks it up on its next auto-refresh
         if _is_eval(row) and any(not m.column for m in self.metrics):
             # metrics too many for the table (forecast baselines) go above it
-            self.event(f"{row['split']} @ step {fmt_int(row.get('step'))}: {self.task.summary(row)}")
+            self.event(f"{row[K.split]} @ step {fmt_int(row.get(K.step))}: {self.task.summary(row)}")
 
     def event(self, text: str) -> None:
         """Print a message above the live table (or as a plain line); returns nothing."""

@@ -1,0 +1,49 @@
+"""The metrics table (issue 16): every key it lists is produced by a real run, in the rows
+its `when` says, and a run writes no key the table does not know (task metrics aside)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deqctl.keys import KEYS, TABLE
+from deqctl.tasks import task_for
+from deqctl.data import DataInfo
+
+from cli_helpers import RECIPE, rows, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the conditions under which the table's keys appear, all switched on
+ON = ["deq.jacobian_reg.weight=0.5", "deq.forward.bf16_until=0.5", "deq.backward.mode=ift",
+      "train.eval_every=2"]
+TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=64",
+        "data.limit_eval=32", "data.batch_size=32", "data.eval_batch_size=32",
+        "train.log_every=1", "train.max_steps=3", "runtime.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def produced(tmp_path_factory) -> tuple[list[dict], list[dict]]:
+    out = tmp_path_factory.mktemp("keys") / "run"
+    result = train(RECIPE, *TINY, *ON, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    every = rows(out)
+    return [r for r in every if r["split"] == "train"], [r for r in every if r["split"] != "train"]
+
+
+@pytest.mark.parametrize("key", TABLE, ids=lambda k: k.name)
+def test_every_key_of_the_table_is_produced_where_it_says(produced, key):
+    train_rows, eval_rows = produced
+    where = {"all": train_rows + eval_rows, "train": train_rows, "eval": eval_rows}.get(
+        key.when, train_rows)                 # conditions: switched on for training in ON
+    assert where and all(key.name in r for r in where), key
+
+
+def test_no_row_holds_a_key_the_table_does_not_know(produced):
+    train_rows, eval_rows = produced
+    task = task_for(DataInfo(name="x", task="classify", inputs="image", shape=(1, 28, 28),
+                             num_classes=10))
+    known = set(KEYS) | {m.key for m in task.metrics}
+    for r in train_rows + eval_rows:
+        assert set(r) <= known, set(r) - known
