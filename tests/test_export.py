@@ -75,7 +75,23 @@ def test_spd_solve_uses_no_linalg_and_matches_it():
     a = torch.randn(4, 5, 5, dtype=torch.float64)
     a = a @ a.transpose(1, 2) + 0.1 * torch.eye(5, dtype=torch.float64)
     b = torch.ones(4, 5, 1, dtype=torch.float64)
-    assert torch.allclose(_solve_spd(a, b), torch.linalg.solve(a, b), atol=1e-10)
+    w, ok = _solve_spd(a)
+    assert ok.all() and torch.allclose(w, torch.linalg.solve(a, b).squeeze(-1), atol=1e-10)
+
+
+def test_the_unrolled_anderson_step_is_the_solver_s():
+    """One function takes the step in both: the unrolled graph's Gauss-Jordan solve gives
+    the Cholesky solve's update."""
+    from deqctl.solvers.anderson import anderson_step, cholesky_solve
+    g = torch.Generator().manual_seed(0)
+    F, G = torch.randn(3, 4, 7, generator=g, dtype=torch.float64), \
+        torch.randn(3, 4, 7, generator=g, dtype=torch.float64)
+    gram = torch.bmm(G, G.transpose(1, 2))
+    for beta in (1.0, 0.7):
+        a, _ = anderson_step(F, G, gram, lam=1e-4, beta=beta, newest=2, solve=cholesky_solve)
+        b, _ = anderson_step(F, G, gram, lam=1e-4, beta=beta, newest=2, solve=_solve_spd,
+                             retry=False)
+        assert torch.allclose(a, b, atol=1e-10)
 
 
 def test_calibration_counts_evaluations_to_tol(loaded):

@@ -16,6 +16,7 @@ from torch import nn
 from ..implicit import SolveSpec
 from ..models import DEQModel
 from ..solvers import Packing, State, packing_of
+from ..solvers.anderson import anderson_step
 
 UNROLLABLE = ("fixed_point", "anderson")
 
@@ -70,10 +71,11 @@ class Unrolled(nn.Module):
                 zf = fz if self.beta == 1.0 else zf + self.beta * g
                 continue
             F, G = torch.stack(fs, 1), torch.stack(gs, 1)                 # (B, n, D)
-            a = _mix_weights(torch.bmm(G, G.transpose(1, 2)), self.lam).unsqueeze(1)
-            zf = torch.bmm(a, F).squeeze(1)
-            if self.beta != 1.0:
-                zf = zf - (1.0 - self.beta) * torch.bmm(a, G).squeeze(1)
+            # the library's step (its second, larger-ridge solve left out: it would double
+            # the exported graph for a case that the ridge already makes rare)
+            zf, _ = anderson_step(F, G, torch.bmm(G, G.transpose(1, 2)), lam=self.lam,
+                                  beta=self.beta, newest=len(gs) - 1, solve=_solve_spd,
+                                  retry=False)
         return _state(packing.unpack(zf), z)
 
 
@@ -86,36 +88,22 @@ def _state(parts: tuple[torch.Tensor, ...], like: State) -> State:
     return parts if isinstance(like, (tuple, list)) else parts[0]
 
 
-def _mix_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
-    """Anderson weights: alpha = w / sum(w), (gram + lam * s I) w = 1, s the mean of
-    diag(gram) (as in the library), falling back per sample to a plain step (weight 1 on
-    the newest iterate) when the system is singular. The library retries a singular
-    system with a larger ridge first; that second solve is left out here, since it would
-    double the exported graph for a case that the ridge already makes rare."""
-    n = gram.shape[-1]
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1) + 1e-30
-    system = gram + (lam * scale)[:, None, None] * eye
-    w = _solve_spd(system, torch.ones_like(gram[:, :, :1])).squeeze(-1)
-    alpha = w / w.sum(dim=1, keepdim=True)
-    plain = eye[-1].expand_as(alpha)
-    return torch.where(torch.isfinite(alpha).all(dim=1, keepdim=True), alpha, plain)
-
-
-def _solve_spd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve a x = b for a batch of small SPD matrices a (B, n, n), b (B, n, k) by
-    Gauss-Jordan elimination without pivoting (stable for SPD matrices), unrolled over
-    the n pivots with whole-matrix ops only: torch.linalg has no ONNX translation, and
-    elementwise-unrolled factorisations make graphs too large to export quickly.
-    A zero pivot gives inf/NaN, which the caller checks."""
+def _solve_spd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve a w = 1 for a batch of small SPD matrices a (B, n, n) by Gauss-Jordan
+    elimination without pivoting (stable for SPD matrices), unrolled over the n pivots
+    with whole-matrix ops only: torch.linalg has no ONNX translation, and
+    elementwise-unrolled factorisations make graphs too large to export quickly. Returns
+    (w (B, n), ok): a zero pivot gives inf/NaN, which anderson_step checks."""
     n = a.shape[-1]
-    m = torch.cat([a, b], dim=2)                                     # augmented (B, n, n+k)
+    b = torch.ones_like(a[:, :, :1])
+    m = torch.cat([a, b], dim=2)                                     # augmented (B, n, n+1)
     eye = torch.eye(n, dtype=a.dtype, device=a.device)
     for k in range(n):
         row = m[:, k:k + 1, :] / m[:, k:k + 1, k:k + 1]              # pivot row, scaled
         # one rank-1 update clears column k elsewhere and puts the scaled row at k
         m = m - (m[:, :, k:k + 1] - eye[:, k:k + 1]) * row
-    return m[:, :, n:]
+    w = m[:, :, n]
+    return w, torch.ones_like(w[:, 0], dtype=torch.bool)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ Cholesky, so nothing here waits for the host.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Callable
 
 import torch
 from annotated_types import Ge, Interval
@@ -21,16 +21,48 @@ from .registry import SOLVERS
 from .tracker import Tracker
 
 
-def _weights(gram: torch.Tensor, ridge: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve (gram + ridge I) w = 1 per sample; returns (alpha, ok) without a host sync."""
+def cholesky_solve(system: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve system w = 1 for a batch of SPD matrices by a no-sync Cholesky; returns
+    (w (b, n), ok (b,)): ok is False where the factorisation failed."""
+    chol, info = torch.linalg.cholesky_ex(system)
+    ones = torch.ones(*system.shape[:2], 1, dtype=system.dtype, device=system.device)
+    return torch.cholesky_solve(ones, chol).squeeze(-1), info == 0
+
+
+def anderson_step(F: torch.Tensor, G: torch.Tensor, gram: torch.Tensor, *, lam: float,
+                  beta: float, newest: int, solve: Callable = cholesky_solve,
+                  retry: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Anderson update from the history F = [f(z_i)], G = [f(z_i) - z_i] (b, n, D) and
+    its Gram matrix G G^T (b, n, n): the weights alpha = w / sum(w), (gram + lam s I) w = 1
+    (s: the mean of diag(gram), so lam means the same at any residual size), and the move
+    to F^T alpha - (1 - beta) G^T alpha. A singular or non-finite system retries with a
+    larger ridge (`retry`), and failing that takes a plain fixed-point step from the
+    `newest` entry, chosen per sample on the device. Returns (z_next (b, D), fell back).
+
+    The solver and export's unrolled graph both take their step here; the graph passes
+    an elementwise `solve` (torch.linalg has no ONNX translation) and no retry.
+    """
     n = gram.shape[-1]
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(gram + ridge[:, None, None] * eye)
-    ones = torch.ones(gram.shape[0], n, 1, dtype=gram.dtype, device=gram.device)
-    w = torch.cholesky_solve(ones, chol).squeeze(-1)
-    alpha = w / w.sum(dim=1, keepdim=True)
-    ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-    return alpha, ok
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
+    scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale)) + 1e-30
+
+    def weights(ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w, ok = solve(gram + (ridge * scale)[:, None, None] * eye)
+        alpha = w / w.sum(dim=1, keepdim=True)
+        return alpha, ok & torch.isfinite(alpha).all(dim=1)
+
+    plain = eye[newest].expand(gram.shape[0], n)
+    alpha, ok = weights(lam)
+    fallback = plain
+    if retry:
+        alpha2, ok2 = weights(max(lam, 1e-2))
+        fallback = torch.where(ok2[:, None], alpha2, plain)
+    alpha = torch.where(ok[:, None], alpha, fallback).unsqueeze(1)
+    z_next = torch.bmm(alpha, F).squeeze(1)
+    if beta != 1.0:
+        z_next = z_next - (1 - beta) * torch.bmm(alpha, G).squeeze(1)
+    return z_next, ~ok
 
 
 @SOLVERS.register("anderson")
@@ -59,26 +91,9 @@ def anderson(tr: Tracker, z: torch.Tensor, *,
         if n == 1:
             z_next = fz if beta == 1.0 else z + beta * g
         else:
-            a = _mix_weights(tr, gram[:, :n, :n], lam, slot).unsqueeze(1)
-            z_next = torch.bmm(a, F[:, :n]).squeeze(1)
-            if beta != 1.0:
-                z_next = z_next - (1 - beta) * torch.bmm(a, G[:, :n]).squeeze(1)
+            z_next, fell_back = anderson_step(F[:, :n], G[:, :n], gram[:, :n, :n], lam=lam,
+                                              beta=beta, newest=slot)
+            tr.count_fallback(fell_back)
         z = tr.freeze(z_next, z)
         k += 1
         z, F, G, gram = tr.compact_state(z, F, G, gram)
-
-
-def _mix_weights(tr: Tracker, gram: torch.Tensor, lam: float, newest: int) -> torch.Tensor:
-    """Least-squares weights with two fallbacks, chosen per sample on the device.
-
-    A singular or non-finite system (the classic "singular U" crash) retries with a ridge
-    scaled to the Gram matrix, and failing that takes a plain fixed-point step.
-    """
-    # The ridge is relative to the Gram scale, so lam means the same at any residual size.
-    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).nan_to_num(0.0, 0.0, 0.0) + 1e-30
-    alpha, ok = _weights(gram, lam * scale)
-    alpha2, ok2 = _weights(gram, max(lam, 1e-2) * scale)
-    plain = torch.zeros_like(alpha)
-    plain[:, newest] = 1.0
-    tr.count_fallback(~ok)
-    return torch.where(ok[:, None], alpha, torch.where(ok2[:, None], alpha2, plain))
