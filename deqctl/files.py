@@ -143,6 +143,9 @@ class Output:
             raise OutputError(f"{say} {p}: belongs to {owner}, which this command reads or "
                               f"which is a run's own file (recipe, metrics, checkpoints); "
                               f"write somewhere else (--force does not apply)")
+        if os.path.lexists(p) and not (p.is_file() or p.is_symlink() and not p.exists()):
+            raise OutputError(f"{say} {p}: exists and is not a regular file (a device, FIFO "
+                              f"or socket); deqctl replaces only files")
         if os.path.lexists(p) and not self.force:
             raise OutputError(f"{say} {p}: exists; pass --force to replace it")
         parent = next(a for a in [p.parent, *p.parent.parents] if a.exists())
@@ -193,6 +196,18 @@ class Output:
                 raise OutputError(f"{self.option} {p}: appeared while this command ran; "
                                   f"not replaced (pass --force to replace it)") from None
             os.replace(tmp, p)
+
+
+def check_outputs(outputs: list[Output]) -> list[Output]:
+    """Each output checked, and no two naming one file; returns them."""
+    seen: dict[str, str] = {}
+    for out in outputs:
+        out.check()
+        key = os.path.realpath(out.path)
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {out.option} both name {out.path}")
+        seen[key] = out.option
+    return outputs
 
 
 def owner_of(path: Path, reading: tuple[Path, ...] = ()) -> Path | None:

@@ -225,7 +225,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     family, the family's (text: tokenizer, seq_len; series: window, horizon, season and
     the split fractions), so a recipe moves to other data of its kind by data.* alone.
     """
-    out = _copy_tree(raw) or {}
+    out = _copy_tree(raw) if raw is not None else {}
+    if not isinstance(out, dict):
+        raise RecipeError(f"expected a mapping of sections (name, data, model, ...), got "
+                          f"{type(out).__name__}")
     given: set[tuple[str, ...]] = set()
     switched: dict[str, tuple[Any, Any]] = {}
     for text in overrides:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -23,7 +21,6 @@ from safetensors.torch import load_file, save_file
 import deqctl
 from deqctl import recipe as recipes
 from deqctl.cli import app
-from deqctl.engine import checkpoint
 
 from cli_helpers import RECIPE, rows, runner, train
 
@@ -192,8 +189,8 @@ def test_an_npz_that_expands_beyond_memory_is_refused_before_reading(tmp_path):
 
 
 @pytest.mark.parametrize("damage, says", [
-    ("nan-x", "x holds NaN or inf (1 value(s), the first at index (3, 5, 0))"),
-    ("inf-y", "y_test holds NaN or inf (1 value(s), the first at index (2,))"),
+    ("nan-x", "x holds NaN, inf or values beyond float32 (1 value(s), the first at index (3, 5, 0))"),
+    ("inf-y", "y_test holds NaN, inf or values beyond float32 (1 value(s), the first at index (2,))"),
     ("empty", "x: shape (16, 0, 1) holds samples of length 0"),
     ("label", "y: label 123456789 at index 7 is out of range"),
     ("negative", "y: label -1 at index 0 is out of range"),
@@ -223,8 +220,8 @@ def test_bad_npz_data_is_named_with_its_array_and_index(tmp_path, damage, says):
 
 
 @pytest.mark.parametrize("cells, says", [
-    (["2001-01-01,1.0", "2001-01-08,nan", "2001-01-15,2.0"], "line 3: v = 'nan' is not a finite number"),
-    (["2001-01-01,1.0", "2001-01-08,inf"], "line 3: v = 'inf' is not a finite number"),
+    (["2001-01-01,1.0", "2001-01-08,nan", "2001-01-15,2.0"], "line 3: v = 'nan' is not a finite float32 number"),
+    (["2001-01-01,1.0", "2001-01-08,inf"], "line 3: v = 'inf' is not a finite float32 number"),
     (["2001-01-01,1.0", "2001-01-08,2.0", "2001-01-01,3.0"], "lines 2 and 4 have the same t ('2001-01-01')"),
     (["1,1.0", "inf,2.0"], "line 3: time 'inf' is neither a number nor a date"),
 ])
@@ -365,10 +362,9 @@ def test_a_broken_line_elsewhere_is_named_by_its_number(run, tmp_path):
 
 def test_a_full_disk_while_writing_metrics_is_one_line_and_no_cut_off_row(tmp_path, monkeypatch):
     """The disk fills in the middle of a row: half of it reaches the file, then ENOSPC."""
-    import builtins
     import errno
 
-    real_open = builtins.open
+    real_fdopen = os.fdopen
     out = tmp_path / "run"
 
     class Full:
@@ -389,15 +385,16 @@ def test_a_full_disk_while_writing_metrics_is_one_line_and_no_cut_off_row(tmp_pa
             self.fh.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    def filling(file, mode="r", *args, **kwargs):
-        second = str(file).endswith("metrics.jsonl") and (out / "metrics.jsonl").exists()
-        fh = real_open(file, mode, *args, **kwargs)
-        return Full(fh) if second and "a" in mode else fh     # from the second row on
-    monkeypatch.setattr(builtins, "open", filling)
+    def filling(fd, *args, **kwargs):
+        fh = real_fdopen(fd, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        second = name.endswith("metrics.jsonl") and os.path.getsize(name) > 0
+        return Full(fh) if second else fh     # from the second row on
+    monkeypatch.setattr(os, "fdopen", filling)
     result = train(RECIPE, "model.channels=8", "model.inner_channels=16", "data.limit_train=64",
                    "data.batch_size=32", "train.log_every=1", "train.max_steps=2",
                    "--out", str(out))
-    monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert result.exit_code == 1, result.output
     assert "No space left on device" in result.output and "Traceback" not in result.output
     assert (out / "metrics.jsonl").read_text().endswith("}\n") and len(rows(out)) == 1
@@ -441,3 +438,242 @@ def test_a_stored_description_that_fits_no_model_is_a_checkpoint_error(run, tmp_
     (bad / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(deqctl.CheckpointError, match="takes image inputs"):
         deqctl.load(bad)
+
+
+# --- a second probe: files a sent run may hold, odd names and numbers ----------------------
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    bad = tmp_path / "run"
+    shutil.copytree(run, bad)
+    return bad
+
+
+@pytest.mark.parametrize("entry", [".lock", "metrics.jsonl", "checkpoints",
+                                   "checkpoints/final/trainer.json"])
+def test_a_run_whose_files_are_symlinks_is_never_resumed(run, tmp_path, entry):
+    """A resume would write, trim or set aside whatever the links point at."""
+    bad = _copy(run, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    target = bad / entry
+    if target.is_dir():
+        shutil.move(target, elsewhere)
+    else:
+        elsewhere.write_bytes(target.read_bytes() if target.exists() else b"precious\n")
+        target.unlink(missing_ok=True)
+    target.symlink_to(elsewhere)
+    before = _contents(tmp_path)
+    line = one_line_exit_2(train("--resume", str(bad), "train.max_steps=4"))
+    assert "symlink" in line
+    assert _contents(tmp_path) == before
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _never_blocks(fn, seconds: float = 60):
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "blocked on a FIFO"
+    return result["r"]
+
+
+def test_fifos_in_a_checkpoint_never_block(run, tmp_path):
+    bad = _copy(run, tmp_path)
+    final = bad / "checkpoints" / "final"
+    (final / "trainer.safetensors").unlink()
+    os.mkfifo(final / "trainer.safetensors")
+    line = one_line_exit_2(_never_blocks(lambda: train("--resume", str(bad),
+                                                       "train.max_steps=4")))
+    assert "trainer.safetensors" in line
+    (final / "model.safetensors").unlink()
+    os.mkfifo(final / "model.safetensors")
+    line = one_line_exit_2(_never_blocks(lambda: runner.invoke(app, ["eval", str(final)])))
+    assert "not a run directory or checkpoint" in line
+
+
+@pytest.mark.parametrize("content", [
+    '{"pid": true, "host": "x", "started": 1}', '{"pid": 99999999999, "host": "x", "started": 1}',
+    '{"pid": 1, "host": "' + "h" * 5000 + '", "started": 1}', "[" * 50000, "\0\1\2 not json",
+    "A-LIVE-PROCESS",
+])
+def test_a_crafted_lock_never_blocks_a_reader_or_a_resume(run, tmp_path, content):
+    """Nobody holds the flock, so whatever the lock says, nobody writes the run: even a
+    lock naming a live process on this host (pid 1)."""
+    bad = _copy(run, tmp_path)
+    if content == "A-LIVE-PROCESS":
+        import socket
+        content = json.dumps({"pid": 1, "host": socket.gethostname(), "started": time.time()})
+    (bad / ".lock").write_text(content)
+    result = runner.invoke(app, ["eval", str(bad)])
+    assert result.exit_code == 0 and "still being trained" not in result.output, result.output
+    result = train("--resume", str(bad), "train.max_steps=3")
+    assert result.exit_code == 0, result.output
+    assert max(r["step"] for r in rows(bad)) == 3
+
+
+def test_a_folder_holding_only_a_lock_is_a_free_out(tmp_path):
+    """A run killed before its first write leaves only .lock behind."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("{}")
+    result = train(RECIPE, "model.channels=8", "model.inner_channels=16", "train.max_steps=1",
+                   "data.limit_train=32", "data.limit_eval=32", "data.batch_size=32",
+                   "--out", str(out))
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"step": 1, "row_start": 1}, "its step 1 is not the checkpoint's (2)"),
+    ({"pos": 1}, "are not step 2"),
+    ({"logged": ["train", "holdout"]}, "logged holds splits"),
+    ({"logged": ["train", "val"]}, "final evaluation is recorded in one file"),
+    ({"pending": [[{"loss": 1.0}]]}, "each with its n"),
+    ({"pending": [[{"loss": 1e999, "n": 1}]]}, "rows of numbers"),
+])
+def test_a_trainer_state_that_contradicts_its_checkpoint_is_refused(run, tmp_path, change,
+                                                                     says):
+    """An edited step would set aside the checkpoint itself and drop the run's rows; a
+    final evaluation said not to be logged would be logged twice."""
+    bad = _copy(run, tmp_path)
+    ckpt = bad / "checkpoints" / "final"
+    state = json.loads((ckpt / "trainer.json").read_text())
+    state["state"].update(change)
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+    before = sorted(str(p) for p in bad.rglob("*"))
+    metrics = rows(bad)
+    line = one_line_exit_2(train("--resume", str(bad)))
+    assert says in line, line
+    assert rows(bad) == metrics and sorted(str(p) for p in bad.rglob("*")) == before
+
+
+@pytest.mark.parametrize("damage", ["lr", "betas", "amsgrad", "shape", "nan"])
+def test_a_tampered_optimizer_state_is_refused_before_a_step(run, tmp_path, damage):
+    bad = _copy(run, tmp_path)
+    ckpt = bad / "checkpoints" / "final"
+    state = json.loads((ckpt / "trainer.json").read_text())
+    group = state["optimizer"]["param_groups"][0]
+    tensors = load_file(ckpt / "trainer.safetensors")
+    avg = next(k for k in tensors if k.endswith("exp_avg"))
+    if damage == "lr":
+        group["lr"] = "fast"
+    elif damage == "betas":
+        group["betas"] = [0.9]
+    elif damage == "amsgrad":
+        group["amsgrad"] = not group["amsgrad"]
+    elif damage == "shape":
+        tensors[avg] = torch.zeros(3)
+    else:
+        tensors[avg] = torch.full_like(tensors[avg], float("nan"))
+    (ckpt / "trainer.json").write_text(json.dumps(state))
+    save_file(tensors, str(ckpt / "trainer.safetensors"))
+    line = one_line_exit_2(train("--resume", str(bad), "train.max_steps=4"))
+    assert "optimizer" in line and "trainer" in line
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"mean": [0.1, 0.2]}, "mean has 2 values for 1 channel"),
+    ({"std": [0.0]}, "std holds values <= 0"),
+    ({"task": "classify", "num_classes": None}, "needs num_classes"),
+])
+def test_a_data_description_that_contradicts_itself_is_a_checkpoint_error(run, tmp_path,
+                                                                           change, says):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoints" / "final", bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["data_info"].update(change)
+    (bad / "meta.json").write_text(json.dumps(meta))
+    assert says in one_line_exit_2(runner.invoke(app, ["eval", str(bad)]))
+    with pytest.raises(deqctl.CheckpointError, match=says):
+        deqctl.load(bad)
+
+
+def test_a_plain_safetensors_file_is_not_taken_for_its_folder_s_checkpoint(run, tmp_path):
+    """Naming one file must not open the checkpoint beside it (other weights)."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoints" / "final", ckpt)
+    plain = ckpt / "weights.safetensors"
+    save_file({"w": torch.zeros(3)}, str(plain))
+    assert "without deqctl's metadata" in one_line_exit_2(runner.invoke(app, ["eval", str(plain)]))
+
+
+def test_an_npz_member_without_the_npy_suffix_is_counted(tmp_path):
+    """numpy loads a member named `x` as key x: its size is checked like x.npy's."""
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, shape in (("x", (10**6, 1000, 1000)), ("y.npy", (10**6,))):
+            with zf.open(name, "w") as fh:
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                fh.write(b"\0" * 16)
+    assert "x alone is" in one_line_exit_2(npz_train(path, tmp_path))
+
+
+def test_values_beyond_float32_are_bad_data(tmp_path):
+    x = np.random.rand(16, 12, 1)
+    x[2, 3, 0] = 1e39                          # finite in float64, inf in training
+    y = np.arange(16) % 2
+    path = _npz(tmp_path / "d.npz", x=x, y=y, x_test=x[:4], y_test=y[:4])
+    result = train(str(Path(RECIPE).parent / "sequential-mnist-deq.yaml"), "data.name=npz",
+                   f"data.path={path}", "train.max_steps=1", "--out", str(tmp_path / "run"))
+    assert "beyond float32 (1 value(s), the first at index (2, 3, 0))" in one_line_exit_2(result)
+    csv = tmp_path / "s.csv"
+    csv.write_text("t,v\n1,1.0\n2,1e39\n3,2.0\n")
+    result = train(str(Path(RECIPE).parent / "co2-forecast-deq.yaml"), "data.name=csv",
+                   f"data.path={csv}", "data.time_column=t", "data.columns=[v]",
+                   "train.max_steps=1", "--out", str(tmp_path / "run2"))
+    assert "line 3: v = '1e39' is not a finite float32 number" in one_line_exit_2(result)
+
+
+def test_an_image_bomb_is_refused_from_its_header(tmp_path):
+    """A PNG of a few bytes whose header declares 10000 x 10000 pixels: past PIL's warning
+    limit (~89M pixels), below its error limit, so PIL alone would decode it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data))
+    _digits(tmp_path / "imgs")
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 10000,
+                                                                8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    (tmp_path / "imgs" / "train" / "a" / "bomb.png").write_bytes(png)
+    result = train(RECIPE, "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
+                   "model.channels=8", "model.inner_channels=16", "train.max_steps=1",
+                   "--out", str(tmp_path / "run"))
+    assert "bomb.png: an image of more than" in one_line_exit_2(result)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["compare", "RUN", "--target", "nan"], "--target"),
+    (["eval", "RUN", "--sweep-iters", "\u00b2"], "--sweep-iters"),
+    (["solve-trace", "RUN", "--tol", "inf"], "--tol must be a finite number"),
+    (["eval", "/tmp/" + "a" * 5000], "File name too long"),
+    (["eval", "TMP/no\nerror: forged"], "no such run directory"),
+    (["solve-trace", "TMP/m.safetensors", "--json", "TMP/m.safetensors", "--force"],
+     "which this command reads"),
+    (["solve-trace", "RUN", "--plot", "TMP/x.json", "--json", "TMP/x.json"], "both name"),
+    (["export", "RUN", "--format", "safetensors", "--out", "TMP/fifo", "--force"],
+     "not a regular file"),
+])
+def test_odd_arguments_are_one_line(run, tmp_path, args, says):
+    _export(run, tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    args = [str(run) if a == "RUN" else a.replace("TMP", str(tmp_path)) for a in args]
+    assert says in one_line_exit_2(runner.invoke(app, args))
+    assert stat_kind(tmp_path / "fifo") == "fifo" and (tmp_path / "m.safetensors").stat().st_size
+
+
+def stat_kind(path: Path) -> str:
+    import stat
+    return "fifo" if stat.S_ISFIFO(os.lstat(path).st_mode) else "other"
+
+
+def test_a_recipe_that_is_not_a_mapping_is_one_line(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train\n- eval\n")
+    assert "mapping" in one_line_exit_2(train(str(path), "optim.lr=1e-3"))

@@ -168,7 +168,7 @@ def test_csv_errors(series_csv, kw, needle):
 
 def test_csv_bad_cells_name_the_line(tmp_path):
     path = write_csv(tmp_path / "bad.csv", ["1,2,3", "2,x,4"])
-    assert "bad.csv line 3: a = 'x' is not a finite number" in one_line_error(
+    assert "bad.csv line 3: a = 'x' is not a finite float32 number" in one_line_error(
         name="csv", path=str(path), time_column="t", columns=["a"])
     assert "data.path: " in one_line_error(name="csv", path=str(tmp_path / "nope.csv"), columns="a")
 
@@ -379,7 +379,7 @@ def test_hf_unlabelled_or_non_text_columns_are_one_line(tmp_path):
     DatasetDict({"train": Dataset.from_dict({"image": imgs, "label": [0, 1, 0]}),
                  "test": Dataset.from_dict({"image": imgs, "label": [-1, -1, -1]})}
                 ).save_to_disk(tmp_path / "u")
-    assert "not class ids >= 0 (unlabelled split?)" in one_line_error(
+    assert "holds -1 at row 0, not a class id" in one_line_error(
         name="hf", hf={"path": str(tmp_path / "u")})
     DatasetDict({"train": Dataset.from_dict({"text": [1, 2, 3]}),
                  "test": Dataset.from_dict({"text": [4]})}).save_to_disk(tmp_path / "t")

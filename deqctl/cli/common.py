@@ -55,8 +55,10 @@ def user_errors(fn: Callable) -> Callable:
                 warnings.simplefilter("always", CodeChanged)
                 warnings.showwarning = _one_line
                 return fn(*args, **kwargs)
-        except INPUT_ERRORS as exc:
+        except RecipeError as exc:     # a header line and one line per error, by design
             fail(str(exc), USAGE)
+        except INPUT_ERRORS as exc:
+            fail(one_line(str(exc)), USAGE)
         except typer.Exit:
             raise
         except KeyboardInterrupt:
@@ -65,7 +67,7 @@ def user_errors(fn: Callable) -> Callable:
         except Exception as exc:   # anything else: one line, the traceback on request
             if os.environ.get("DEQCTL_TRACEBACK"):
                 raise
-            first = (str(exc).strip().splitlines() or [""])[0]
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
             fail(f"{type(exc).__name__}: {first} (DEQCTL_TRACEBACK=1 shows the traceback)",
                  FAILED)
 
@@ -74,6 +76,12 @@ def user_errors(fn: Callable) -> Callable:
 
 def _one_line(message, category, *args, **kwargs) -> None:
     typer.echo(f"warning: {message}", err=True)
+
+
+def one_line(message: str) -> str:
+    """`message` on one line: a name holding a newline (a folder, a path) cannot forge a
+    second `error:` line."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,7 +32,7 @@ def compare(
     """Compare runs: final and best metric, training time, time to a target, peak memory,
     forward NFE and how many solves converged at the start and end of training."""
     wanted = _parse_target(target) if target is not None else None
-    figure = Output(plot, force, "--plot").check() if plot is not None else None
+    figure = Output(plot, force, "--plot", tuple(runs)).check() if plot is not None else None
     warn = lambda text: typer.echo(f"warning: {text}", err=True)   # noqa: E731
     try:    # unreadable runs, runs of other tasks, a target that is no metric: one line
         summaries = [summarise(run, wanted, warn) for run in runs]
@@ -63,7 +64,7 @@ def compare(
 def _parse_target(text: str) -> tuple[str, float]:
     key, sep, value = text.partition("=")
     try:
-        if not sep or not key:
+        if not sep or not key or not math.isfinite(float(value)):
             raise ValueError
         return key.strip(), float(value)
     except ValueError:

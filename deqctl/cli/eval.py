@@ -87,7 +87,8 @@ def _parse_iters(text: str) -> list[int]:
         fail("--sweep-iters: at most 64 values", USAGE)
     for part in text.split(","):
         part = part.strip()
-        if not (part.isdigit() and len(part) <= 6 and 1 <= int(part) <= ITER_LIMIT):
+        if not (part.isascii() and part.isdigit() and len(part) <= 6
+                and 1 <= int(part) <= ITER_LIMIT):
             fail(f"--sweep-iters: expected comma-separated integers from 1 to {ITER_LIMIT} "
                  f"like 1,2,4,8 (got {quote(part)})", USAGE)
         values.append(int(part))

@@ -18,7 +18,7 @@ from ..implicit.settings import SolverSettings
 from ..solvers import SOLVERS
 from ..ui import plot_traces, sparkline
 from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
-from ..files import Output
+from ..files import Output, check_outputs
 from ..limits import ITER_LIMIT
 from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
 
@@ -51,9 +51,9 @@ def solve_trace(
     names = [s.strip() for s in solvers.split(",") if s.strip()]
     if not names:
         fail("--solvers: name at least one solver, e.g. anderson,broyden", USAGE)
-    if tol is not None and tol <= 0:
-        fail("--tol must be > 0", USAGE)
-    outputs = _outputs(plot, json_path, backward, force)     # refused before any work
+    if tol is not None and not 0 < tol < math.inf:
+        fail("--tol must be a finite number > 0", USAGE)
+    outputs = _outputs(plot, json_path, backward, force, Path(path))   # refused before any work
     src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code)
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
@@ -92,19 +92,21 @@ def solve_trace(
         typer.echo(f"json: {json_path}")
 
 
-def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: bool
-             ) -> dict[str, Output]:
+def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: bool,
+             reading: Path) -> dict[str, Output]:
     """The files this trace will write, each checked now: the forward plot, the adjoint's
-    beside it (NAME-backward.png) with --backward, and the JSON."""
+    beside it (NAME-backward.png) with --backward, and the JSON; never the file read."""
     outputs = {}
     if plot is not None:
-        outputs["plot"] = Output(plot, force, "--plot")
+        outputs["plot"] = Output(plot, force, "--plot", (reading,))
         if backward:
             outputs["backward"] = Output(plot.with_name(f"{plot.stem}-backward"
-                                                        f"{plot.suffix or '.png'}"), force, "--plot")
+                                                        f"{plot.suffix or '.png'}"), force,
+                                         "--plot", (reading,))
     if json_path is not None:
-        outputs["json"] = Output(json_path, force, "--json")
-    return {k: o.check() for k, o in outputs.items()}
+        outputs["json"] = Output(json_path, force, "--json", (reading,))
+    check_outputs(list(outputs.values()))
+    return outputs
 
 
 def _check_solvers(names: list[str], recipe) -> None:

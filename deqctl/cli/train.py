@@ -112,7 +112,7 @@ def _run(recipe, run_dir: Path, plan: Resume | None, plain: bool | None, group: 
                      title=f"deqctl train: {recipe.name} -> {run_dir}", console=console,
                      plain=plain)
     for warning in plan.warnings if plan else []:
-        console.print(f"warning: {warning}", markup=False)
+        console.print(f"warning: {warning}", markup=False, soft_wrap=True)
     try:
         with view:
             result = run_training(recipe, run_dir, view, resume=plan.folder if plan else None,
@@ -125,7 +125,9 @@ def _run(recipe, run_dir: Path, plan: Resume | None, plain: bool | None, group: 
     if result.already_finished:
         console.print(f"{run_dir} already finished at step {result.steps} "
                       f"({view.task.summary(result.final)}); nothing to do (raise "
-                      f"train.max_steps or train.epochs to train on)", markup=False)
+                      f"train.max_steps or train.epochs to train on)", markup=False,
+                      soft_wrap=True)
         return
     console.print(f"done: {result.steps} steps, test loss {result.final['loss']:.4f}, "
-                  f"{view.task.summary(result.final)}; run saved in {run_dir}", markup=False)
+                  f"{view.task.summary(result.final)}; run saved in {run_dir}", markup=False,
+                  soft_wrap=True)

@@ -35,7 +35,9 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
                 return {k: npz[k] for k in npz.files}
     except FileRefused as exc:
         raise DataError(f"data.path: {exc}") from None
-    except (BadZipFile, OSError, ValueError, EOFError, AttributeError) as exc:
+    except (BadZipFile, OSError, ValueError, EOFError, AttributeError, RuntimeError,
+            NotImplementedError) as exc:
+        # RuntimeError, NotImplementedError: encrypted or oddly compressed members
         # ValueError: object arrays, which would need unpickling: never done
         # AttributeError: a lone .npy, which np.load returns as an array
         raise DataError(f"data.path: {path} is not a readable .npz of plain arrays "
@@ -49,14 +51,16 @@ def _check_size(path: Path, fh) -> None:
     arrays = []                          # (bytes, name, shape)
     with ZipFile(fh) as zf:
         for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            with zf.open(info) as member:
-                version = np.lib.format.read_magic(member)
+            name = info.filename.removesuffix(".npy")
+            with zf.open(info) as member:      # numpy reads any member with the magic
+                if member.read(6) != np.lib.format.MAGIC_PREFIX:
+                    arrays.append((info.file_size, name, (info.file_size,)))
+                    continue
+                version = tuple(member.read(2))
                 read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                         else np.lib.format.read_array_header_2_0)
                 shape, _, dtype = read(member)
-            arrays.append((math.prod(shape) * dtype.itemsize, info.filename[:-4], shape))
+            arrays.append((math.prod(shape) * dtype.itemsize, name, shape))
     need = 2 * sum(size for size, _, _ in arrays)     # the arrays, and the tensors made of them
     available = available_memory()
     if arrays and available is not None and need > available:
@@ -85,12 +89,19 @@ def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(mask)), mask.shape))
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _finite(a: np.ndarray, key: str, where: str) -> None:
+    """DataError naming the first value that is not finite in float32 (a finite float64
+    beyond float32's range would become inf in training)."""
     if a.dtype.kind == "f":
-        bad = ~np.isfinite(a)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(a) | (np.abs(a) > FLOAT32_MAX)
         if bad.any():
-            raise DataError(f"{where}: {key} holds NaN or inf ({int(bad.sum())} value(s), "
-                            f"the first at index {_first_bad(bad)}); fill or drop them first")
+            raise DataError(f"{where}: {key} holds NaN, inf or values beyond float32 "
+                            f"({int(bad.sum())} value(s), the first at index "
+                            f"{_first_bad(bad)}); fill or drop them first")
 
 
 def _inputs(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:

@@ -126,8 +126,37 @@ class DataInfo:
                 v = tuple(v) if isinstance(v, list) else v
                 if not check(v):
                     raise ValueError(f"{k} must be {what}, got {quote(v)}")
-                kwargs[k] = v
-        return cls(**kwargs)
+                kwargs[k] = tuple(float(x) for x in v) if k in _FLOATS else v
+        info = cls(**kwargs)
+        problems = info._inconsistent()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return info
+
+    def _inconsistent(self) -> list[str]:
+        """How a stored description contradicts itself (statistics of another number of
+        channels, a baseline that reads beyond the window), which would fail only later."""
+        out = []
+        targets = self.target_shape[-1] if len(self.target_shape) >= 2 else 1
+        for name, n in (("mean", self.channels), ("std", self.channels),
+                        ("target_mean", targets), ("target_std", targets)):
+            values = getattr(self, name)
+            if values and len(values) != n:
+                out.append(f"{name} has {len(values)} values for {n} channel(s)")
+        if any(v <= 0 for v in (*self.std, *self.target_std)):
+            out.append("std holds values <= 0")
+        if self.target_channels is not None and (
+                any(c >= self.channels for c in self.target_channels)
+                or len(self.target_channels) != targets):
+            out.append(f"target_channels {list(self.target_channels)} do not fit "
+                       f"{self.channels} input channel(s) and {targets} target channel(s)")
+        if self.season is not None and (self.length is None or self.season > self.length):
+            out.append(f"season {self.season} is longer than the window {self.length}")
+        if self.task == "classify" and self.num_classes is None:
+            out.append("a classifier's description needs num_classes")
+        if self.task == "lm" and self.vocab_size is None:
+            out.append("a language model's description needs its tokenizer and vocab")
+        return out
 
 
 def _ints(low: int):
@@ -148,6 +177,8 @@ def _optional(check):
     return lambda v: v is None or check(v)
 
 
+_FLOATS = ("mean", "std", "target_mean", "target_std")
+
 # What a stored description may hold (it comes from a file someone may have sent): the
 # check and what it expects, per field.
 _FIELD_CHECKS = {
@@ -157,7 +188,7 @@ _FIELD_CHECKS = {
     "shape": (lambda v: _ints(1)(v) and 1 <= len(v) <= 3, "1 to 3 sizes >= 1"),
     "num_classes": (_optional(_count), "a count >= 1"),
     "tokenizer": (lambda v: v in (None, "char", "byte"), "char or byte"),
-    "vocab": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 2**20),
+    "vocab": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 0x110000),
               "a string of the vocabulary's characters"),
     "target_shape": (_ints(1), "sizes >= 1"),
     "mean": (_floats, "finite numbers"),

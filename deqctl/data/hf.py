@@ -13,6 +13,7 @@ from pydantic import Field
 from ..errors import quote
 from ..options import Block, Bool, Int
 from .base import DataBundle, DataError, DataInfo, Split
+from .arrays import MAX_CLASSES
 from .images import colour_mode, decode_images, image_bundle
 from .registry import source
 from .settings import TextTokens
@@ -120,6 +121,10 @@ def _join(rows: list, where: str) -> str:
     return "".join(rows) if all(r.endswith("\n") for r in rows if r) else "\n".join(rows)
 
 
+def _class_id(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_CLASSES
+
+
 def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg,
             like: DataInfo | None) -> DataBundle:
     from PIL.Image import Image
@@ -129,9 +134,11 @@ def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg,
         images, labels = ds[split][image], ds[split][label]
         if not all(isinstance(im, Image) for im in images):
             raise DataError(f"data.hf.image_column: {quote(image)} in {split} does not hold images")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in labels):
-            raise DataError(f"data.hf.label_column: {quote(label)} in {split} holds labels that are "
-                            f"not class ids >= 0 (unlabelled split?)")
+        bad = next((i for i, v in enumerate(labels) if not _class_id(v)), None)
+        if bad is not None:
+            raise DataError(f"data.hf.label_column: {quote(label)} in {split} holds "
+                            f"{quote(labels[bad])} at row {bad}, not a class id in 0 .. "
+                            f"{MAX_CLASSES - 1} (an unlabelled split?)")
         read[part] = images, labels
     mode = colour_mode([im for images, _ in read.values() for im in images])
     splits = {}

@@ -9,6 +9,7 @@ of (seed, epoch), which bit-exact resume relies on.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,11 +199,17 @@ def _open_image(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with open_regular(path) as fh, Image.open(fh) as im:
-            yield im
+        with warnings.catch_warnings():
+            # PIL's "decompression bomb" warning (an image of ~90M pixels or more): an error
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open_regular(path) as fh, Image.open(fh) as im:
+                yield im
     except FileRefused as exc:
         raise DataError(f"{exc}; an image folder holds image files only") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"{path}: an image of more than {Image.MAX_IMAGE_PIXELS} pixels; "
+                        f"resize it first") from None
+    except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
 

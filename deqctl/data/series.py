@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 
 from ..errors import quote
 from ..files import FileRefused, open_regular
+from .arrays import FLOAT32_MAX
 from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
 from .registry import source
@@ -110,10 +111,10 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
                 v = float(cells[c]) if cells[c] else math.nan
             except ValueError:
                 v = None
-            if v is None or (cells[c] and not math.isfinite(v)):
+            if v is None or (cells[c] and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX)):
                 # an empty cell is a gap; "nan" or "inf" written out is a value, and wrong
                 raise DataError(f"{path.name} line {line}: {c} = {quote(cells[c])} is not a "
-                                f"finite number (leave a cell empty for a gap)")
+                                f"finite float32 number (leave a cell empty for a gap)")
             vals.append(v)
         values.append(vals)
         lines.append(line)

@@ -25,10 +25,12 @@ from safetensors.torch import load_file, save_file
 
 from .. import recipe as recipes
 from ..data import DataInfo
-from ..files import read_json
+from ..errors import quote
+from ..files import FileRefused, is_regular, read_json
 from ..models import DEQModel, ModelError, build_model
 from . import usercode
 from .bundle import bundle_metadata, read_bundle
+from . import rundir
 from .rundir import is_run, live_holder
 
 JSON_LIMIT = 16 * 2**20     # meta.json, trainer.json: kilobytes in practice
@@ -131,12 +133,21 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=found.get)
 
 
+def _existing(path: str | Path) -> Path:
+    """`path` as a Path; CheckpointError (one line) when there is nothing there."""
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise CheckpointError(f"{quote(str(p))}: no such run directory or checkpoint")
+    except OSError as exc:        # a name too long, a loop of links
+        raise CheckpointError(f"{quote(str(p))}: {exc.strerror or exc}") from None
+    return p
+
+
 def resolve(path: str | Path) -> Path:
     """Map a run directory or a checkpoint folder to the checkpoint folder to load: for a
     run, the checkpoint of the latest step (`final` among equals)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such run directory or checkpoint")
+    p = _existing(path)
     if (p / "model.safetensors").is_file():
         return p
     found = checkpoints(p)
@@ -228,7 +239,7 @@ def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.
 
     Raises CheckpointError (one line) for anything else.
     """
-    p = Path(path)
+    p = _existing(path)
     if p.is_file():
         if p.suffix in (".pt2", ".onnx"):
             raise CheckpointError(
@@ -239,6 +250,11 @@ def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         if not is_bundle:        # a checkpoint's own model.safetensors: load its folder
+            if p.name != "model.safetensors" or not rundir.is_checkpoint(p.parent):
+                raise CheckpointError(f"{p}: a safetensors file without deqctl's metadata, and "
+                                      f"not a checkpoint's model.safetensors; deqctl reads run "
+                                      f"dirs, checkpoints and `deqctl export --format "
+                                      f"safetensors` files")
             return open_model(p.parent, overrides, device, trust_code)
         try:
             raw, info, code = read_bundle(p)
@@ -279,6 +295,10 @@ def rebuild(recipe: recipes.Recipe, data_info: dict, weights: Path, where: Path,
             shapes = _shapes(build_model(recipe, info))
     except ModelError as exc:      # a stored recipe and data description that do not fit
         raise CheckpointError(f"{where}: {exc}") from None
+    except (RuntimeError, TypeError, IndexError, ValueError) as exc:   # ... or do not build
+        raise CheckpointError(f"{where}: the stored recipe and data description do not "
+                              f"build a model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:80] if str(exc) else ''})") from None
     check_header(_header(weights), shapes, where)
     state = _finite_weights(weights, where, device)
     model = build_model(recipe, info)
@@ -300,10 +320,17 @@ def _shapes(model: torch.nn.Module) -> dict[str, tuple]:
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
+def _load_regular(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """safetensors' load_file, for a regular file only (a FIFO would block it)."""
+    if not is_regular(path):
+        raise FileRefused(f"{path}: missing or not a regular file")
+    return load_file(path, device=device)
+
+
 def _finite_weights(weights: Path, where: Path, device: str | torch.device
                     ) -> dict[str, torch.Tensor]:
     try:
-        state = load_file(weights, device=str(device))
+        state = _load_regular(weights, device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: unreadable ({exc})") from None
     for name, got in state.items():
@@ -321,6 +348,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 def _header(weights: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{name: (shape, dtype)} from a safetensors file's header, without reading tensors."""
     try:
+        if not is_regular(weights):
+            raise FileRefused(f"{weights}: missing or not a regular file")
         with safe_open(str(weights), framework="pt") as fh:
             return {k: (tuple(fh.get_slice(k).get_shape()),
                         _DTYPES.get(fh.get_slice(k).get_dtype(), fh.get_slice(k).get_dtype()))
@@ -347,7 +376,7 @@ def check_header(header: dict[str, tuple], expected: dict[str, tuple], where: Pa
 def load_trainer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return (tensors, scalars) saved by a training checkpoint."""
     try:
-        tensors = load_file(folder / "trainer.safetensors")
+        tensors = _load_regular(folder / "trainer.safetensors")
         scalars = read_json(folder / "trainer.json", JSON_LIMIT)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: trainer state missing or corrupt, cannot resume "

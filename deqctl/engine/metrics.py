@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,7 +128,7 @@ class JsonlSink:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in row.items()}
         line = (json.dumps(clean) + "\n").encode()
-        with open(self.path, "ab") as fh:
+        with _append(self.path) as fh:
             start = fh.tell()
             try:
                 fh.write(line)
@@ -139,6 +140,17 @@ class JsonlSink:
                     f"cannot append to {self.path} ({exc.strerror or exc}); training "
                     f"stopped and the run's checkpoints are intact: make room, then "
                     f"deqctl train --resume {self.path.parent}") from None
+
+
+def _append(path: Path):
+    """The run's metrics file opened for appending: a regular file of its own, never
+    followed through a symlink and never a FIFO to block on."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC, 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MetricsWriteError(f"{path} is not a regular file; a run's metrics are its own")
+    return os.fdopen(fd, "ab")
 
 
 def read_rows(path: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:

@@ -17,13 +17,13 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-from ..files import read_text
 
 RECIPE, METRICS, CHECKPOINTS, LOCK = "recipe.yaml", "metrics.jsonl", "checkpoints", ".lock"
 RUN_ENTRIES = (RECIPE, METRICS, CHECKPOINTS, "tensorboard", LOCK)
@@ -50,8 +50,8 @@ def _proc_start(pid: int) -> int | None:
     """The start time of process `pid` in clock ticks since boot (Linux), which tells a
     reused pid from the process that wrote a lock."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return int(text.rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -88,20 +88,73 @@ class Holder:
         return self.proc_start is None or started is None or started == self.proc_start
 
 
+def _open_lock(path: Path, flags: int) -> int:
+    """Open a lock file that is a regular file, never through a symlink (a run folder
+    someone sent may hold a link to any file); RunDirError otherwise."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise RunDirError(f"{path}: not a regular file (a symlink, folder or device); "
+                              f"a run's lock is its own file: remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path}: not a regular file; a run's lock is its own file: remove it")
+    return fd
+
+
+def _holder_of(text: str) -> Holder | None:
+    """The holder a lock's content names, or None when it is not a plausible one."""
+    try:
+        d = json.loads(text)
+        pid, host, started = d["pid"], d["host"], d["started"]
+        proc_start = d.get("proc_start")
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31
+            and isinstance(host, str) and 0 < len(host) <= 255 and "\n" not in host
+            and isinstance(started, (int, float)) and math.isfinite(started)
+            and 0 <= started < 1e11):
+        return None
+    ok_start = isinstance(proc_start, int) and not isinstance(proc_start, bool) and proc_start >= 0
+    return Holder(pid, host, float(started), proc_start if ok_start else None)
+
+
 def read_holder(run_dir: Path) -> Holder | None:
     """The holder named in RUN/.lock, or None (no lock, or an unreadable one)."""
     try:
-        d = json.loads(read_text(Path(run_dir) / LOCK, 4096))
-        return Holder(int(d["pid"]), str(d["host"]), float(d["started"]),
-                      d.get("proc_start") if isinstance(d.get("proc_start"), int) else None)
-    except (OSError, ValueError, KeyError, TypeError):
+        fd = _open_lock(Path(run_dir) / LOCK, os.O_RDONLY)
+    except (OSError, RunDirError):
         return None
+    try:
+        return _holder_of(os.read(fd, 4096).decode("utf-8", "replace"))
+    finally:
+        os.close(fd)
 
 
 def live_holder(run_dir: Path) -> Holder | None:
-    """The holder of a run that is in progress, or None when no live process writes it."""
-    holder = read_holder(run_dir)
-    return holder if holder is not None and holder.alive() else None
+    """The holder of a run that is in progress, or None when no live process writes it.
+    The flock decides (a lock whose flock is free was left by a process on this host
+    that is gone; a holder on another host may hold it where flocks do not cross hosts,
+    so it is taken for alive); where the filesystem has none, the holder's pid and host do."""
+    path = Path(run_dir) / LOCK
+    try:
+        fd = _open_lock(path, os.O_RDONLY)
+    except (OSError, RunDirError):
+        return None
+    try:
+        holder = _holder_of(os.read(fd, 4096).decode("utf-8", "replace"))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:            # a writer holds it
+            return holder or Holder(0, "?", time.time())
+        except OSError:                    # no flock here: the content decides
+            return holder if holder is not None and holder.alive() else None
+        remote = holder is not None and holder.host != socket.gethostname()
+        return holder if remote else None  # free: whoever wrote it here is gone
+    finally:
+        os.close(fd)
 
 
 class RunLock:
@@ -115,14 +168,21 @@ class RunLock:
     def acquire(cls, run_dir: Path, created: bool = False) -> "RunLock":
         """Take RUN/.lock; RunDirError (one line) while another live process holds it."""
         path = Path(run_dir) / LOCK
+        attempts = 0
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open_lock(path, os.O_RDWR | os.O_CREAT)
             try:
                 state = _flock(fd)
             except BaseException:
                 os.close(fd)
                 raise
-            previous = read_holder(run_dir)
+            if state == "held" and attempts < 10:
+                # a reader's shared probe lasts microseconds: look again before refusing
+                os.close(fd)
+                attempts += 1
+                time.sleep(0.05)
+                continue
+            previous = _holder_of(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             busy = state == "held" or (state == "unsupported" and previous is not None
                                        and previous.alive() and previous.pid != os.getpid())
             if busy:
@@ -177,7 +237,7 @@ def _flock(fd: int) -> str:
 
 
 def _busy(run_dir: Path, holder: Holder | None) -> RunDirError:
-    if holder is None:
+    if holder is None or holder.pid == 0:
         return RunDirError(f"{run_dir} is being written by another process; wait for it "
                            f"to finish, or stop it")
     remote = holder.host != socket.gethostname()
@@ -227,13 +287,39 @@ def _refuse_taken(out: Path, ignore: tuple[str, ...] = ()) -> None:
     if (out / METRICS).exists():
         raise RunDirError(f"{out} already holds a run; choose another --out or use "
                           f"--resume {out}")
-    if any(p.name not in ignore for p in out.iterdir()):
+    # a lock alone was left by a run killed before it wrote anything: that folder is free
+    if any(p.name not in (*ignore, LOCK) for p in out.iterdir()):
         raise RunDirError(f"{out} exists and is not empty; choose another --out")
 
 
 def lock_existing(run_dir: Path) -> RunLock:
-    """Lock the folder of a run being resumed; RunDirError while another process writes it."""
+    """Lock the folder of a run being resumed; RunDirError while another process writes
+    it, or when its own files are not its own (see check_own_files)."""
+    check_own_files(Path(run_dir))
     return RunLock.acquire(Path(run_dir))
+
+
+def check_own_files(run_dir: Path) -> None:
+    """RunDirError unless the run's entries are what deqctl made them: regular files and
+    real folders, no symlinks (a run folder someone sent could point its metrics, lock
+    or checkpoints at files elsewhere, which a resume would then write or delete)."""
+    kinds = {RECIPE: stat.S_ISREG, METRICS: stat.S_ISREG, LOCK: stat.S_ISREG,
+             CHECKPOINTS: stat.S_ISDIR, "tensorboard": stat.S_ISDIR}
+    entries = [(run_dir / name, kind) for name, kind in kinds.items()]
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir() and not folder.is_symlink():
+        entries += [(c, stat.S_ISDIR) for c in folder.iterdir()]
+        entries += [(f, stat.S_ISREG) for c in folder.iterdir()
+                    if c.is_dir() and not c.is_symlink() for f in c.iterdir()]
+    for path, kind in entries:
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode) or not kind(mode):
+            what = "a symlink" if stat.S_ISLNK(mode) else "not a regular file or folder"
+            raise RunDirError(f"{path}: {what}; a run's files must be its own (resume a "
+                              f"copy whose files are real)")
 
 
 def in_progress(path: Path, folder: Path) -> str | None:

@@ -65,14 +65,52 @@ class TrainerState:
                       isinstance(s.logged, list) and all(isinstance(x, str) for x in s.logged)),
                   "deq_last_nfe must be an integer >= 0 or null":
                       s.deq_last_nfe is None or _count(s.deq_last_nfe),
-                  "pending must be lists of rows of numbers": isinstance(s.pending, list) and all(
-                      isinstance(rank, list) and all(isinstance(r, dict) and all(
-                          isinstance(v, (int, float)) for v in r.values()) for r in rank)
+                  "logged holds splits (train, val, test)": s.logged is None or set(s.logged)
+                      <= {"train", "val", "test"},
+                  "pending must be lists of rows of numbers, each with its n": isinstance(
+                      s.pending, list) and all(isinstance(rank, list) and all(
+                          isinstance(r, dict) and _count(r.get("n")) and all(
+                              isinstance(v, (int, float)) and math.isfinite(v)
+                              for v in r.values()) for r in rank)
                       for rank in s.pending)}
         bad = [what for what, ok in checks.items() if not ok]
         if bad:
             raise ValueError("; ".join(bad))
         return s
+
+
+def check_optimizer(opt: torch.optim.Optimizer, fresh: list[dict[str, Any]]) -> None:
+    """ValueError unless a loaded optimizer state could have been saved by this recipe's
+    optimizer: each group's settings of the types (and tuple lengths) a fresh one has,
+    numbers finite, flags unchanged; each parameter's state tensors finite and shaped like
+    it (a wrong one would fail, or corrupt the weights, only at the next step)."""
+    if len(opt.param_groups) != len(fresh):
+        raise ValueError("optimizer param_groups do not match the model")
+    for group, ref in zip(opt.param_groups, fresh):
+        for key, want in ref.items():
+            got = group.get(key)
+            if isinstance(want, bool) or want is None:
+                ok = got == want                     # flags: never changed by a run
+            elif isinstance(want, (int, float)):
+                ok = isinstance(got, (int, float)) and not isinstance(got, bool) \
+                    and math.isfinite(got)
+            elif isinstance(want, tuple):
+                ok = isinstance(got, tuple) and len(got) == len(want) and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in got)
+            else:
+                ok = type(got) is type(want)
+            if not ok:
+                raise ValueError(f"optimizer setting {key} is {str(got)[:40]}")
+    for p, st in opt.state.items():
+        for key, value in st.items():
+            if not torch.is_tensor(value):
+                continue
+            if value.dim() and value.shape != p.shape:
+                raise ValueError(f"optimizer state {key} is shaped {tuple(value.shape)}, its "
+                                 f"parameter {tuple(p.shape)}")
+            if value.is_complex() or not bool(torch.isfinite(value).all()) or (
+                    key == "step" and float(value) < 0):
+                raise ValueError(f"optimizer state {key} holds NaN, inf or a negative step")
 
 
 def trainer_payload(state: TrainerState, opt: torch.optim.Optimizer, scaler, cache
@@ -90,8 +128,10 @@ def restore_trainer(tensors: dict[str, torch.Tensor], scalars: dict[str, Any],
     training stood. Any malformed field (the files may have been edited or sent by
     anyone) raises one of KeyError, TypeError, ValueError, IndexError or RuntimeError."""
     state = TrainerState.from_json(scalars.get("state", scalars))
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     load_optimizer_state(opt, {k: v.to(device) for k, v in tensors.items()
                                if k.startswith("optim.")}, scalars["optimizer"])
+    check_optimizer(opt, fresh)
     set_rng_state(tensors)
     if cache is not None:
         cache.load({k: v.to(device) for k, v in tensors.items()})

@@ -170,10 +170,14 @@ class Trainer:
         try:     # the files may have been edited or sent by anyone: one line, no traceback
             self.state = restore_trainer(tensors, scalars, self.opt, self.scaler,
                                          self.model.fixed_point_cache, self.device)
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
-            raise CheckpointError(f"{folder}: trainer state is malformed ({type(exc).__name__}: "
-                                  f"{str(exc)[:80]}); cannot resume") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
+                AssertionError) as exc:
+            why = str(exc).splitlines()[0][:80] if str(exc) else ""
+            raise CheckpointError(f"{folder}: trainer state is malformed ({type(exc).__name__}"
+                                  f"{': ' + why if why and '<' not in why else ''}); cannot "
+                                  f"resume") from None
         s = self.state
+        self._check_restored(folder, meta)
         self.model.deq.step, self.model.deq._last_nfe = s.deq_step, s.deq_last_nfe
         if s.step >= self.total and meta.get("metrics") is not None:
             return meta["metrics"]
@@ -186,6 +190,24 @@ class Trainer:
             continue_run(self.run_dir, folder, self.recipe, s, self.view)
         s.logged = s.logged if s.logged is not None else []
         return None
+
+    def _check_restored(self, folder: Path, meta: dict[str, Any]) -> None:
+        """CheckpointError unless the trainer state agrees with the checkpoint it came in
+        and with the data: a state edited to an earlier step would otherwise set aside the
+        checkpoint itself and drop the run's rows."""
+        s, nb = self.state, self.batches_per_epoch
+        problems = []
+        if s.step != meta.get("step"):
+            problems.append(f"its step {s.step} is not the checkpoint's ({meta.get('step')})")
+        if not (s.pos < nb and s.step == s.epoch * nb + s.pos):
+            problems.append(f"epoch {s.epoch} and batch {s.pos} are not step {s.step} at "
+                            f"{nb} batches per epoch")
+        if s.step >= self.total and s.logged is not None and \
+                (meta.get("metrics") is None) == ("test" in s.logged):
+            problems.append("its final evaluation is recorded in one file and not the other")
+        if problems:
+            raise CheckpointError(f"{folder}: trainer state is inconsistent: "
+                                  f"{'; '.join(problems)}; cannot resume")
 
     def open_run(self) -> None:
         """Check the disk, write the resolved recipe and open the metrics sinks."""
@@ -380,7 +402,7 @@ class Trainer:
         folder = self.run_dir / rundir.CHECKPOINTS / name
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
             raise TrainingDiverged(f"weights became non-finite by step {s.step}; not saved; "
-                                   + _diverged_message(self.last_ok, s.step, self.run_dir))
+                                   f"{_kept(self.run_dir)}; {ADVICE}")
         s.pending = gather(group, self.acc.snapshot())   # every rank's steps since the last row
         if not group.writer:
             barrier(group)
@@ -434,8 +456,14 @@ def _check_free_space(run_dir: Path, opt: torch.optim.Optimizer, model) -> None:
                                    f"checkpoints of this run need about {2 * need / 2**20:.0f} MB")
 
 
-def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
+ADVICE = "try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01"
+
+
+def _kept(run_dir: Path) -> str:
     ckpts = [c.name for c in checkpoint.checkpoints(run_dir)]
-    kept = f"checkpoints kept: {', '.join(ckpts)}" if ckpts else "no checkpoint was written yet"
-    return (f"loss became non-finite between steps {last_ok + 1} and {step}; {kept}; "
-            f"try a lower optim.lr, deq.jacobian_reg.weight > 0 or model.init_std=0.01")
+    return f"checkpoints kept: {', '.join(ckpts)}" if ckpts else "no checkpoint was written yet"
+
+
+def _diverged_message(last_ok: int, step: int, run_dir: Path) -> str:
+    steps = f"at step {step}" if step == last_ok + 1 else f"between steps {last_ok + 1} and {step}"
+    return f"loss became non-finite {steps}; {_kept(run_dir)}; {ADVICE}"

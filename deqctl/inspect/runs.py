@@ -128,8 +128,13 @@ def same_task(runs: list[RunSummary]) -> None:
 
 
 def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) \
-        and math.isfinite(v) else None
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return None
+    try:
+        v = float(v)
+    except OverflowError:          # an integer beyond any float: not a metric
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _finite(v: Any) -> Any:

@@ -261,7 +261,7 @@ class TrainView:
         elif self._live is not None:
             self._live.console.print(text, markup=False)  # paths may contain "[...]"
         else:
-            self.console.print(text, markup=False)
+            self.console.print(text, markup=False, soft_wrap=True)
 
     def set_total(self, total_steps: int) -> None:
         """Set the number of steps, once the data (and so the epoch length) is known."""
