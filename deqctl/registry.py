@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,13 @@ class Part:
         return {"ref": self.ref, "path": str(self.path), "sha256": self.sha256 or ""}
 
 
+def import_builtins(package: str, path: Iterable[str]) -> None:
+    """Import every module of a package of parts (`package`, its `__path__`): a built-in
+    registers itself when imported, so adding one is adding its module, nothing else."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")
+
+
 def is_import_path(ref: str) -> bool:
     """True for `PATH.py:Name` and `package.module:Name` (user code), False for a short name."""
     return ":" in ref
@@ -85,7 +93,8 @@ class Registry:
 
     @property
     def builtins(self) -> list[str]:
-        return list(self._builtins)
+        """The built-in names, sorted (whatever order their modules were imported in)."""
+        return sorted(self._builtins)
 
     def _entry_points(self) -> dict[str, importlib.metadata.EntryPoint]:
         found = importlib.metadata.entry_points(group=self.group)
@@ -93,7 +102,7 @@ class Registry:
 
     def names(self) -> list[str]:
         """Every short name: the built-ins, then installed packages' entry points."""
-        return [*self._builtins, *sorted(self._entry_points())]
+        return [*self.builtins, *sorted(self._entry_points())]
 
     def get(self, ref: str, bases: Iterable[Path] = (), trust: bool = True) -> Part:
         """The part `ref` names; PartError (TrustError for user code without `trust`)."""

@@ -1,4 +1,5 @@
-"""What the CLI test files share: the default recipe, `deqctl train` in-process, a run's
+"""What the CLI test files share: the default recipe and tiny overrides of it, `deqctl train`
+in-process, a run's
 metrics rows, waiting for a training subprocess to log its first rows, and trials of
 `deqctl` killed or signalled at a chosen write (tests/crash_points.py)."""
 
@@ -15,8 +16,21 @@ from typer.testing import CliRunner
 
 from deqctl.cli import app
 
-RECIPE = str(Path(__file__).parents[1] / "configs" / "mnist-deq.yaml")
+CONFIGS = Path(__file__).parents[1] / "configs"
+RECIPE = str(CONFIGS / "mnist-deq.yaml")
 runner = CliRunner()
+
+
+def tiny(train: int = 64, eval: int = 64, iters: int | None = None) -> list[str]:
+    """Overrides that make the default recipe a run of seconds: a small model on `train`
+    samples evaluated on `eval`, batches of 32, a row every step, one thread (tiny models
+    run as fast on one, and a second only spins against other processes); `iters` caps
+    every solve."""
+    caps = [f"deq.{block}.max_iter={iters}" for block in ("forward", "backward", "eval")]
+    return ["model.channels=8", "model.inner_channels=16", f"data.limit_train={train}",
+            f"data.limit_eval={eval}", "data.batch_size=32",
+            f"data.eval_batch_size={min(eval, 64)}", "train.log_every=1",
+            "runtime.threads=1", *(caps if iters else [])]
 
 
 def train(*args):

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from deqctl.cli import app
 
-RECIPE = str(Path(__file__).parents[1] / "configs" / "mnist-deq.yaml")
-TINY = ["train.max_steps=2", "data.limit_train=64", "data.limit_eval=64", "data.batch_size=32",
-        "data.eval_batch_size=64", "train.log_every=1", "model.channels=8",
-        "model.inner_channels=16", "runtime.threads=1"]
+from cli_helpers import RECIPE, runner, tiny
+
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +19,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.getbasetemp() / "deqctl-tiny-run"
     threads = torch.get_num_threads()
     try:
-        result = CliRunner().invoke(app, ["train", RECIPE, *TINY, "--out", str(out), "--plain"])
+        result = runner.invoke(app, ["train", RECIPE, *tiny(), "train.max_steps=2", "--out", str(out), "--plain"])
     finally:
         torch.set_num_threads(threads)     # runtime.threads is process-wide
     assert result.exit_code == 0, result.output

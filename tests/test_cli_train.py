@@ -11,12 +11,10 @@ from deqctl.cli import app
 from deqctl.data import build_data, iterate_batches
 from deqctl.engine.checkpoint import load_model
 
-from cli_helpers import RECIPE, rows, runner, train
+from cli_helpers import RECIPE, rows, runner, tiny, train
 
 ROOT = Path(__file__).parents[1]
-TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=192",
-        "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=64",
-        "train.log_every=1", "deq.forward.max_iter=8", "deq.backward.max_iter=8"]
+TINY = tiny(train=192, eval=64, iters=8)
 REQUIRED = {"step", "epoch", "split", "loss", "lr", "fwd_nfe", "fwd_nfe_max",
             "fwd_abs_residual", "fwd_rel_residual", "fwd_rel_residual_max", "fwd_converged",
             "bwd_nfe", "bwd_rel_residual", "step_time_s", "samples_per_s", "accuracy"}

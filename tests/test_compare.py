@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from deqctl import recipe as recipes
 from deqctl.cli import app
 from deqctl.engine.checkpoint import load_model
 from deqctl.models import build_model
 
-from conftest import RECIPE, TINY
+from cli_helpers import RECIPE, runner, tiny
 
-runner = CliRunner()
+TINY = [*tiny(), "train.max_steps=2"]
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

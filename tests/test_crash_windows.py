@@ -13,12 +13,9 @@ from safetensors.torch import load_file
 
 from deqctl.engine import checkpoint
 
-from cli_helpers import RECIPE, rows, run_trials
+from cli_helpers import RECIPE, rows, run_trials, tiny
 
-TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=160",
-        "data.limit_eval=32", "data.batch_size=32", "data.eval_batch_size=32",
-        "deq.forward.max_iter=6", "deq.backward.max_iter=6", "deq.eval.max_iter=6",
-        "runtime.threads=1", "--plain"]
+TINY = [*tiny(train=160, eval=32, iters=6), "--plain"]
 # Checkpoints at 2 and 4 with rows at 3 and 5: a checkpoint holds steps a train row has
 # not reported yet; an evaluation at 3; the final save before and after the last one.
 SCHEDULE = ["train.max_steps=5", "train.save_every=2", "train.log_every=3",

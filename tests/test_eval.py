@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
 from deqctl.cli import app
 from deqctl.inspect import check_overrides
 from deqctl.recipe import RecipeError
 
+from cli_helpers import runner
+
 JSON_KEYS = {"split", "loss", "accuracy", "fwd_nfe", "fwd_nfe_max", "fwd_abs_residual",
              "fwd_rel_residual", "fwd_converged", "samples_per_s"}
-runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch.nn.utils import parametrize
-from typer.testing import CliRunner
 
 import deqctl
 from deqctl.cli import app
@@ -20,7 +19,8 @@ from deqctl.export import Unrolled, calibrate_iters, compare, fold_norms
 from deqctl.export.unroll import _solve_spd
 from deqctl.tasks import task_for
 
-runner = CliRunner()
+from cli_helpers import runner
+
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

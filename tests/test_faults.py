@@ -25,12 +25,9 @@ from deqctl.engine import checkpoint, train as engine
 from deqctl.engine.signals import StopOnSignal
 from deqctl.ui import TrainView
 
-from cli_helpers import RECIPE, rows, run_trials, runner, train, wait_for_rows
+from cli_helpers import RECIPE, rows, run_trials, runner, tiny, train, wait_for_rows
 
-TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=192",
-        "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=32",
-        "train.log_every=1", "deq.forward.max_iter=8", "deq.backward.max_iter=8",
-        "deq.eval.max_iter=8", "runtime.threads=1"]
+TINY = [*tiny(train=192, eval=64, iters=8), "data.eval_batch_size=32"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -248,7 +248,7 @@ def test_a_second_backward_through_a_retained_graph_is_still_implicit():
 
 def test_plain_keyword_errors_name_the_key_and_list_the_valid_choices():
     with pytest.raises(ValueError, match=r"DEQ: forward.solver: unknown solver 'newton' "
-                                         r"\(valid: fixed_point, anderson, broyden"):
+                                         r"\(valid: anderson, broyden, fixed_point"):
         DEQ(forward=dict(solver="newton"))
     with pytest.raises(ValueError, match="backward.mode: Input should be 'ift', 'phantom' or 'jfb'"):
         DEQ(backward=dict(mode="exact"))

@@ -3,7 +3,6 @@ its `when` says, and a run writes no key the table does not know (task metrics a
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -11,16 +10,14 @@ from deqctl.keys import KEYS, TABLE
 from deqctl.tasks import task_for
 from deqctl.data import DataInfo
 
-from cli_helpers import RECIPE, rows, train
+from cli_helpers import RECIPE, rows, tiny, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # the conditions under which the table's keys appear, all switched on
 ON = ["deq.jacobian_reg.weight=0.5", "deq.forward.bf16_until=0.5", "deq.backward.mode=ift",
       "train.eval_every=2"]
-TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=64",
-        "data.limit_eval=32", "data.batch_size=32", "data.eval_batch_size=32",
-        "train.log_every=1", "train.max_steps=3", "runtime.threads=1"]
+TINY = [*tiny(train=64, eval=32), "train.max_steps=3"]
 
 
 @pytest.fixture(scope="module")

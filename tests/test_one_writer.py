@@ -19,12 +19,9 @@ import yaml
 from deqctl.cli import app
 from deqctl.engine import checkpoint
 
-from cli_helpers import RECIPE, rows, runner, train, wait_for_rows
+from cli_helpers import RECIPE, rows, runner, tiny, train, wait_for_rows
 
-TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=96",
-        "data.limit_eval=32", "data.batch_size=32", "data.eval_batch_size=32",
-        "train.log_every=1", "deq.forward.max_iter=6", "deq.backward.max_iter=6",
-        "deq.eval.max_iter=6", "runtime.threads=1"]
+TINY = tiny(train=96, eval=32, iters=6)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,12 +10,9 @@ import pytest
 
 from deqctl.cli import app
 
-from cli_helpers import RECIPE, runner, train
+from cli_helpers import RECIPE, runner, tiny, train
 
-TINY = ["model.channels=8", "model.inner_channels=16", "data.limit_train=128",
-        "data.limit_eval=64", "data.batch_size=32", "data.eval_batch_size=64",
-        "train.log_every=1", "deq.forward.max_iter=8", "deq.backward.max_iter=8",
-        "deq.eval.max_iter=8", "runtime.threads=1"]
+TINY = tiny(train=128, eval=64, iters=8)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
-from typer.testing import CliRunner
 
 from deqctl import recipe as recipes
 from deqctl.cli import app
 
+from cli_helpers import RECIPE, runner, tiny
+
 ROOT = Path(__file__).parents[1]
-RECIPE = str(ROOT / "configs" / "mnist-deq.yaml")
 RAW = recipes.load_raw(RECIPE)
 BASE = recipes.validate(RAW)
 
@@ -82,17 +82,16 @@ def test_any_key_gives_a_recipe_or_a_recipe_error(key, value):
 
 # --- checkpoint fuzzing --------------------------------------------------------------------
 
-runner = CliRunner()
-TINY = ["train.max_steps=1", "model.channels=4", "model.inner_channels=8", "model.groups=2",
-        "data.limit_train=32", "data.limit_eval=16", "data.batch_size=16",
-        "data.eval_batch_size=16", "deq.eval.max_iter=4", "runtime.threads=1"]
+SMALLEST = [*tiny(train=32, eval=16), "train.max_steps=1", "model.channels=4",
+            "model.inner_channels=8", "model.groups=2", "data.batch_size=16",
+            "deq.eval.max_iter=4"]
 FILES = ["model.safetensors", "meta.json", "recipe.yaml", "trainer.json", "trainer.safetensors"]
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fuzz") / "run"
-    result = runner.invoke(app, ["train", RECIPE, *TINY, "--out", str(out), "--plain"])
+    result = runner.invoke(app, ["train", RECIPE, *SMALLEST, "--out", str(out), "--plain"])
     assert result.exit_code == 0, result.output
     return out / "checkpoints" / "final"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import deqctl
 from deqctl.cli import app
 from deqctl.data import DataInfo
 
-runner = CliRunner()
+from cli_helpers import runner
+
 CONFIGS = Path(__file__).parents[1] / "configs"
 pytestmark = pytest.mark.usefixtures("one_thread")
 

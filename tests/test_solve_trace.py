@@ -4,19 +4,17 @@ iteration against exact eigenvalues, observed linear rate, JSON and plots."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from deqctl.cli import app
 from deqctl.inspect import compare_solvers, linear_rate, spectral_radius
 from deqctl.implicit import SolveSpec
 
-RECIPE = str(Path(__file__).parents[1] / "configs" / "mnist-deq.yaml")
+from cli_helpers import RECIPE, runner
+
 PNG = b"\x89PNG\r\n\x1a\n"
-runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

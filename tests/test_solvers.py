@@ -170,7 +170,7 @@ def test_any_layout_and_unknown_options():
     assert res.z.shape == z0.shape and torch.allclose(res.z, torch.full_like(z0, 2.0))
     with pytest.raises(ValueError, match="valid: damping"):
         solve(lambda z: z, z0, "fixed_point", m=5)
-    with pytest.raises(ValueError, match="valid: fixed_point, anderson, broyden"):
+    with pytest.raises(ValueError, match="valid: anderson, broyden, fixed_point"):
         solve(lambda z: z, z0, "newton")
 
 

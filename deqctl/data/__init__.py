@@ -5,7 +5,7 @@
         ...                                   # typed batches: see deqctl.data.base
 
 A new built-in source is one module: a loader `f(settings, like) -> DataBundle` registered
-with `@source("name", SettingsBlock)`, imported below. A user's source needs no edit at
+with `@source("name", SettingsBlock)`; every module here is imported below. A user's source needs no edit at
 all: `data.name: PATH.py:function` returning the arrays an .npz holds (deqctl.data.registry).
 `like`, the description of the data a trained model saw, matters to sources that fit
 something to their data (a vocabulary).
@@ -14,14 +14,15 @@ something to their data (a vocabulary).
 from __future__ import annotations
 
 from ..options import Block, options_block
-from ..registry import Part
-from . import images, text, arrays, series, hf  # noqa: F401,E401  (they register themselves)
+from ..registry import Part, import_builtins
 from .arrays import function_source
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .batches import augment_batch, epoch_order, iterate_batches, num_batches
 from .registry import SOURCES, Source
 from .settings import ArraysData, DataBase
 from .text import Tokenizer
+
+import_builtins(__name__, __path__)       # every source module registers itself
 
 _BLOCKS: dict[tuple[str, int], type[Block]] = {}
 

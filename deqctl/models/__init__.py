@@ -1,9 +1,10 @@
 """Models by name. A model is a `DEQModel`; `build_model` rebuilds one from a recipe and
 the data's description alone, which is all a checkpoint stores.
 
-A new built-in is one module defining a DEQModel subclass registered with
-`@MODELS.register("name")`, imported below; a user's model needs no edit here at all
-(`model.name: PATH.py:Class`, or an entry point in group `deqctl.models`)."""
+A new built-in is one module of this package defining a DEQModel subclass registered
+with `@MODELS.register("name")`: every module here is imported below, so nothing else
+changes; a user's model needs no edit here at all (`model.name: PATH.py:Class`, or an
+entry point in group `deqctl.models`)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 from ..data import DataInfo
 from ..implicit import DEQ
 from ..options import Block, options_block
-from ..registry import Part
+from ..registry import Part, import_builtins
 from .base import DEQModel, ModelOutput
 from .registry import MODELS
-from . import image, mdeq, transformer, tcn  # noqa: F401,E401  (they register themselves)
+
+import_builtins(__name__, __path__)
 
 _BLOCKS: dict[tuple[str, int], type[Block]] = {}
 

@@ -14,10 +14,8 @@ from typing import Any, Callable
 import torch
 
 from ..options import Block, OptionsError, options_block, validate
-from ..registry import Part, PartError
-from .fixed_point import fixed_point          # noqa: F401  (registration order: the
-from .anderson import anderson                # noqa: F401   order of "valid: ..." lists)
-from .broyden import broyden, shine_adjoint
+from ..registry import Part, PartError, import_builtins
+from .broyden import shine_adjoint
 from .pack import Packing, State, packing_of
 from .registry import SOLVERS
 from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
@@ -27,6 +25,7 @@ __all__ = ["solve", "solver_part", "knob_block", "check_knobs", "SolveResult", "
            "shine_adjoint", "Tracker"]
 
 _BLOCKS: dict[int, type[Block]] = {}
+import_builtins(__name__, __path__)       # a built-in solver is one module here
 
 
 def solver_part(method: str | Callable) -> Part:
