@@ -10,11 +10,17 @@ against a fixed cell while the model code changes.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CHANNELS, INNER, SIZE, GROUPS, INIT_STD = 48, 64, 28, 8, 0.02
+# The state is (batch, CHANNELS, SIZE, SIZE); a GPU run fills the card with a larger one
+# (bench/gpu.sh: DEQ_BENCH_CHANNELS=64 DEQ_BENCH_SIZE=32, read by the memory children too).
+CHANNELS = int(os.environ.get("DEQ_BENCH_CHANNELS", 48))
+SIZE = int(os.environ.get("DEQ_BENCH_SIZE", 28))
+INNER, GROUPS, INIT_STD = 64, 8, 0.02
 # rel tol (fixed point: TOL_FP), budget and Anderson knobs of every solve, both libraries
 MAX_ITER, TOL, TOL_FP, M, LAM = 80, 1e-4, 2e-4, 5, 1e-4
 BWD_TOL, BWD_MAX_ITER = TOL_FP, MAX_ITER   # default IFT backward: fixed point

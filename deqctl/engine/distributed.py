@@ -40,15 +40,20 @@ class Group:
 
 def join(device_setting: str) -> Group:
     """Join the torchrun process group when there is one; returns this process's Group.
-    On CUDA each rank takes the GPU of its LOCAL_RANK (runtime.device stays auto/cuda)."""
+    On CUDA each rank takes the GPU of its LOCAL_RANK (runtime.device stays auto/cuda) and
+    nccl joins them; with more ranks on a node than GPUs, ranks share GPUs round-robin and
+    gloo joins them (nccl refuses two ranks on one device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Group()
     if not dist.is_initialized():
         cuda = torch.cuda.is_available() and device_setting in ("auto", "cuda")
+        shared = False
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+            gpus, local = torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0"))
+            shared = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > gpus
+            torch.cuda.set_device(local % gpus)
+        dist.init_process_group("nccl" if cuda and not shared else "gloo")
     return Group(dist.get_rank(), dist.get_world_size())
 
 
