@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import deqctl
 from deqctl.cli import app
 from deqctl.inspect import compare_solvers, linear_rate, spectral_radius
 from deqctl.implicit import SolveSpec
@@ -151,3 +152,138 @@ def test_bad_input_exits_2(run, args, needle):
     result = runner.invoke(app, ["solve-trace", str(run), *args])
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and "Traceback" not in result.output
+
+
+# --- path independence: --starts ------------------------------------------------------------
+
+
+class _Bistable(deqctl.DEQModel):
+    """f(z) = tanh(gain * z) + bias: with gain 4 and bias 0 the stable fixed points are
+    about +-0.9993 and 0 is an unstable one, where the usual start (zeros) stays; with
+    gain 0.5, a contraction with one fixed point."""
+
+    inputs, tasks = ("image",), ("classify",)
+
+    def __init__(self, info, deq, gain: float = 4.0, bias: float = 0.0):
+        super().__init__(info, deq)
+        self.gain, self.bias = gain, bias
+
+    def inject(self, x):
+        return torch.full((x.shape[0], 3), self.bias, dtype=x.dtype)
+
+    def cell(self, z, u):
+        return torch.tanh(self.gain * z) + u
+
+    def decode(self, z, x):
+        return torch.stack([z.sum(1), -z.sum(1)], dim=1)
+
+
+def _starts(gain: float, bias: float, starts: int = 6):
+    from deqctl.data import DataInfo
+    from deqctl.inspect.starts import path_independence
+    from deqctl.tasks import task_for
+    info = DataInfo(name="t", task="classify", inputs="image", shape=(1, 2, 2), num_classes=2)
+    spec = SolveSpec(solver="anderson", max_iter=100, tol=1e-8)
+    model = _Bistable(info, deqctl.DEQ(), gain=gain, bias=bias).double()
+    x = torch.zeros(16, 1, 2, 2, dtype=torch.float64)
+    return path_independence(model, task_for(info), x, spec, starts).summary()
+
+
+def test_starts_find_no_spread_on_a_contraction_and_the_spread_of_two_fixed_points():
+    one = _starts(gain=0.5, bias=0.3)      # a contraction: one fixed point
+    assert one["distance_max"] < 1e-6 and one["unique"] == 1.0
+    assert one["prediction_agreement"] == 1.0
+    two = _starts(gain=4.0, bias=0.0)      # the random starts land on +-0.9993, not on 0
+    assert two["distance_median"] == pytest.approx(1.0) and two["unique"] == 0.0
+    assert two["converged"] == 1.0 and two["prediction_agreement"] < 1.0
+
+
+# --- gradient audit: --grad ------------------------------------------------------------------
+
+
+class _Linear(deqctl.DEQModel):
+    """z* = W z* + U x, logits H z*: the exact gradient has a closed form."""
+
+    inputs, tasks = ("image",), ("classify",)
+
+    def __init__(self, info, deq, width: int = 5, norm: float = 0.9):
+        super().__init__(info, deq)
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(width, width, generator=g)
+        self.W = torch.nn.Parameter(norm * w / torch.linalg.matrix_norm(w, 2))
+        self.U = torch.nn.Parameter(torch.randn(width, 4, generator=g))
+        self.H = torch.nn.Parameter(torch.randn(2, width, generator=g))
+
+    def inject(self, x):
+        return x.flatten(1) @ self.U.T
+
+    def cell(self, z, u):
+        return z @ self.W.T + u
+
+    def decode(self, z, x):
+        return z @ self.H.T
+
+
+def _audit(backward: dict):
+    from deqctl.data import DataInfo
+    from deqctl.inspect.gradaudit import audit_gradient
+    from deqctl.tasks import task_for
+    info = DataInfo(name="t", task="classify", inputs="image", shape=(1, 2, 2), num_classes=2)
+    deq = deqctl.DEQ(forward={"solver": "anderson", "max_iter": 200, "tol": 1e-9},
+                     backward={"solver": "anderson", "max_iter": 200, "tol": 1e-9, **backward})
+    model = _Linear(info, deq)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 2, 2, generator=g), torch.randint(0, 2, (8,), generator=g)
+    return model, x, y, audit_gradient(model, task_for(info), x, y)
+
+
+def test_the_audit_s_reference_is_the_closed_form_implicit_gradient():
+    model, x, y, audit = _audit({"mode": "ift"})
+    assert audit.overall.cosine > 0.99999 and audit.overall.rel_error < 1e-5
+    w, u, h = (p.detach().double().requires_grad_() for p in (model.W, model.U, model.H))
+    z = torch.linalg.solve(torch.eye(5, dtype=torch.float64) - w, (x.double().flatten(1) @ u.T).T).T
+    torch.nn.functional.cross_entropy(z @ h.T, y).backward()
+    from deqctl.inspect.gradaudit import exact_gradient
+    from deqctl.tasks import task_for
+    exact, _ = exact_gradient(model, task_for(model.info), x, y)
+    for name, closed in (("W", w.grad), ("U", u.grad), ("H", h.grad)):
+        err = (exact[name] - closed.flatten()).norm() / closed.norm()
+        assert err < 1e-7, (name, float(err))    # float64, rel tol 1e-10, rate 0.9
+
+
+@pytest.mark.parametrize("backward, below", [({"mode": "jfb"}, 0.99),
+                                             ({"mode": "ift", "max_iter": 1}, 0.99),
+                                             ({"mode": "phantom", "phantom_steps": 2}, 0.99)])
+def test_the_audit_flags_gradients_that_are_not_the_implicit_one(backward, below):
+    _, _, _, audit = _audit(backward)
+    assert audit.overall.cosine < below, audit.line()
+    w = next(g for g in audit.groups if g.name == "W")
+    assert w.rel_error > 0.05
+
+
+def test_solve_trace_grad_prints_the_audit_and_min_cos_sets_the_exit_code(run, tmp_path):
+    result = runner.invoke(app, ["solve-trace", str(run), "--solvers", "anderson", "--grad",
+                                 "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0, result.output
+    assert "against the exact implicit gradient" in result.output
+    grad = json.loads((tmp_path / "t.json").read_text())["grad"]
+    assert grad["rule"].startswith("ift") and grad["cosine"] > 0.9
+    assert {g["group"] for g in grad["groups"]} >= {"body", "head"}
+    result = runner.invoke(app, ["solve-trace", str(run), "--solvers", "anderson",
+                                 "--min-cos", "1.0"])
+    assert result.exit_code == 1 and "error: --min-cos 1" in result.output
+
+
+def test_a_trained_model_s_backward_rule_can_be_audited_as_another(run, tmp_path):
+    """deq.backward.* overrides (the weights do not depend on them) compare rules."""
+    cos = {}
+    for mode in ("ift", "jfb"):
+        path = tmp_path / f"{mode}.json"
+        result = runner.invoke(app, ["solve-trace", str(run), f"deq.backward.mode={mode}",
+                                     "--solvers", "anderson", "--grad", "--json", str(path)])
+        assert result.exit_code == 0, result.output
+        cos[mode] = json.loads(path.read_text())["grad"]
+    assert cos["ift"]["rule"].startswith("ift") and cos["jfb"]["rule"].startswith("jfb")
+    assert cos["jfb"]["cosine"] < cos["ift"]["cosine"]
+    result = runner.invoke(app, ["solve-trace", str(run), "model.channels=4"])
+    assert result.exit_code == 2 and "deq.backward.*" in result.output

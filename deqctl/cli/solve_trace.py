@@ -13,7 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from ..implicit import SolveSpec
-from ..inspect import SolverTrace, TraceReport, is_recipe, open_source, trace_model
+from ..inspect import (EVAL_OVERRIDES, SolverTrace, TraceReport, is_recipe, open_source,
+                       trace_model)
+from ..inspect.gradaudit import GradAudit, audit_gradient
+from ..inspect.starts import StartsReport, path_independence
 from ..implicit.settings import SolverSettings
 from ..solvers import SOLVERS
 from ..ui import plot_traces, sparkline
@@ -27,7 +30,8 @@ from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
 def solve_trace(
     args: Optional[List[str]] = typer.Argument(
         None, help="RUN_OR_CHECKPOINT or RECIPE.yaml (untrained model), then overrides "
-                   "key=value (for a trained model: data.*, deq.eval.*, runtime.*)"),
+                   "key=value (for a trained model: data.*, deq.eval.*, runtime.*, and "
+                   "deq.backward.* for --backward and --grad)"),
     solvers: str = typer.Option("anderson,broyden,fixed_point", "--solvers",
                                 help="comma-separated solvers to compare"),
     batch: int = typer.Option(32, "--batch", min=1, help="test samples in the batch"),
@@ -38,6 +42,12 @@ def solve_trace(
     backward: bool = typer.Option(False, "--backward", help="also trace the adjoint (IFT) solve"),
     power_iters: int = typer.Option(100, "--power-iters", min=4, max=ITER_LIMIT,
                                     help="power-iteration steps for the spectral radius"),
+    starts: int = typer.Option(0, "--starts", min=0, max=1000,
+                               help="also solve from K random starts: is the fixed point unique?"),
+    grad: bool = typer.Option(False, "--grad", help="audit the training gradient against "
+                              "the exact implicit one (float64, tight solves)"),
+    min_cos: Optional[float] = typer.Option(None, "--min-cos", min=-1.0, max=1.0,
+                                            help="with --grad: exit 1 below this cosine"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of residual vs iteration"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the traces as JSON"),
     force: bool = typer.Option(False, "--force", help="replace --plot / --json files that exist"),
@@ -54,7 +64,8 @@ def solve_trace(
     if tol is not None and not 0 < tol < math.inf:
         fail("--tol must be a finite number > 0", USAGE)
     outputs = _outputs(plot, json_path, backward, force, Path(path))   # refused before any work
-    src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code)
+    src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code,
+                      allowed=(*EVAL_OVERRIDES, "deq.backward"))   # weights fix the rest
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
     _check_solvers(names, src.recipe)
@@ -72,6 +83,13 @@ def solve_trace(
     if report.backward is not None:
         console.print(_solver_table("backward (adjoint)", report.backward, bwd))
     typer.echo(_contraction_line(report))
+    unique = path_independence(src.model, src.task, x, fwd, starts) if starts else None
+    if unique is not None:
+        typer.echo(_starts_line(unique, fwd))
+    audit = audit_gradient(src.model, src.task, x, y) if grad or min_cos is not None else None
+    if audit is not None:
+        console.print(_grad_table(audit))
+        typer.echo(audit.line())
     if "plot" in outputs:
         with outputs["plot"].writing() as tmp:
             plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()}, tmp,
@@ -86,10 +104,15 @@ def solve_trace(
             written.append(outputs["backward"].path)
         typer.echo(f"plot: {', '.join(map(str, written))}")
     if "json" in outputs:
-        data = {"source": src.label, "untrained": is_recipe(path), **report.to_json()}
+        data = {"source": src.label, "untrained": is_recipe(path), **report.to_json(),
+                "starts": unique.to_json() if unique is not None else None,
+                "grad": audit.to_json() if audit is not None else None}
         with outputs["json"].writing() as tmp:
             tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
         typer.echo(f"json: {json_path}")
+    if audit is not None and min_cos is not None and audit.overall.cosine < min_cos:
+        fail(f"--min-cos {min_cos:g}: the training gradient's cosine is "
+             f"{audit.overall.cosine:.4f}", 1)
 
 
 def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: bool,
@@ -172,6 +195,28 @@ def _thin(n: int) -> list[int]:
     if n not in shown:
         shown.append(n)
     return [i - 1 for i in shown]
+
+
+def _grad_table(a: GradAudit) -> Table:
+    table = Table(title=f"training gradient, {a.rule}, against the exact implicit gradient "
+                        f"(float64, rel tol 1e-10)")
+    for col in ("parameters", "cosine", "rel. error"):
+        table.add_column(col, justify="left" if col == "parameters" else "right")
+    for g in [*a.groups, a.overall]:
+        table.add_row(g.name, f"{g.cosine:.4f}", fmt_sci(g.rel_error))
+    if a.adjoint_residual is not None:
+        table.caption = (f"adjoint residual reached: {fmt_sci(a.adjoint_residual)} (max); "
+                         f"reference: {fmt_sci(a.exact_residual)}")
+    return table
+
+
+def _starts_line(r: StartsReport, s: SolveSpec) -> str:
+    d = r.summary()
+    return (f"{r.starts} random starts ({s.describe()}): distance to the usual solution "
+            f"median {d['distance_median']:.2e}, max {d['distance_max']:.2e} (relative); "
+            f"prediction agreement {fmt_pct(d['prediction_agreement'])}; one fixed point "
+            f"(all converged, within the contraction bound) for "
+            f"{fmt_pct(d['unique'])} of samples")
 
 
 def _contraction_line(report: TraceReport) -> str:

@@ -75,11 +75,11 @@ def is_recipe(path: str | Path) -> bool:
 
 
 def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bool = False,
-                trust_code: bool = False) -> Source:
+                trust_code: bool = False, allowed: tuple[str, ...] = EVAL_OVERRIDES) -> Source:
     """Return the Source for a run dir, checkpoint or safetensors export (or a recipe, when
     `allow_recipe`: an untrained model initialised from recipe.seed). User code a run or
     checkpoint names is imported only with `trust_code`; a recipe's always (its user
-    chose to run it).
+    chose to run it). A trained model takes overrides of the `allowed` sections only.
 
     Applies runtime.threads and picks runtime.device; raises RecipeError, CheckpointError,
     DataError or ModelError (all one line) for bad input.
@@ -93,7 +93,7 @@ def open_source(path: str | Path, overrides: list[str] = (), *, allow_recipe: bo
         model = build_model(recipe, data.info).eval()
         label = f"untrained model from recipe {path}"
     else:
-        check_overrides(overrides)
+        check_overrides(overrides, allowed)
         model, recipe, _ = open_model(path, overrides, trust_code=trust_code)
         _apply_threads(recipe)
         data = None
