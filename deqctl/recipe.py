@@ -248,7 +248,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         given.add(tuple(path))
     for section, (old, new) in switched.items():
         block = out.get(section)
-        if isinstance(block, dict):
+        # another name for the same part (a short name, its import path) is no switch
+        if isinstance(block, dict) and not _same_part(section, old, new):
             kept = _kept_keys(section, old, new)
             set_now = {path[1] for path in given if path[0] == section and len(path) > 1}
             for key in [k for k in block if k != "name" and k not in kept and k not in set_now]:
@@ -273,6 +274,19 @@ def _kept_keys(section: str, old: Any, new: Any) -> set[str]:
     family = next((f for f in (TextTokens, Forecasting) if issubclass(a, f) and issubclass(b, f)),
                   DataBase)
     return set(family.model_fields)
+
+
+def _same_part(section: str, old: Any, new: Any) -> bool:
+    """Whether two names give one part. The old name is resolved only if that imports
+    nothing untrusted (it came from a file); the new one was typed by the user, who is
+    about to import it anyway."""
+    registry = _registries().get(section, (None,))[0]
+    if registry is None or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    try:
+        return registry.get(old, (), False).obj is registry.get(new, (), True).obj
+    except (PartError, TypeError, ValueError, OSError):
+        return False
 
 
 def _copy_tree(node: Any) -> Any:

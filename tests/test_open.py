@@ -272,3 +272,14 @@ def test_a_user_model_trains_under_torchrun(user, tmp_path):
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("done: 4 steps") == 1
+
+
+def test_a_built_in_s_import_path_is_the_same_model_with_the_same_options():
+    r = recipes.load(RECIPE, ["model.name=deqctl.models.image:ResNetDEQ"])
+    default = recipes.load(RECIPE)
+    assert r.part("model").obj is default.part("model").obj
+    from deqctl.models import options_of
+    assert options_of(r.model) == options_of(default.model)
+    assert options_of(r.model)["init_std"] == 0.01             # the recipe's, not the default
+    other = recipes.load(RECIPE, ["model.name=mdeq"])           # a real switch drops them
+    assert options_of(other.model).get("init_std") != 0.01
