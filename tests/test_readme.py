@@ -378,6 +378,8 @@ def check_outputs(case: Case, result, cwd: Path) -> None:
             report = json.loads(result.stdout)
             runs = [a for a in argv[1:] if a.startswith("runs/")]
             assert [r["path"] for r in report["runs"]] == runs, report
+    elif sub == "--version":
+        assert re.fullmatch(r"deqctl \d+\.\d+\.\d+\S*\n", result.output), result.output
     else:
         pytest.fail(f"{case.text}: no check for `deqctl {sub}` here; add one")
 
