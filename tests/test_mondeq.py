@@ -139,8 +139,10 @@ def test_the_recipe_trains_evaluates_and_traces(tmp_path):
     result = runner.invoke(app, ["eval", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["fwd_converged"] == 1.0
-    result = runner.invoke(app, ["solve-trace", str(out), "--starts", "4", "--json",
+    result = runner.invoke(app, ["solve-trace", str(out), "--starts", "4", "--grad", "--json",
                                  str(tmp_path / "t.json")])
     assert result.exit_code == 0, result.output
-    starts = json.loads((tmp_path / "t.json").read_text())["starts"]    # one fixed point
+    trace = json.loads((tmp_path / "t.json").read_text())
+    starts = trace["starts"]                                          # one fixed point
     assert starts["unique"] == 1.0 and starts["prediction_agreement"] == 1.0
+    assert trace["grad"]["cosine"] > 0.99          # the per-pass operator is differentiated

@@ -67,9 +67,24 @@ def exact_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor
                    seed: int = 0) -> tuple[dict[str, torch.Tensor], Any]:
     """{parameter name: the exact implicit gradient of task.loss} (float64 copy of the
     model, forward and adjoint solved to rel 1e-10), and the copy's DEQInfo."""
-    exact_model = copy.deepcopy(model).double()
+    exact_model = _copy(model).double()
     exact_model.deq = DEQ(forward=TIGHT, backward={**TIGHT, "mode": "ift"})
     return _gradient(exact_model, task, _double(x), y, seed)
+
+
+def _copy(model: DEQModel) -> DEQModel:
+    """A deep copy, leaving out what a model stashed during its last pass (a tensor with a
+    graph, such as monDEQ's per-pass operator, which deepcopy refuses): the next pass
+    computes it again."""
+    stashed = [(m, k, v) for m in model.modules() for k, v in vars(m).items()
+               if torch.is_tensor(v) and v.grad_fn is not None]
+    for m, k, _ in stashed:
+        setattr(m, k, None)
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, k, v in stashed:
+            setattr(m, k, v)
 
 
 def _gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor, seed: int
