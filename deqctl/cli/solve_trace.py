@@ -91,18 +91,7 @@ def solve_trace(
         console.print(_grad_table(audit))
         typer.echo(audit.line())
     if "plot" in outputs:
-        with outputs["plot"].writing() as tmp:
-            plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()}, tmp,
-                        tol=fwd.tol, ylabel=f"{fwd.stop_mode} residual (median over batch)",
-                        title=f"forward solve, {x.shape[0]} samples")
-        written = [outputs["plot"].path]
-        if report.backward is not None:
-            with outputs["backward"].writing() as tmp:
-                plot_traces({k: _residuals(t, bwd)[0] for k, t in report.backward.items()},
-                            tmp, tol=bwd.tol, title="adjoint solve",
-                            ylabel=f"{bwd.stop_mode} residual (median over batch)")
-            written.append(outputs["backward"].path)
-        typer.echo(f"plot: {', '.join(map(str, written))}")
+        _plots(outputs, report, fwd, bwd)
     if "json" in outputs:
         data = {"source": src.label, "untrained": is_recipe(path), **report.to_json(),
                 "starts": unique.to_json() if unique is not None else None,
@@ -113,6 +102,23 @@ def solve_trace(
     if audit is not None and min_cos is not None and audit.overall.cosine < min_cos:
         fail(f"--min-cos {min_cos:g}: the training gradient's cosine is "
              f"{audit.overall.cosine:.4f}", 1)
+
+
+def _plots(outputs: dict[str, Output], report: TraceReport, fwd: SolveSpec,
+           bwd: SolveSpec | None) -> None:
+    """The forward solve's residuals by iteration, and the adjoint's beside it."""
+    with outputs["plot"].writing() as tmp:
+        plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()}, tmp,
+                    tol=fwd.tol, ylabel=f"{fwd.stop_mode} residual (median over batch)",
+                    title=f"forward solve, {report.batch} samples")
+    written = [outputs["plot"].path]
+    if report.backward is not None:
+        with outputs["backward"].writing() as tmp:
+            plot_traces({k: _residuals(t, bwd)[0] for k, t in report.backward.items()},
+                        tmp, tol=bwd.tol, title="adjoint solve",
+                        ylabel=f"{bwd.stop_mode} residual (median over batch)")
+        written.append(outputs["backward"].path)
+    typer.echo(f"plot: {', '.join(map(str, written))}")
 
 
 def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: bool,
