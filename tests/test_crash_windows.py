@@ -97,6 +97,18 @@ def test_a_kill_at_every_fifth_write_then_resume_loses_nothing(reference, tmp_pa
     assert tried >= 8
 
 
+def killed_then_resumed(tmp_path: Path, trials: list[dict], points: list[int], run: Path,
+                        lines: list[str]) -> None:
+    """Each trial (one per write k in `points`, its run in tmp_path/kK) is killed at its
+    write; `--resume` of each then ends with the uninterrupted run's rows and weights."""
+    assert set(run_trials(tmp_path, trials)) == {"killed"}
+    resumed = run_trials(tmp_path, [{"argv": ["train", "--resume", str(tmp_path / f"k{k}"),
+                                              "--plain"], "kill_at": 0} for k in points])
+    for k, status in zip(points, resumed):
+        assert status == 0, lines[k - 1]
+        check_resumed(tmp_path / f"k{k}", run, status, lines[k - 1])
+
+
 def test_a_kill_during_the_final_save_and_evaluation(reference, tmp_path):
     """The window the probe hit 3 times in 3: after the final test row, before the
     second save of `final`."""
@@ -107,12 +119,7 @@ def test_a_kill_during_the_final_save_and_evaluation(reference, tmp_path):
     points = [last_row - 1, last_row, last_row + 1, *swaps]
     trials = [{"argv": ["train", RECIPE, *TINY, *SCHEDULE, "--out", str(tmp_path / f"k{k}")],
                "kill_at": k} for k in points]
-    assert set(run_trials(tmp_path, trials)) == {"killed"}
-    resumed = run_trials(tmp_path, [{"argv": ["train", "--resume", str(tmp_path / f"k{k}"),
-                                              "--plain"], "kill_at": 0} for k in points])
-    for k, status in zip(points, resumed):
-        assert status == 0, lines[k - 1]
-        check_resumed(tmp_path / f"k{k}", run, status, lines[k - 1])
+    killed_then_resumed(tmp_path, trials, points, run, lines)
 
 
 def _kill_a_resume(reference, tmp_path, every_write: bool) -> None:
@@ -135,12 +142,7 @@ def _kill_a_resume(reference, tmp_path, every_write: bool) -> None:
     trials = [{"argv": ["train", "--resume",
                         str(tmp_path / f"k{k}" / "checkpoints" / "step-000002"), "--plain"],
                "kill_at": k} for k in points]
-    assert set(run_trials(tmp_path, trials)) == {"killed"}
-    resumed = run_trials(tmp_path, [{"argv": ["train", "--resume", str(tmp_path / f"k{k}"),
-                                              "--plain"], "kill_at": 0} for k in points])
-    for k, status in zip(points, resumed):
-        assert status == 0, lines[k - 1]
-        check_resumed(tmp_path / f"k{k}", run, status, lines[k - 1])
+    killed_then_resumed(tmp_path, trials, points, run, lines)
 
 
 def test_a_kill_at_a_resume_s_renames(reference, tmp_path):

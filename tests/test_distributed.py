@@ -24,9 +24,13 @@ COMMON = ["model.channels=8", "model.inner_channels=16", "data.limit_train=128",
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def torchrun(procs: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={procs}"]
+
+
 def deqctl(*args, procs: int = 1, **kw):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
+    launcher = torchrun(procs) if procs > 1 else [sys.executable]
     return subprocess.run([*launcher, "-m", "deqctl", *args], capture_output=True, text=True,
                           env=ENV, timeout=300, **kw)
 
@@ -54,9 +58,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(single, tmp_pat
 
 def test_a_signal_stops_every_rank_and_the_run_resumes(single, tmp_path):
     out = tmp_path / "two"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2"]
-    proc = subprocess.Popen([*launcher, "-m", "deqctl", "train", RECIPE, *COMMON,
+    proc = subprocess.Popen([*torchrun(), "-m", "deqctl", "train", RECIPE, *COMMON,
                              "train.max_steps=6", "--out", str(out)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_rows(proc, out, timeout=180)
@@ -76,9 +78,7 @@ def test_a_signal_stops_every_rank_and_the_run_resumes(single, tmp_path):
 
 def test_rank_0_holds_the_run_while_the_ranks_train(tmp_path):
     out = tmp_path / "two"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2"]
-    proc = subprocess.Popen([*launcher, "-m", "deqctl", "train", RECIPE, *COMMON,
+    proc = subprocess.Popen([*torchrun(), "-m", "deqctl", "train", RECIPE, *COMMON,
                              "train.max_steps=400", "--out", str(out)], env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -144,18 +144,22 @@ def _digits(root: Path) -> None:
                 Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / part / cls / f"{i}.png")
 
 
+def _never_blocks(fn, seconds: float = 60):
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=fn()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "blocked on a FIFO"
+    return result["r"]
+
+
 def test_a_fifo_in_an_image_folder_is_named_not_waited_on(tmp_path):
     _digits(tmp_path / "imgs")
     os.mkfifo(tmp_path / "imgs" / "train" / "a" / "blocker.png")
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(r=train(
+    line = one_line_exit_2(_never_blocks(lambda: train(
         RECIPE, "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}",
         "model.channels=8", "model.inner_channels=16", "train.max_steps=1",
-        "--out", str(tmp_path / "run"))), daemon=True)
-    worker.start()
-    worker.join(60)
-    assert not worker.is_alive(), "training blocked on a FIFO"
-    line = one_line_exit_2(result["r"])
+        "--out", str(tmp_path / "run"))))
     assert "blocker.png: not a regular file" in line
 
 
@@ -470,15 +474,6 @@ def test_a_run_whose_files_are_symlinks_is_never_resumed(run, tmp_path, entry):
 
 def _contents(folder: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _never_blocks(fn, seconds: float = 60):
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(r=fn()), daemon=True)
-    worker.start()
-    worker.join(seconds)
-    assert not worker.is_alive(), "blocked on a FIFO"
-    return result["r"]
 
 
 def test_fifos_in_a_checkpoint_never_block(run, tmp_path):

@@ -20,9 +20,9 @@ from torch.nn.utils import parametrize
 
 from ..implicit import SolveSpec, cell_map
 from ..models import DEQModel
-from ..solvers import packing_of
 from ..tasks import Task
 from .spectral import spectral_radius
+from .trace import model_map
 
 RHO_CAP = 0.99
 
@@ -56,14 +56,8 @@ def path_independence(model: DEQModel, task: Task, x: torch.Tensor, spec: SolveS
     `seed`). Distances are relative to the larger of the two solutions' norms (at most 2)."""
     model.eval()
     with torch.no_grad(), parametrize.cached():
-        u = model.inject(x)
-        z0 = model.init_state(u)
-        packing = packing_of(z0)
-        cell = packing.wrap(model.cell) if packing else model.cell
-        z0 = packing.pack(z0) if packing else z0
+        u, z0, cell, decode = model_map(model, x)
         f = cell_map(cell, u)
-        decode = (lambda z: model.decode(packing.unpack(z), x)) if packing else \
-            (lambda z: model.decode(z, x))
         ref = spec.run(f, z0)
         out_ref = decode(ref.z)
         flat = ref.z.flatten(1)

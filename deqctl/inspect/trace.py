@@ -120,16 +120,7 @@ def trace_model(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
     per solver, sharing max_iter, tol and stop mode); with `backward` specs, also the
     adjoint solve y = J^T y + dL/dz at z*. Returns a TraceReport."""
     model.eval()
-    with torch.no_grad():
-        u = model.inject(x)
-        z0 = model.init_state(u)
-    # a state of several tensors is traced as the one packed state the solvers see
-    packing = packing_of(z0)
-    cell = packing.wrap(model.cell) if packing else model.cell
-    decode = (lambda z: model.decode(packing.unpack(z), x)) if packing else \
-        (lambda z: model.decode(z, x))
-    z0 = packing.pack(z0) if packing else z0
-
+    u, z0, cell, decode = model_map(model, x)
     f = cell_map(cell, u)
     # cached(): the normalised weights are computed once, not on every f call.
     with parametrize.cached():
@@ -147,6 +138,20 @@ def trace_model(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
             report.backward_settings = backward[0]
             report.backward = _trace_adjoint(cell, decode, task, u, z_star, y, backward)
     return report
+
+
+def model_map(model: DEQModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                         Callable, Callable]:
+    """(u, z0, cell, decode) of `model` on x as the solvers see them: a state of several
+    tensors becomes the one packed state, and cell and decode take it packed."""
+    with torch.no_grad():
+        u = model.inject(x)
+        z0 = model.init_state(u)
+    packing = packing_of(z0)
+    if packing is None:
+        return u, z0, model.cell, lambda z: model.decode(z, x)
+    return (u, packing.pack(z0), packing.wrap(model.cell),
+            lambda z: model.decode(packing.unpack(z), x))
 
 
 def _trace_adjoint(cell: Callable, decode: Callable, task: Task, u: torch.Tensor,
