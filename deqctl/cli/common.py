@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Callable
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..data import DataError
 from ..engine.checkpoint import CheckpointError
@@ -92,3 +94,11 @@ def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:
     if args and ("=" not in args[0] or Path(args[0]).exists()):
         return args[0], args[1:]
     return None, args
+
+
+def progress_bar(console: Console) -> Progress:
+    """A transient bar on `console` (stderr); off when it is not a terminal (logs, pipes,
+    tests)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)

@@ -9,7 +9,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import quote
@@ -19,7 +19,7 @@ from ..keys import SOLVER, K
 from ..inspect import Source, open_source
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from ..limits import ITER_LIMIT
-from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
+from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, user_errors
 
 class SplitName(str, Enum):
     test = "test"
@@ -57,7 +57,7 @@ def eval_command(
             typer.echo(note)
     runs = [solver] if iters is None else [solver.but(max_iter=k) for k in iters]
     rows = []
-    with _progress(err) as progress:
+    with progress_bar(err) as progress:
         bar = progress.add_task("eval", total=len(runs))
         for i, s in enumerate(runs):
             progress.update(bar, description=f"eval max_iter={s.max_iter}")
@@ -132,12 +132,6 @@ def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolveSpec) -> Tabl
                       f"{r[K.samples_per_s]:.0f}")
     return table
 
-
-def _progress(console: Console) -> Progress:
-    """A transient bar on stderr; off when stderr is not a terminal (logs, pipes, tests)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True,
-                    disable=not console.is_terminal)
 
 
 def _advance(progress: Progress, task: Any, run: int) -> Callable[[int, int], None]:

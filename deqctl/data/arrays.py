@@ -25,7 +25,7 @@ from .settings import ArraysData
 MAX_CLASSES = 100_000      # a label beyond this is a mistake, and would size the head
 
 
-def _arrays(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an .npz, once their headers show they fit in memory."""
     try:
         with open_regular(path) as fh:
@@ -92,7 +92,7 @@ def _first_bad(mask: np.ndarray) -> tuple[int, ...]:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _finite(a: np.ndarray, key: str, where: str) -> None:
+def check_finite(a: np.ndarray, key: str, where: str) -> None:
     """DataError naming the first value that is not finite in float32 (a finite float64
     beyond float32's range would become inf in training)."""
     if a.dtype.kind == "f":
@@ -104,7 +104,7 @@ def _finite(a: np.ndarray, key: str, where: str) -> None:
                             f"{_first_bad(bad)}); fill or drop them first")
 
 
-def _inputs(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:
+def input_tensor(x: np.ndarray, key: str, layout: str) -> tuple[torch.Tensor, str]:
     """Return (x as a tensor in deqctl's layout, "image" | "sequence")."""
     if x.ndim == 0 or x.shape[0] == 0:
         raise DataError(f"{key}: no samples (shape {x.shape})")
@@ -161,7 +161,7 @@ def load_npz(cfg, like: DataInfo | None = None) -> DataBundle:
     path = Path(cfg.path).expanduser()
     if not path.exists():
         raise DataError(f"data.path: {path} not found")
-    return arrays_bundle(_arrays(path), f"npz:{path.stem}", path.name, cfg, like)
+    return arrays_bundle(read_npz(path), f"npz:{path.stem}", path.name, cfg, like)
 
 
 def arrays_bundle(arrays: dict[str, np.ndarray], name: str, where: str, cfg,
@@ -179,8 +179,8 @@ def arrays_bundle(arrays: dict[str, np.ndarray], name: str, where: str, cfg,
         if f"x{suffix}" not in arrays:
             continue
         for key in (f"x{suffix}", f"y{suffix}"):
-            _finite(arrays[key], key, where)
-        x, this = _inputs(arrays[f"x{suffix}"], f"x{suffix}", cfg.layout)
+            check_finite(arrays[key], key, where)
+        x, this = input_tensor(arrays[f"x{suffix}"], f"x{suffix}", cfg.layout)
         y = _targets(arrays[f"y{suffix}"], f"y{suffix}", x.shape[0])
         if splits and (this != kind or x.shape[1:] != splits["train"].inputs.shape[1:]):
             raise DataError(f"x{suffix}: shape {tuple(x.shape)} does not match x "

@@ -40,6 +40,7 @@ class DataInfo:
     inputs: str                                 # image | tokens | sequence
     shape: tuple[int, ...]                      # one input: (C, H, W) | (L,) | (L, C)
     num_classes: int | None = None              # classify
+    classes: tuple[str, ...] = ()               # classify: class i's name (i when unnamed)
     tokenizer: str | None = None                # lm: "char" | "byte"
     vocab: str | None = None                    # char tokenizer: id i + 1 is vocab[i]; 0 unknown
     target_shape: tuple[int, ...] = ()          # forecast: one target, e.g. (horizon, channels)
@@ -84,6 +85,11 @@ class DataInfo:
         if self.inputs == "tokens":
             return f"int64 token ids shaped (N, L), L = {self.shape[0]} in training"
         return f"float32 values shaped (N, {self.shape[0]}, {self.shape[1]}) in the data's units"
+
+    def class_name(self, i: int) -> str:
+        """The name training gave class `i`: an image folder's subfolder, a dataset's label
+        name, else the index itself."""
+        return self.classes[i] if i < len(self.classes) else str(i)
 
     @property
     def baselines(self) -> bool:
@@ -154,6 +160,8 @@ class DataInfo:
             out.append(f"season {self.season} is longer than the window {self.length}")
         if self.task == "classify" and self.num_classes is None:
             out.append("a classifier's description needs num_classes")
+        if self.classes and len(self.classes) != self.num_classes:
+            out.append(f"{len(self.classes)} class names for {self.num_classes} classes")
         if self.task == "lm" and self.vocab_size is None:
             out.append("a language model's description needs its tokenizer and vocab")
         return out
@@ -187,6 +195,8 @@ _FIELD_CHECKS = {
     "inputs": (lambda v: v in INPUTS, f"one of {', '.join(INPUTS)}"),
     "shape": (lambda v: _ints(1)(v) and 1 <= len(v) <= 3, "1 to 3 sizes >= 1"),
     "num_classes": (_optional(_count), "a count >= 1"),
+    "classes": (lambda v: isinstance(v, tuple) and len(v) <= 100_000 and all(
+        isinstance(c, str) and len(c) <= 200 for c in v), "class names"),
     "tokenizer": (lambda v: v in (None, "char", "byte"), "char or byte"),
     "vocab": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 0x110000),
               "a string of the vocabulary's characters"),

@@ -151,4 +151,6 @@ def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg,
     feature = ds[wanted["train"]].features.get(label)
     classes = getattr(feature, "num_classes", None) or int(
         max(int(s.targets.max()) for s in splits.values())) + 1
-    return image_bundle(name, splits["train"], splits["test"], classes, val=splits.get("val"))
+    names = tuple(getattr(feature, "names", None) or ())
+    return image_bundle(name, splits["train"], splits["test"], classes, val=splits.get("val"),
+                        classes=names if len(names) == classes else ())

@@ -27,6 +27,7 @@ from .settings import Augmentable
 EMBEDDED = Path(__file__).parent / "embedded"
 DEFAULT_ROOT = "~/.cache/deqctl/data"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+DIGITS = tuple("0123456789")
 
 
 class TorchvisionData(Augmentable):
@@ -50,13 +51,14 @@ def data_root(cfg) -> Path:
 
 
 def image_bundle(name: str, train: Split, test: Split, num_classes: int,
-                 val: Split | None = None) -> DataBundle:
+                 val: Split | None = None, classes: tuple[str, ...] = ()) -> DataBundle:
     """Return a classification bundle whose mean/std come from the full (unlimited) train
-    split, so `limit_train` never changes the normalisation a model is built with."""
+    split, so `limit_train` never changes the normalisation a model is built with;
+    `classes` names them (predictions are reported by name)."""
     mean, std = channel_stats(train.inputs)
     info = DataInfo(name=name, task="classify", inputs="image",
                     shape=tuple(train.inputs.shape[1:]), num_classes=num_classes,
-                    mean=mean, std=std)
+                    classes=tuple(classes), mean=mean, std=std)
     return DataBundle(info=info, train=train, test=test, val=val)
 
 
@@ -84,7 +86,7 @@ def load_mnist_5k(cfg, like: DataInfo | None = None) -> DataBundle:
     wherever the data is redistributed.
     """
     train, test = _mnist_5k_splits()
-    return image_bundle("mnist-5k", train, test, num_classes=10)
+    return image_bundle("mnist-5k", train, test, num_classes=10, classes=DIGITS)
 
 
 @source("sequential-mnist", Augmentable)
@@ -95,7 +97,8 @@ def load_sequential_mnist(cfg, like: DataInfo | None = None) -> DataBundle:
                    for s in _mnist_5k_splits())
     mean, std = channel_stats(train.inputs, dim=2)
     info = DataInfo(name="sequential-mnist", task="classify", inputs="sequence",
-                    shape=tuple(train.inputs.shape[1:]), num_classes=10, mean=mean, std=std)
+                    shape=tuple(train.inputs.shape[1:]), num_classes=10, classes=DIGITS,
+                    mean=mean, std=std)
     return DataBundle(info=info, train=train, test=test)
 
 
@@ -129,7 +132,7 @@ def _torchvision(cfg, name: str, cls_name: str, augment: str) -> DataBundle:
                         f"access, or set data.root=DIR holding the files") from None
     return image_bundle(name, _to_split(train.data, train.targets, augment),
                         _to_split(test.data, test.targets, augment),
-                        num_classes=len(train.classes))
+                        num_classes=len(train.classes), classes=tuple(train.classes))
 
 
 @source("cifar10", TorchvisionData)
@@ -159,15 +162,21 @@ def decode_images(images, size: int | None, where: str, mode: str) -> torch.Tens
     resized to size x size when `size` is set, else all must share one size."""
     arrays = []
     for i, im in enumerate(images):
-        im = im.convert(mode)
-        if size is not None:
-            im = im.resize((size, size), resample=2)   # bilinear
-        elif arrays and im.size != (arrays[0].shape[1], arrays[0].shape[0]):
+        if size is None and arrays and im.size != (arrays[0].shape[-1], arrays[0].shape[-2]):
             raise DataError(f"{where}: image {i} is {im.size[0]}x{im.size[1]}, the first is "
-                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; set data.image_size=N")
-        arrays.append(np.asarray(im, dtype=np.uint8))
-    x = torch.from_numpy(np.stack(arrays))
-    return (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).contiguous()
+                            f"{arrays[0].shape[-1]}x{arrays[0].shape[-2]}; set data.image_size=N")
+        arrays.append(pixels(im, mode, None if size is None else (size, size)))
+    return torch.from_numpy(np.stack(arrays))
+
+
+def pixels(im, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One PIL image as uint8 (C, H, W) in `mode` ("L" or "RGB"), resized bilinearly to
+    `size` (width, height) when given: the one conversion training and predict share."""
+    im = im.convert(mode)
+    if size is not None and im.size != size:
+        im = im.resize(size, resample=2)   # bilinear
+    a = np.array(im, dtype=np.uint8)          # a writable copy: torch warns on read-only arrays
+    return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
 
 def _read_folder(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], set[str]]:
@@ -183,7 +192,7 @@ def _read_folder(folder: Path, classes: list[str]) -> tuple[list[Path], list[int
         if not sub.is_dir():
             continue
         for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            with _open_image(path) as im:
+            with open_image(path) as im:
                 modes.add(im.mode)
             paths.append(path)
             labels.append(label)
@@ -193,7 +202,7 @@ def _read_folder(folder: Path, classes: list[str]) -> tuple[list[Path], list[int
 
 
 @contextlib.contextmanager
-def _open_image(path: Path):
+def open_image(path: Path):
     """A PIL image of a regular file (a FIFO or device named *.png is refused, never
     waited on); DataError naming the file when it is not a readable image."""
     from PIL import Image, UnidentifiedImageError
@@ -216,7 +225,7 @@ def _open_image(path: Path):
 def _loaded(paths: list[Path]):
     """Each image of `paths`, decoded, one at a time."""
     for path in paths:
-        with _open_image(path) as im:
+        with open_image(path) as im:
             try:
                 im.load()
             except OSError as exc:        # a truncated file shows only now
@@ -252,4 +261,4 @@ def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
         raise DataError(f"{root}: splits have different image shapes {sorted(shapes)}; "
                         f"set data.image_size=N")
     return image_bundle(f"imagefolder:{root.name}", splits["train"], splits["test"],
-                        num_classes=len(classes), val=splits.get("val"))
+                        num_classes=len(classes), val=splits.get("val"), classes=tuple(classes))

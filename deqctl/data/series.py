@@ -69,9 +69,10 @@ def parse_time(text: str) -> float | None:
 
 
 def read_table(path: Path, time_column: str | None, columns: list[str]
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (times (T,), values (T, C) with NaN for empty cells) of a CSV with a header
-    row, sorted by time (file order when `time_column` is None)."""
+               ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Return (times (T,), values (T, C) with NaN for empty cells, the time column's text
+    per row or None without one) of a CSV with a header row, sorted by time (file order
+    when `time_column` is None)."""
     try:
         with open_regular(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig",
                                                          newline="") as fh:
@@ -92,7 +93,7 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
         raise DataError(f"{key}: {', '.join(missing)} not in {path.name} "
                         f"(columns: {', '.join(header)})")
     index = {c: header.index(c) for c in wanted}
-    times, values, lines = [], [], []
+    times, values, lines, stamps = [], [], [], []
     for line, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue                                    # blank line
@@ -103,6 +104,7 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
                 raise DataError(f"{path.name} line {line}: time {quote(cells[time_column])} is "
                                 f"neither a number nor a date")
             times.append(t)
+            stamps.append(cells[time_column])
         else:
             times.append(float(len(times)))
         vals = []
@@ -129,7 +131,7 @@ def read_table(path: Path, time_column: str | None, columns: list[str]
         raise DataError(f"{path.name}: lines {a} and {b} have the same {time_column} "
                         f"({quote(rows[a - 1][index[time_column]].strip())}); each time may "
                         f"appear once")
-    return t, v
+    return t, v, [stamps[i] for i in order] if time_column else None
 
 
 def interpolate(times: np.ndarray, values: np.ndarray, columns: list[str], where: str
@@ -220,7 +222,7 @@ def load_csv(cfg, like: DataInfo | None = None) -> DataBundle:
     if not cfg.columns:
         raise DataError("data.columns: name at least one column to forecast, e.g. "
                         "data.columns=[a,b]")
-    times, values = read_table(path, cfg.time_column, cfg.columns)
+    times, values, _ = read_table(path, cfg.time_column, cfg.columns)
     return forecast_bundle(f"csv:{path.stem}", times, values, list(cfg.columns), cfg)
 
 
@@ -232,5 +234,5 @@ def load_co2(cfg, like: DataInfo | None = None) -> DataBundle:
     path = EMBEDDED / "co2" / "co2.csv"
     if not path.is_file():
         raise DataError(f"embedded co2 missing from {path}; reinstall deqctl")
-    times, values = read_table(path, "date", ["co2"])
+    times, values, _ = read_table(path, "date", ["co2"])
     return forecast_bundle("co2", times, values, ["co2"], cfg)
