@@ -287,3 +287,21 @@ def test_a_trained_model_s_backward_rule_can_be_audited_as_another(run, tmp_path
     assert cos["jfb"]["cosine"] < cos["ift"]["cosine"]
     result = runner.invoke(app, ["solve-trace", str(run), "model.channels=4"])
     assert result.exit_code == 2 and "deq.backward.*" in result.output
+
+
+def test_starts_go_in_the_json_and_in_a_plot_beside_the_trace(run, tmp_path):
+    plot, js = tmp_path / "trace.png", tmp_path / "t.json"
+    result = runner.invoke(app, ["solve-trace", str(run), "--solvers", "anderson",
+                                 "--starts", "3", "--batch", "8", "--plot", str(plot),
+                                 "--json", str(js)])
+    assert result.exit_code == 0, result.output
+    starts = json.loads(js.read_text())["starts"]
+    assert starts["starts"] == 3 and len(starts["distance"]) == 8
+    assert 0 <= starts["prediction_agreement"] <= 1
+    beside = tmp_path / "trace-starts.png"
+    assert beside.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(beside) in result.output
+    # the plot beside is an output like the others: never replaced without --force
+    again = runner.invoke(app, ["solve-trace", str(run), "--solvers", "anderson",
+                                "--starts", "3", "--plot", str(tmp_path / "other.png"),
+                                "--json", str(beside)])
+    assert again.exit_code == 2

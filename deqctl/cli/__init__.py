@@ -8,6 +8,7 @@ import typer
 from . import compare as _compare
 from . import eval as _eval
 from . import export as _export
+from . import generate as _generate
 from . import predict as _predict
 from . import solve_trace as _solve_trace
 from . import train as _train
@@ -36,6 +37,7 @@ app.command("solve-trace", no_args_is_help=True)(_solve_trace.solve_trace)
 app.command("export", no_args_is_help=True)(_export.export)
 app.command("compare", no_args_is_help=True)(_compare.compare)
 app.command("predict", no_args_is_help=True)(_predict.predict)
+app.command("generate", no_args_is_help=True)(_generate.generate)
 
 
 def main() -> None:

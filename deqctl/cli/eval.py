@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from enum import Enum
 from typing import Any, Callable, List, Optional
 
@@ -19,7 +18,7 @@ from ..keys import SOLVER, K
 from ..inspect import Source, open_source
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from ..limits import ITER_LIMIT
-from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, user_errors
+from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, strict_json, user_errors
 
 class SplitName(str, Enum):
     test = "test"
@@ -73,7 +72,7 @@ def eval_command(
     else:
         result["sweep"] = [{"max_iter": s.max_iter, **r} for s, r in zip(runs, rows)]
     if as_json:
-        typer.echo(json.dumps(_clean(result), allow_nan=False))
+        typer.echo(json.dumps(strict_json(result), allow_nan=False))
     elif iters is None:
         out.print(_summary_table(rows[0], src, solver))
     else:
@@ -138,14 +137,3 @@ def _advance(progress: Progress, task: Any, run: int) -> Callable[[int, int], No
     def on_batch(done: int, total: int) -> None:
         progress.update(task, completed=run + done / total)
     return on_batch
-
-
-def _clean(obj: Any) -> Any:
-    """NaN/inf -> null, so the output is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj

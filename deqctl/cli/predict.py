@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import re
 import sys
 import time
@@ -20,7 +19,8 @@ from ..files import Output
 from ..inspect import open_source
 from ..predict import Failed, Predictor, Reader
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
-from .common import FAILED, INTERRUPTED, TRUST_CODE, USAGE, fail, one_line, progress_bar, user_errors
+from .common import (FAILED, INTERRUPTED, TRUST_CODE, USAGE, fail, one_line, progress_bar,
+                     strict_json, user_errors)
 
 # test-time settings only: the weights fix the model, the inputs replace the data
 PREDICT_OVERRIDES = ("deq.eval", "runtime", "data.eval_batch_size", "data.layout")
@@ -153,17 +153,13 @@ def _csv_writer(fh: TextIO, columns: list[str]) -> Callable[[list[dict]], None]:
 def _jsonl_writer(fh: TextIO) -> Callable[[list[dict]], None]:
     def write(rows: list[dict]) -> None:
         for r in rows:
-            fh.write(json.dumps({k: _strict(v) for k, v in r.items()}, allow_nan=False) + "\n")
+            fh.write(json.dumps(strict_json(r), allow_nan=False) + "\n")
         fh.flush()
     return write
 
 
 def _cell(v: Any) -> Any:
     return str(v).lower() if isinstance(v, bool) else v
-
-
-def _strict(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 class _Table:

@@ -19,7 +19,7 @@ from ..inspect.gradaudit import GradAudit, audit_gradient
 from ..inspect.starts import StartsReport, path_independence
 from ..implicit.settings import SolverSettings
 from ..solvers import SOLVERS
-from ..ui import plot_traces, sparkline
+from ..ui import plot_starts, plot_traces, sparkline
 from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
 from ..files import Output, check_outputs
 from ..limits import ITER_LIMIT
@@ -63,7 +63,7 @@ def solve_trace(
         fail("--solvers: name at least one solver, e.g. anderson,broyden", USAGE)
     if tol is not None and not 0 < tol < math.inf:
         fail("--tol must be a finite number > 0", USAGE)
-    outputs = _outputs(plot, json_path, backward, force, Path(path))   # refused before any work
+    outputs = _outputs(plot, json_path, backward, starts > 0, force, Path(path))  # refused before any work
     src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code,
                       allowed=(*EVAL_OVERRIDES, "deq.backward"))   # weights fix the rest
     if src.progress:
@@ -91,7 +91,7 @@ def solve_trace(
         console.print(_grad_table(audit))
         typer.echo(audit.line())
     if "plot" in outputs:
-        _plots(outputs, report, fwd, bwd)
+        _plots(outputs, report, fwd, bwd, unique)
     if "json" in outputs:
         data = {"source": src.label, "untrained": is_recipe(path), **report.to_json(),
                 "starts": unique.to_json() if unique is not None else None,
@@ -105,8 +105,9 @@ def solve_trace(
 
 
 def _plots(outputs: dict[str, Output], report: TraceReport, fwd: SolveSpec,
-           bwd: SolveSpec | None) -> None:
-    """The forward solve's residuals by iteration, and the adjoint's beside it."""
+           bwd: SolveSpec | None, unique: StartsReport | None) -> None:
+    """The forward solve's residuals by iteration, and beside it the adjoint's and the
+    distances between the fixed points reached from random starts."""
     with outputs["plot"].writing() as tmp:
         plot_traces({k: _residuals(t, fwd)[0] for k, t in report.forward.items()}, tmp,
                     tol=fwd.tol, ylabel=f"{fwd.stop_mode} residual (median over batch)",
@@ -118,20 +119,29 @@ def _plots(outputs: dict[str, Output], report: TraceReport, fwd: SolveSpec,
                         tmp, tol=bwd.tol, title="adjoint solve",
                         ylabel=f"{bwd.stop_mode} residual (median over batch)")
         written.append(outputs["backward"].path)
+    if unique is not None:
+        s = unique.summary()
+        with outputs["starts"].writing() as tmp:
+            plot_starts(unique.distance.tolist(), tmp, title=(
+                f"{s['starts']} random starts: prediction agreement "
+                f"{fmt_pct(s['prediction_agreement'])}, unique {fmt_pct(s['unique'])}"))
+        written.append(outputs["starts"].path)
     typer.echo(f"plot: {', '.join(map(str, written))}")
 
 
-def _outputs(plot: Path | None, json_path: Path | None, backward: bool, force: bool,
-             reading: Path) -> dict[str, Output]:
-    """The files this trace will write, each checked now: the forward plot, the adjoint's
-    beside it (NAME-backward.png) with --backward, and the JSON; never the file read."""
+def _outputs(plot: Path | None, json_path: Path | None, backward: bool, starts: bool,
+             force: bool, reading: Path) -> dict[str, Output]:
+    """The files this trace will write, each checked now: the forward plot, beside it the
+    adjoint's (NAME-backward.png) with --backward and the starts' (NAME-starts.png) with
+    --starts, and the JSON; never the file read."""
     outputs = {}
     if plot is not None:
         outputs["plot"] = Output(plot, force, "--plot", (reading,))
-        if backward:
-            outputs["backward"] = Output(plot.with_name(f"{plot.stem}-backward"
-                                                        f"{plot.suffix or '.png'}"), force,
-                                         "--plot", (reading,))
+        for kind, wanted in (("backward", backward), ("starts", starts)):
+            if wanted:
+                outputs[kind] = Output(plot.with_name(f"{plot.stem}-{kind}"
+                                                      f"{plot.suffix or '.png'}"), force,
+                                       "--plot", (reading,))
     if json_path is not None:
         outputs["json"] = Output(json_path, force, "--json", (reading,))
     check_outputs(list(outputs.values()))

@@ -41,13 +41,16 @@ class DEQModel(nn.Module):
       optionally `init_state(u)` (zeros shaped like u by default).
     `dynamic_length`: takes sequences of any length (export); `per_sample`: the cell never
     mixes samples (no batch statistics, no batch-wide dropout mask), which the solvers'
-    `compact` option needs.
+    `compact` option needs; `time_axis`: the state's axis along which the cell is causal
+    (position t of cell(z, u) depends on positions <= t only), which lets `generate`
+    keep earlier positions' fixed points when a token is appended; None when unknown.
     """
 
     inputs: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ()
     dynamic_length: bool = False
     per_sample: bool = True
+    time_axis: int | None = None
 
     def __init__(self, info: DataInfo, deq: DEQ):
         super().__init__()

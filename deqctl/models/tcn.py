@@ -72,6 +72,7 @@ class TcnDEQ(DEQModel):
     """
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
+    time_axis = 2                                       # causal over L of (N, 2d, L)
 
     def __init__(self, info: DataInfo, deq: DEQ, *, channels: Annotated[int, Ge(4)] = 128,
                  kernel_size: Count = 2, norm: Norm = "weight", init_std: Positive | None = None,

@@ -99,6 +99,7 @@ class TransformerDEQ(DEQModel):
         super().__init__(info, deq)
         self.per_sample = not dropout
         causal = causal_for(causal, info)
+        self.time_axis = 1 if causal else None         # the state is (N, L, d_model)
         self.dynamic_length = takes_any_length(info, head)
         window = WindowNorm(head.window_norm, info)
         self.reader = InputReader(info, d_model, window)

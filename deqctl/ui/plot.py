@@ -58,6 +58,33 @@ def plot_traces(traces: dict[str, list[float]], path: str | Path, *, tol: float 
     return path
 
 
+
+def plot_starts(distance: list[float], path: str | Path, *, title: str = "") -> Path:
+    """Plot each sample's distance between the fixed points its solves reached from
+    random starts (sorted, log axis): a flat line near the tolerance says one fixed point,
+    a step up says some samples have several. Returns the PNG path written."""
+    path = Path(path)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    values = sorted(float(v) for v in distance)
+    pts = [(100 * (i + 1) / len(values), v) for i, v in enumerate(values) if _usable(v, log=True)]
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) <= 64 else None, markersize=3)
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "every start reached the same point exactly", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set_xlabel("samples (%), sorted by distance")
+    ax.set_ylabel("max relative distance to the usual start's fixed point")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
 def sparkline(values: list[float], width: int = 40, log: bool = True) -> str:
     """Return a sparkline of ``values`` (at most ``width`` chars, ' ' where nothing is drawable).
 
