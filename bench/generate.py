@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from deqctl.inspect import open_source
-from deqctl.predict.generate import Generator, Sampler
+from deqctl.predict.generate import Generator
 
 TEST_PLAY = Path(__file__).resolve().parents[1] / "deqctl/data/embedded/shakespeare/test.txt"
 

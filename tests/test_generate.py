@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import deqctl
 from deqctl.cli import app
 from deqctl.implicit import SolveSpec
 from deqctl.predict.generate import Generator, Sampler

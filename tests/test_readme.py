@@ -17,6 +17,7 @@ overrides alone, as the README promises.
 
 from __future__ import annotations
 
+import csv
 import importlib.metadata
 import json
 import os
@@ -60,6 +61,8 @@ EXEMPT = {
     "deqctl compare": "a command's name in a heading, not a command line",
     "deqctl eval": "a command's name in a heading, not a command line",
     "deqctl export": "a command's name in a heading, not a command line",
+    "deqctl predict": "a command's name in a heading, not a command line",
+    "deqctl generate": "a command's name in a heading, not a command line",
 }
 
 # Placeholders for values (not files): each filling is a test case of its own.
@@ -242,6 +245,10 @@ def write_inputs(folder: Path) -> Path:
     (folder / "OTHER.txt").write_text("Ye shall know them ~~ 12345 \u00e9\u00e9 " * 10,
                                       encoding="utf-8")
     _images(folder / "DIR")                                   # the README's data.root=DIR
+    # weekly.csv: two and a half years of weekly values, as co2.csv holds them
+    week = np.datetime64("2000-01-01") + 7 * np.arange(130)
+    (folder / "weekly.csv").write_text("date,co2\n" + "".join(
+        f"{d},{370 + 3 * np.sin(i / 8.3):.2f}\n" for i, d in enumerate(week)))
     return folder
 
 
@@ -283,9 +290,21 @@ def lm_run(tmp_path_factory) -> Path:
                         "data.limit_eval=16")
 
 
+@pytest.fixture(scope="module")
+def forecast_run(tmp_path_factory) -> Path:
+    """A 2-step CO2 forecaster (what `predict RUN weekly.csv` needs)."""
+    return _train_small(tmp_path_factory.mktemp("readme-fc") / "run", "co2-forecast-deq.yaml",
+                        "data.limit_eval=16")
+
+
 def run_for(case: Case) -> str:
     """Which trained run the placeholder RUN stands for in this command."""
-    return "lm_run" if "data.name=text" in case.argv else "run"
+    if "data.name=text" in case.argv or case.sub == "generate":
+        return "lm_run"
+    if case.sub == "predict" and any(a.endswith(".csv") and a != case.option("--out")
+                                     for a in case.argv[2:]):
+        return "forecast_run"
+    return "run"
 
 
 @dataclass
@@ -378,6 +397,24 @@ def check_outputs(case: Case, result, cwd: Path) -> None:
             report = json.loads(result.stdout)
             runs = [a for a in argv[1:] if a.startswith("runs/")]
             assert [r["path"] for r in report["runs"]] == runs, report
+    elif sub == "predict":
+        lines = (cwd / case.option("--out")).read_text().splitlines() if case.option("--out") \
+            else result.stdout.splitlines()
+        rows = [json.loads(line) for line in lines] if "--json" in argv or \
+            (case.option("--out") or "").endswith(".jsonl") else list(csv.DictReader(lines))
+        assert rows and all(r["nfe"] for r in rows), result.output
+        series = any(a.endswith(".csv") and a != case.option("--out") for a in argv[2:])
+        assert ("time" in rows[0]) == series, rows[0]      # a forecast's rows are dated
+        if case.option("--top-k"):
+            assert f"prediction_{case.option('--top-k')}" in rows[0], rows[0]
+    elif sub == "generate":
+        if "--json" in argv:
+            report = json.loads(result.stdout)
+            assert len(report["tokens"]) == int(case.option("--tokens")), report["summary"]
+            assert report["reuse"] == ("--no-reuse" not in argv)
+        else:
+            assert result.stdout.startswith(case.option("--prompt")) and \
+                f"{case.option('--tokens')} tokens in" in result.stderr, result.output
     elif sub == "--version":
         assert re.fullmatch(r"deqctl \d+\.\d+\.\d+\S*\n", result.output), result.output
     else:
@@ -413,7 +450,8 @@ def test_the_readme_shows_the_commands_this_file_runs():
     """The parser finds the README's commands: if this fails, it stopped finding them."""
     commands = readme_commands(README.read_text(encoding="utf-8"))
     subs = {Case(c, c).sub for c in commands if not is_synopsis(c) and c not in EXEMPT}
-    assert {"train", "eval", "solve-trace", "export", "compare"} <= subs, commands
+    assert {"train", "eval", "solve-trace", "export", "compare", "predict",
+            "generate"} <= subs, commands
     assert any(c.startswith(".venv/bin/deqctl ") for c in commands)
     assert sum(c.startswith("torchrun ") for c in commands) >= 2
     assert sum(is_synopsis(c) for c in commands) >= 5          # the usage lines

@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 from ..keys import K
 from ..errors import quote
-from ..data import DataInfo
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointError
 from ..engine.metrics import read_rows
