@@ -177,3 +177,21 @@ def test_time_stamps_continue_at_the_series_step(stamps, expected):
 def test_a_time_column_mixing_formats_is_refused():
     with pytest.raises(ValueError, match="mixes formats"):
         continue_times(["2001-01-01", "20010108"], 1)
+
+
+def test_an_interrupted_predict_keeps_the_rows_written(run, digits, tmp_path, monkeypatch):
+    from deqctl.predict import rows as predict_rows
+    root, _, _ = digits
+    real, calls = predict_rows.Predictor._predict, []
+
+    def stop_at_the_third_batch(self, items):
+        calls.append(len(items))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, items)
+
+    monkeypatch.setattr(predict_rows.Predictor, "_predict", stop_at_the_third_batch)
+    out = tmp_path / "p.csv"
+    result = predict(run, root / "test", "data.eval_batch_size=4", "--out", out)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert len(csv_rows(out.read_text())) == 8          # two whole batches, in place

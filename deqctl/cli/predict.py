@@ -13,7 +13,9 @@ from typing import Any, Callable, List, Optional, TextIO
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from ..files import Output
 from ..inspect import open_source
@@ -74,28 +76,45 @@ def predict(
                           precision=src.recipe.runtime.precision,
                           batch_size=data.eval_batch_size, top_k=top_k)
     err = Console(stderr=True)
-    err.print(f"{src.label}: {len(found)} input(s); eval solver {solver.describe()}; "
-              f"device {src.device} ({src.device_reason})", highlight=False, soft_wrap=True)
+    say = (lambda text: err.print(text, markup=False, highlight=False, soft_wrap=True))
+    say(f"{src.label}: {len(found)} input(s); eval solver {solver.describe()}; "
+        f"device {src.device} ({src.device_reason})")
     done = _Tally()
     with ExitStack() as stack:
         write = _open_sink(target, predictor.columns, stack)
         progress = stack.enter_context(progress_bar(err))
-        bar = progress.add_task("predict", total=len(found))
         try:
-            good = _good(found, done, lambda f: progress.console.print(
-                f"skipped {one_line(f.name)}: {one_line(f.reason)}", highlight=False,
-                soft_wrap=True), lambda: progress.advance(bar))
-            for items, rows in predictor.rows(good):
-                write(rows)
-                done.add(rows, len(items))
-                progress.advance(bar, len(items))
+            _predict_all(found, predictor, write, progress, done)
         except KeyboardInterrupt:
             done.interrupted = True
-    err.print(done.summary(target), highlight=False, soft_wrap=True)
+    say(done.summary(target))
     if done.interrupted:
         raise typer.Exit(INTERRUPTED)
     if done.failed:
         raise typer.Exit(FAILED)
+
+
+def _predict_all(found, predictor: Predictor, write: Callable[[list[dict]], None],
+                 progress: Progress, done: "_Tally") -> None:
+    """Predict every readable input, writing rows batch by batch; each input that failed
+    is named as it comes (above the bar), and counted."""
+    bar = progress.add_task("predict", total=len(found))
+
+    def readable():
+        for entry in found:
+            if isinstance(entry, Failed):
+                done.failed += 1
+                progress.console.print(f"skipped {one_line(entry.name)}: "
+                                       f"{one_line(entry.reason)}", markup=False,
+                                       highlight=False, soft_wrap=True)
+                progress.advance(bar)
+            else:
+                yield entry
+
+    for items, rows in predictor.rows(readable()):
+        write(rows)
+        done.add(rows, len(items))
+        progress.advance(bar, len(items))
 
 
 def _split(args: list[str]) -> tuple[str | None, list[str], list[str]]:
@@ -174,7 +193,7 @@ class _Table:
 
     def add(self, rows: list[dict]) -> None:
         for r in rows:
-            self.table.add_row(*(_show(c, r[c]) for c in self.columns))
+            self.table.add_row(*(Text(_show(c, r[c])) for c in self.columns))   # no markup
 
 
 def _show(column: str, v: Any) -> str:
@@ -217,14 +236,3 @@ class _Tally:
         if self.interrupted:
             text = "interrupted: " + text
         return text
-
-
-def _good(found, tally: _Tally, skip: Callable[[Failed], None], advance: Callable[[], None]):
-    """The inputs that could be read; each failure is named as it comes, and counted."""
-    for entry in found:
-        if isinstance(entry, Failed):
-            tally.failed += 1
-            skip(entry)
-            advance()
-        else:
-            yield entry
