@@ -11,6 +11,7 @@ from . import export as _export
 from . import generate as _generate
 from . import predict as _predict
 from . import solve_trace as _solve_trace
+from . import sweep as _sweep
 from . import train as _train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -38,6 +39,7 @@ app.command("export", no_args_is_help=True)(_export.export)
 app.command("compare", no_args_is_help=True)(_compare.compare)
 app.command("predict", no_args_is_help=True)(_predict.predict)
 app.command("generate", no_args_is_help=True)(_generate.generate)
+app.command("sweep", no_args_is_help=True)(_sweep.sweep)
 
 
 def main() -> None:
