@@ -47,6 +47,8 @@ TABLE = (
     Key("bwd_rel_residual_max", "max", "max", "ift", "... max over samples"),
     Key("skipped_steps", "sum", "sum", "train", "steps dropped for a non-finite loss or gradient"),
     Key("grad_norm", "mean", "mean", "train", "gradient norm before clipping, mean over steps"),
+    Key("loss_spikes", None, "max", "train", "steps whose loss exceeded 3x the median of the "
+        "50 before (per rank; the most of any rank)"),
     Key("step_time_s", None, "max", "train", "seconds per optimizer step in the interval"),
     Key("samples_per_s", None, "sum", "all", "throughput"),
     Key("eval_time_s", None, "max", "eval", "seconds the evaluation took"),

@@ -12,53 +12,85 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import quote
-from ..inspect.runs import RunSummary, same_task, summarise
-from ..ui import plot_runs
+from ..inspect.groups import expand, group_runs, paired_differences, stable_lr_ranges
+from ..inspect.runs import RunSummary, same_task, summarise_all
+from ..inspect.stats import Estimate
+from ..ui import plot_groups, plot_runs
 from ..ui.fmt import fmt_float, fmt_int, fmt_pct
 from ..files import Output
-from .common import USAGE, fail, user_errors
+from .common import USAGE, fail, strict_json, user_errors
+from .compare_groups import group_table, lr_lines, paired_lines
 
 
 @user_errors
 def compare(
-    runs: List[Path] = typer.Argument(..., help="run directories (e.g. a DEQ and its deq.mode=unrolled twin)"),
+    runs: List[Path] = typer.Argument(..., help="run directories or sweep folders (e.g. a DEQ "
+                                      "and its deq.mode=unrolled twin, over seeds)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG: loss and metric against "
-                                        "step and training time, forward NFE and residual"),
+                                        "step and training time, forward NFE and residual "
+                                        "(per group: the mean over seeds with a +-1 std band)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON document on stdout, nothing else"),
     target: Optional[str] = typer.Option(None, "--target", help="METRIC=VALUE, e.g. accuracy=0.97: "
                                          "when each run first reached it (step, training time)"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="KEY[,KEY]: group runs by "
+                                           "these recipe keys (default: runs that differ only "
+                                           "in seed form a group)"),
     force: bool = typer.Option(False, "--force", help="replace --plot if it exists"),
 ) -> None:
     """Compare runs: final and best metric, training time, time to a target, peak memory,
-    forward NFE and how many solves converged at the start and end of training."""
+    forward NFE and convergence; over seeds, each group's mean, std and 95% interval, the
+    paired difference between groups, divergences, loss spikes and the stable lr range."""
     wanted = _parse_target(target) if target is not None else None
-    figure = Output(plot, force, "--plot", tuple(runs)).check() if plot is not None else None
+    by = [k.strip() for k in group_by.split(",") if k.strip()] if group_by is not None else None
+    if by is not None and not by:
+        fail("--group-by: name at least one recipe key, e.g. deq.mode", USAGE)
+    paths = expand(runs)
+    figure = Output(plot, force, "--plot", tuple(paths)).check() if plot is not None else None
     warn = lambda text: typer.echo(f"warning: {text}", err=True)   # noqa: E731
     try:    # unreadable runs, runs of other tasks, a target that is no metric: one line
-        summaries = [summarise(run, wanted, warn) for run in runs]
+        summaries = summarise_all(paths, wanted, warn)
         same_task(summaries)
     except ValueError as exc:
         fail(str(exc), USAGE)
     head = summaries[0].task.headline
+    groups = group_runs(summaries, by)
+    grouped = by is not None or any(len(g.runs) > 1 for g in groups)
     result = {"task": summaries[0].task.name, "metric": head.key,
               "higher_is_better": head.higher_is_better,
               "target": None if wanted is None else {"metric": wanted[0], "value": wanted[1]},
-              "runs": [s.to_json() for s in summaries]}
+              "runs": [s.to_json() for s in summaries],
+              "groups": [g.to_json() for g in groups],
+              "paired": [_paired_json(p) for p in paired_differences(groups)],
+              "stable_lr": stable_lr_ranges(groups, head)}
     if figure is not None:
         with figure.writing() as tmp:
-            plot_runs([{"name": s.name, "train": s.train, "evals": s.evals} for s in summaries],
-                      tmp, metric=head.key, metric_label=f"test {head.key}",
-                      log_metric=head.key in ("ppl",))
+            if grouped:
+                plot_groups([{"name": g.label, "runs": [{"train": r.train, "evals": r.evals}
+                                                         for r in g.runs]} for g in groups],
+                            tmp, metric=head.key, metric_label=f"test {head.key}",
+                            log_metric=head.key in ("ppl",))
+            else:
+                plot_runs([{"name": s.name, "train": s.train, "evals": s.evals}
+                           for s in summaries], tmp, metric=head.key,
+                          metric_label=f"test {head.key}", log_metric=head.key in ("ppl",))
         result["plot"] = str(plot)
     if as_json:
-        typer.echo(json.dumps(result, allow_nan=False))
+        typer.echo(json.dumps(strict_json(result), allow_nan=False))
         return
     console = Console()
     if not console.is_terminal:     # a log file or pipe: no truncated cells
         console = Console(width=200)
     console.print(_table(summaries, wanted))
+    if grouped:
+        console.print(group_table(groups, head, wanted))
+        for line in paired_lines(result["paired"], head) + lr_lines(result["stable_lr"], head):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     if plot is not None:
         typer.echo(f"plot: {result['plot']}")
+
+
+def _paired_json(p: dict) -> dict:
+    return {k: (v.to_json() if isinstance(v, Estimate) else v) for k, v in p.items()}
 
 
 def _parse_target(text: str) -> tuple[str, float]:

@@ -133,6 +133,17 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=found.get)
 
 
+
+def is_finished(run_dir: str | Path) -> bool:
+    """True when a run's last checkpoint is `final` and holds its final evaluation."""
+    found = checkpoints(run_dir)
+    if not found or found[-1].name != "final":
+        return False
+    try:
+        return isinstance(read_json(found[-1] / "meta.json", JSON_LIMIT).get("metrics"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
 def _existing(path: str | Path) -> Path:
     """`path` as a Path; CheckpointError (one line) when there is nothing there."""
     p = Path(path)

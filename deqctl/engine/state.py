@@ -39,6 +39,9 @@ class TrainerState:
     pending: list[list[dict[str, float]]] = field(default_factory=list)
     deq_step: int = 0              # the DEQ layer's training calls (Jacobian-reg cadence)
     deq_last_nfe: int | None = None
+    # every rank's last step losses before the next train row (the loss-spike detector's
+    # window): empty in checkpoints before it, which start the window afresh
+    recent_losses: list[list[float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +75,12 @@ class TrainerState:
                           isinstance(r, dict) and _count(r.get("n")) and all(
                               isinstance(v, (int, float)) and math.isfinite(v)
                               for v in r.values()) for r in rank)
-                      for rank in s.pending)}
+                      for rank in s.pending),
+                  "recent_losses must be lists of at most 50 finite numbers": isinstance(
+                      s.recent_losses, list) and all(isinstance(rank, list) and len(rank) <= 50
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and math.isfinite(v) for v in rank)
+                      for rank in s.recent_losses)}
         bad = [what for what, ok in checks.items() if not ok]
         if bad:
             raise ValueError("; ".join(bad))

@@ -40,6 +40,7 @@ from .metrics import (Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats
 from .optim import build_optimizer
 from .resume import continue_run
 from .signals import EvalStopped, StopOnSignal
+from .stability import LossSpikes
 from .state import TrainerState, lr_factor, restore_trainer, trainer_payload
 
 
@@ -105,6 +106,7 @@ class Trainer:
         self.recipe, self.run_dir, self.view, self.resume = recipe, Path(run_dir), view, resume
         self.group, self.callbacks = group, tuple(callbacks)
         self.state, self.acc = TrainerState(), Accumulator()
+        self.spikes = LossSpikes()
 
     # -- the phases ---------------------------------------------------------------------
 
@@ -183,6 +185,8 @@ class Trainer:
             return meta["metrics"]
         if len(s.pending) == self.group.world:    # this rank's steps since the last row
             self.acc.rows = s.pending[self.group.rank]
+        if len(s.recent_losses) == self.group.world:
+            self.spikes = LossSpikes(s.recent_losses[self.group.rank])
         else:                                     # another world size: the row starts afresh
             s.row_start, s.row_start_wall = s.step, s.wall_s
         self.view.event(f"resumed from {self.resume} at step {s.step}")
@@ -359,7 +363,12 @@ class Trainer:
     def log_train_row(self) -> None:
         """Write the row of the steps since the last one (a sync point); stop on divergence."""
         s = self.state
-        row = self.task.finish(with_stop_reason(merge_rows(self.group, self.acc.reduce())))
+        losses = [r[K.loss] for r in self.acc.rows]
+        local = self.acc.reduce()                  # the sync: the losses are ready now
+        local[K.loss_spikes] = self.spikes.count(
+            torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).tolist()
+            if losses else [])
+        row = self.task.finish(with_stop_reason(merge_rows(self.group, local)))
         now = self.clock.elapsed()
         row = {K.step: s.step, K.epoch: s.step / self.batches_per_epoch, K.split: "train",
                K.lr: self.lr, **row,
@@ -404,6 +413,7 @@ class Trainer:
             raise TrainingDiverged(f"weights became non-finite by step {s.step}; not saved; "
                                    f"{_kept(self.run_dir)}; {ADVICE}")
         s.pending = gather(group, self.acc.snapshot())   # every rank's steps since the last row
+        s.recent_losses = gather(group, list(self.spikes.history))
         if not group.writer:
             barrier(group)
             return folder

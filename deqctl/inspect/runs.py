@@ -13,7 +13,8 @@ from ..errors import quote
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointError
 from ..engine.metrics import read_rows
-from ..engine.rundir import METRICS, in_progress
+from ..engine.rundir import METRICS, RECIPE, in_progress
+from ..recipe import flat, load_raw
 from ..tasks import Metric, Task, task_for
 
 
@@ -37,13 +38,17 @@ class RunSummary:
     test_converged: float | None       # fraction of test solves converged, last evaluation
     target_step: int | None = None     # first evaluation meeting --target
     target_wall_s: float | None = None
+    finished: bool = False             # its final checkpoint holds the final evaluation
+    diverged: bool = False             # a non-finite loss ended it
+    spikes: int | None = None          # training steps with a loss spike (loss_spikes)
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)   # its flat recipe
     train: list[dict[str, Any]] = field(default_factory=list, repr=False)
     evals: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         keys = ("mode", "model", "final", "best", "steps", "wall_s", "peak_mem_mb", "fwd_nfe",
                 "converged_start", "converged_end", "test_converged", "target_step",
-                "target_wall_s")
+                "target_wall_s", "finished", "diverged", "spikes")
         return {"name": self.name, "path": str(self.path),
                 **{k: _finite(getattr(self, k)) for k in keys}}
 
@@ -59,20 +64,40 @@ def run_rows(run: Path, warn: Callable[[str], None] | None = None) -> list[dict[
         raise CheckpointError(str(exc)) from None
 
 
+def summarise_all(runs: list[Path], target: tuple[str, float] | None = None,
+                  warn: Callable[[str], None] | None = None) -> list[RunSummary]:
+    """The RunSummary of each run, in order. A run that ended before its first checkpoint
+    (one that diverged at once) is read with the task of the others."""
+    done: dict[Path, RunSummary] = {}
+    for run in runs:
+        try:
+            done[run] = summarise(run, target, warn)
+        except CheckpointError:
+            if checkpoint.checkpoints(run) or not (Path(run) / METRICS).is_file():
+                raise
+    task = next(iter(done.values())).task if done else None
+    return [done[r] if r in done else summarise(r, target, warn, task) for r in runs]
+
+
 def summarise(run: str | Path, target: tuple[str, float] | None = None,
-              warn: Callable[[str], None] | None = None) -> RunSummary:
+              warn: Callable[[str], None] | None = None, task: Task | None = None
+              ) -> RunSummary:
     """Return the RunSummary of a run directory; `target` = (metric key, value). `warn`
-    hears of a cut-off last metrics line and of a run still in progress."""
+    hears of a cut-off last metrics line and of a run still in progress. `task`: that of
+    a run without any checkpoint (whose data description is in none)."""
     run = Path(run)
     if not run.is_dir():
         raise CheckpointError(f"{run}: no such run directory")
     rows = run_rows(run, warn)
-    folder = checkpoint.resolve(run)         # its meta holds the data description
-    note = in_progress(run, folder)
-    if note and warn:
-        warn(note)
-    recipe, info = checkpoint.read_settings(folder)   # read, not validated: nothing imported
-    task = task_for(info)
+    if task is not None and not checkpoint.checkpoints(run):
+        recipe = load_raw(run / RECIPE)              # parsed, not validated
+    else:
+        folder = checkpoint.resolve(run)             # its meta holds the data description
+        note = in_progress(run, folder)
+        if note and warn:
+            warn(note)
+        recipe, info = checkpoint.read_settings(folder)  # read, not validated: nothing imported
+        task = task_for(info)
     train = [r for r in rows if r.get(K.split) == "train"]
     evals = [r for r in rows if r.get(K.split) == "test"]
     key = task.headline.key
@@ -88,7 +113,12 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
         converged_start=_num(train[0].get(K.fwd_converged)) if train else None,
         converged_end=_num(train[-1].get(K.fwd_converged)) if train else None,
         test_converged=_num(evals[-1].get(K.fwd_converged)) if evals else None,
-        train=train, evals=evals)
+        train=train, evals=evals, settings=flat(recipe) if isinstance(recipe, dict) else {})
+    s.finished = checkpoint.is_finished(run)
+    # a run that diverged stopped at a train row whose loss is not a number
+    s.diverged = not s.finished and bool(train) and _num(train[-1].get(K.loss)) is None
+    counts = [r[K.loss_spikes] for r in train if isinstance(r.get(K.loss_spikes), int)]
+    s.spikes = sum(counts) if counts else None
     if target is not None:
         metric = metric_for(task, target[0])
         for r in evals:

@@ -1,7 +1,7 @@
 """Sweeps: a grid of ordinary runs (`plan`), run N at a time and resumable (`runner`)."""
 
 from .plan import Plan, Point, SweepError, continue_plan, make_plan, validate_points
-from .runner import SweepLock, SweepRunner, is_finished, last_rows, shell_command
+from .runner import SweepLock, SweepRunner, last_rows, shell_command
 
 __all__ = ["Plan", "Point", "SweepError", "SweepLock", "SweepRunner", "continue_plan",
-           "is_finished", "last_rows", "make_plan", "shell_command", "validate_points"]
+           "last_rows", "make_plan", "shell_command", "validate_points"]

@@ -26,26 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..engine.checkpoint import checkpoints
+from ..engine.checkpoint import checkpoints, is_finished
 from ..engine.rundir import live_holder
 from ..engine.signals import StopOnSignal
-from ..files import free_name, read_json
+from ..files import free_name
 from .plan import Plan, Point, SweepError
 
 INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 LOGS = "logs"
 TAIL_BYTES = 16384
-
-
-def is_finished(run: Path) -> bool:
-    """True when a run's last checkpoint is `final` and holds its final evaluation."""
-    found = checkpoints(run)
-    if not found or found[-1].name != "final":
-        return False
-    try:
-        return isinstance(read_json(found[-1] / "meta.json", 2**24).get("metrics"), dict)
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def last_rows(run: Path) -> dict[str, dict]:

@@ -23,6 +23,7 @@ class Metric:
     fmt: Callable[[Any], str]
     higher_is_better: bool = False
     column: bool = True
+    unit_interval: bool = False      # lives in [0, 1] (accuracy): 1% of it is one point
 
 
 class Task:

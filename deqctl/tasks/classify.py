@@ -12,7 +12,7 @@ from .base import Metric, Task
 class Classify(Task):
     name = "classify"
     output_name = "logits"
-    metrics = (Metric("accuracy", "acc", fmt_pct, higher_is_better=True),)
+    metrics = (Metric("accuracy", "acc", fmt_pct, higher_is_better=True, unit_interval=True),)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out.float(), y)

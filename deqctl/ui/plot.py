@@ -155,3 +155,48 @@ def plot_runs(runs: list[dict], path: str | Path, *, metric: str, metric_label: 
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
+
+
+def plot_groups(groups: list[dict], path: str | Path, *, metric: str, metric_label: str,
+                log_metric: bool = False) -> Path:
+    """Plot groups of runs (seeds): each {"name", "runs": [{"train", "evals"}]}; per panel
+    the mean over the group's runs at each step they all logged, with a +-1 std band.
+    Panels: training loss, the evaluation metric and forward NFE against step."""
+    path = Path(path)
+    fig = Figure(figsize=(13, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    panels = [("train", "loss", "training loss", False), ("evals", metric, metric_label, log_metric),
+              ("train", "fwd_nfe", "forward NFE (mean)", False)]
+    for i, (rows, y, ylabel, log) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        drawn = 0
+        for g in groups:
+            per_run = [{r["step"]: float(r[y]) for r in run[rows]
+                        if _usable(r.get(y), log) and isinstance(r.get("step"), int)}
+                       for run in g["runs"]]
+            steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+            if not steps:
+                continue
+            values = [[p[s] for p in per_run] for s in steps]
+            mean = [sum(v) / len(v) for v in values]
+            std = [math.sqrt(sum((x - m) ** 2 for x in v) / max(1, len(v) - 1))
+                   for v, m in zip(values, mean)]
+            line, = ax.plot(steps, mean, marker="o" if len(steps) <= 30 else None,
+                            markersize=3, label=f"{g['name']} (n={len(per_run)})")
+            if len(per_run) > 1:
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)],
+                                [m + s for m, s in zip(mean, std)], alpha=0.2,
+                                color=line.get_color())
+            drawn += 1
+        if log and drawn:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path

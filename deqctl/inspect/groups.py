@@ -1,0 +1,160 @@
+"""Runs grouped by their settings, with figures over seeds: `deqctl compare` of a sweep.
+
+Runs whose recipes differ only in `seed` form one group (or, with --group-by KEY,..., runs
+sharing those keys' values); each group reports every figure of a run as mean, std and a
+95% interval over its seeds, and two groups that share seeds are compared seed by seed
+(the paired difference, later group minus the first). A group also says how stably it
+trained: the share of its runs that diverged (a non-finite loss ended them) and their loss
+spikes per 1000 steps. Where the groups differ in optim.lr as well, the stable
+learning-rate range of each family of groups is the largest rate whose seeds all finished
+without divergence within 1% of the family's best (1 point for a metric in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.checkpoint import CheckpointError
+from ..engine.rundir import is_run
+from ..files import read_json
+from ..tasks import Metric
+from .runs import RunSummary
+from .stats import Estimate, estimate, paired
+
+# keys that never tell runs apart for grouping: the seed is what a group averages over
+NOT_SETTINGS = ("seed", "name", "runtime.threads")
+FIGURES = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe",
+           "test_converged", "spikes_per_1k")
+PAIRED = ("final", "best", "target_wall_s", "peak_mem_mb", "fwd_nfe")
+LR = "optim.lr"
+
+
+def expand(paths: list[Path]) -> list[Path]:
+    """The runs `paths` name: a run directory itself, a sweep's folder its points (in the
+    plan's order), any other folder the run directories directly inside it."""
+    out = []
+    for p in paths:
+        if is_run(p):
+            out.append(p)
+            continue
+        if not p.is_dir():
+            raise CheckpointError(f"{p}: no such run directory or sweep")
+        plan = p / "sweep.json"
+        if plan.is_file():
+            try:
+                names = [q["name"] for q in read_json(plan, 64 * 2**20)["points"]]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{plan}: unreadable sweep plan ({exc})") from None
+            found = [p / n for n in names if is_run(p / n)]
+        else:
+            found = sorted(q for q in p.iterdir() if is_run(q))
+        if not found:
+            raise CheckpointError(f"{p}: holds no run directories (yet)")
+        out.extend(found)
+    return out
+
+
+@dataclass
+class Group:
+    """Runs of one setting: `settings` are the keys that tell it from the other groups."""
+
+    settings: dict[str, Any]
+    runs: list[RunSummary] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "all runs"
+
+    def by_seed(self, figure: str) -> dict[Any, float | None]:
+        return {r.settings.get("seed", r.name): _value(r, figure) for r in self.runs}
+
+    def figures(self) -> dict[str, Estimate | None]:
+        return {f: estimate(_value(r, f) for r in self.runs) for f in FIGURES}
+
+    def divergence_rate(self) -> float:
+        return sum(r.diverged for r in self.runs) / len(self.runs)
+
+    def to_json(self) -> dict[str, Any]:
+        figures = self.figures()
+        return {"settings": self.settings, "n": len(self.runs),
+                "runs": [r.name for r in self.runs],
+                "divergence_rate": self.divergence_rate(),
+                "reached_target": sum(r.target_step is not None for r in self.runs),
+                **{f: e.to_json() if e else None for f, e in figures.items()}}
+
+
+def _value(r: RunSummary, figure: str) -> float | None:
+    if figure == "spikes_per_1k":
+        return 1000 * r.spikes / r.steps if r.steps and r.spikes is not None else None
+    return getattr(r, figure)
+
+
+def group_runs(runs: list[RunSummary], by: list[str] | None = None) -> list[Group]:
+    """Groups of runs in the order their first run was given: by the keys in `by`, else
+    by every recipe key that differs between the runs except the seed."""
+    if by is None:
+        keys = sorted({k for r in runs for k in r.settings} - set(NOT_SETTINGS))
+        by = [k for k in keys if len({_hashable(r.settings.get(k)) for r in runs}) > 1]
+    groups: dict[tuple, Group] = {}
+    for r in runs:
+        key = tuple(_hashable(r.settings.get(k)) for k in by)
+        groups.setdefault(key, Group({k: r.settings.get(k) for k in by})).runs.append(r)
+    return list(groups.values())
+
+
+def _hashable(v: Any) -> Any:
+    return repr(v) if isinstance(v, (list, dict)) else v
+
+
+def paired_differences(groups: list[Group]) -> list[dict[str, Any]]:
+    """Each later group against the first, seed by seed, where they share two seeds or
+    more: {"a", "b" (settings), "seeds", figure: Estimate of b - a, ...}."""
+    if len(groups) < 2:
+        return []
+    base, out = groups[0], []
+    for g in groups[1:]:
+        row: dict[str, Any] = {"a": base.settings, "b": g.settings}
+        seeds: list = []
+        for f in PAIRED:
+            est, shared = paired(base.by_seed(f), g.by_seed(f))
+            row[f] = est
+            seeds = shared if f == "final" else seeds
+        if len(seeds) >= 2:
+            row["seeds"] = seeds
+            out.append(row)
+    return out
+
+
+def stable_lr_ranges(groups: list[Group], metric: Metric) -> list[dict[str, Any]]:
+    """Per family of groups that differ in optim.lr alone: the rates tried and the
+    largest stable one (every seed finished, none diverged, each within 1% of the
+    family's best final `metric`; 1 point for a metric in [0, 1] such as accuracy)."""
+    higher_is_better = metric.higher_is_better
+    if not any(LR in g.settings for g in groups):
+        return []
+    families: dict[tuple, list[Group]] = {}
+    for g in groups:
+        rest = tuple((k, _hashable(v)) for k, v in g.settings.items() if k != LR)
+        families.setdefault(rest, []).append(g)
+    out = []
+    for rest, members in families.items():
+        finals = [r.final for g in members for r in g.runs if r.final is not None]
+        if not finals:
+            continue
+        best = max(finals) if higher_is_better else min(finals)
+        slack = 0.01 if metric.unit_interval else 0.01 * abs(best)
+
+        def ok(r: RunSummary) -> bool:
+            if r.diverged or r.final is None or not r.finished:
+                return False
+            return r.final >= best - slack if higher_is_better else r.final <= best + slack
+
+        rates = sorted((float(g.settings[LR]), all(ok(r) for r in g.runs)) for g in members)
+        stable = [lr for lr, good in rates if good]
+        out.append({"settings": dict(rest), "rates": [lr for lr, _ in rates],
+                    "stable": stable, "largest_stable": max(stable) if stable else None,
+                    "best": best})
+    return out
+
