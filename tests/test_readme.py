@@ -63,6 +63,9 @@ EXEMPT = {
     "deqctl export": "a command's name in a heading, not a command line",
     "deqctl predict": "a command's name in a heading, not a command line",
     "deqctl generate": "a command's name in a heading, not a command line",
+    "deqctl sweep": "a command's name in a heading, not a command line",
+    # a point of a sweep, NAME standing for its folder, in prose
+    "deqctl train --resume sweeps/lr/NAME": "NAME is a placeholder for a point's folder",
 }
 
 # Placeholders for values (not files): each filling is a test case of its own.
@@ -159,10 +162,18 @@ class Case:
     def argv(self) -> list[str]:
         """The arguments deqctl gets (after the launcher)."""
         tokens = self.tokens
+        if ">" in tokens:                      # `... > FILE`: the shell's, not deqctl's
+            tokens = tokens[:tokens.index(">")]
         for i, token in enumerate(tokens):
             if token == "deqctl" or token.endswith("/deqctl") or token == "$(which deqctl)":
                 return tokens[i + 1:]
         raise AssertionError(f"no deqctl in {self.text!r}")
+
+    @property
+    def redirect(self) -> str | None:
+        """The file `> FILE` sends stdout to, or None."""
+        tokens = self.tokens
+        return tokens[tokens.index(">") + 1] if ">" in tokens[:-1] else None
 
     @property
     def sub(self) -> str:
@@ -328,7 +339,8 @@ def readme_runs(tmp_path_factory, inputs):
         return done[case.text]
 
     def produce(name: str, into: Path) -> None:
-        makers = [c for c in RUNNABLE if c.sub == "train" and c.option("--out") == name]
+        makers = [c for c in RUNNABLE if c.sub in ("train", "sweep") and c.option("--out") == name
+                  and "--print-commands" not in c.argv]
         assert makers, f"{name}: no README command trains it (add one, or a fixture here)"
         made = train(makers[0])
         assert made.result.exit_code == 0, made.result.output
@@ -340,7 +352,7 @@ def readme_runs(tmp_path_factory, inputs):
 def run_deqctl(case: Case):
     """Run a deqctl command in-process in the current folder, small-step overrides added."""
     argv = list(case.argv)
-    if case.sub == "train":
+    if case.sub in ("train", "sweep"):
         argv += small(argv[1], argv[1:]) + ["--plain"]
     elif case.sub == "solve-trace" and argv[1].endswith((".yaml", ".yml")):
         argv += small(argv[1], argv[1:])              # an untrained model from a recipe
@@ -393,6 +405,8 @@ def check_outputs(case: Case, result, cwd: Path) -> None:
     elif sub == "compare":
         if case.option("--plot"):
             assert (cwd / case.option("--plot")).stat().st_size > 0
+        if any(a.startswith("sweeps/") for a in argv):      # a sweep: its groups over seeds
+            assert "paired over seeds" in result.output, result.output
         if "--json" in argv:
             report = json.loads(result.stdout)
             runs = [a for a in argv[1:] if a.startswith("runs/")]
@@ -415,6 +429,16 @@ def check_outputs(case: Case, result, cwd: Path) -> None:
         else:
             assert result.stdout.startswith(case.option("--prompt")) and \
                 f"{case.option('--tokens')} tokens in" in result.stderr, result.output
+    elif sub == "sweep":
+        plan = json.loads((cwd / case.option("--out") / "sweep.json").read_text())
+        if "--print-commands" in argv:
+            lines = result.stdout.splitlines()
+            assert len(lines) == len(plan["points"]) and all(
+                line.startswith("deqctl train ") for line in lines), result.stdout
+        else:
+            assert {p["status"] for p in plan["points"]} == {"finished"}, plan["points"]
+            for p in plan["points"]:
+                _is_run(cwd / case.option("--out") / p["name"])
     elif sub == "--version":
         assert re.fullmatch(r"deqctl \d+\.\d+\.\d+\S*\n", result.output), result.output
     else:
@@ -451,7 +475,7 @@ def test_the_readme_shows_the_commands_this_file_runs():
     commands = readme_commands(README.read_text(encoding="utf-8"))
     subs = {Case(c, c).sub for c in commands if not is_synopsis(c) and c not in EXEMPT}
     assert {"train", "eval", "solve-trace", "export", "compare", "predict",
-            "generate"} <= subs, commands
+            "generate", "sweep"} <= subs, commands
     assert any(c.startswith(".venv/bin/deqctl ") for c in commands)
     assert sum(c.startswith("torchrun ") for c in commands) >= 2
     assert sum(is_synopsis(c) for c in commands) >= 5          # the usage lines
@@ -473,17 +497,20 @@ def test_readme_command(case: Case, tmp_path, monkeypatch, request, inputs, read
         assert script.value == "deqctl.cli:main"
     if "RUN" in argv:
         shutil.copytree(request.getfixturevalue(run_for(case)), tmp_path / "RUN")
-    for name in argv[1:] if case.sub != "train" else ():
-        if name.startswith("runs/"):
+    for name in argv[1:] if case.sub not in ("train", "sweep") else ():
+        if name.startswith(("runs/", "sweeps/")):
             produce(name, tmp_path)
     if case.torchrun:
         result = torchrun(case, tmp_path)
         assert result.output.count("done: ") == 1, result.output   # rank 0 speaks for all
-    elif case.sub == "train" and (case.option("--out") or "").startswith("runs/"):
+    elif case.sub in ("train", "sweep") and (case.option("--out") or "").startswith(
+            ("runs/", "sweeps/")) and "--print-commands" not in argv:
         made = train(case)                  # shared with the commands that read it
         result, tmp_path = made.result, made.cwd
     else:
         result = run_deqctl(case)
+    if case.redirect:
+        (tmp_path / case.redirect).write_text(result.stdout)
     check_outputs(case, result, tmp_path)
 
 
