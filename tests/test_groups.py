@@ -100,3 +100,18 @@ def test_divergence_and_the_stable_learning_rates(tmp_path):
     assert lr["rates"] == [1e-3, 1e30] and 1e30 not in lr["stable"]
     text = runner.invoke(app, ["compare", str(out)]).output
     assert "stable learning rates" in text and "100%" in text
+
+
+def test_a_report_answers_the_three_claims_with_intervals(twins, tmp_path):
+    report = tmp_path / "r" / "report.md"
+    result = runner.invoke(app, ["compare", str(twins), "--target", "accuracy=0.05",
+                                 "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    text = report.read_text()
+    for heading in ("## Faster?", "## Less memory?", "## More stable?", "## Groups"):
+        assert heading in text
+    assert "deq.mode=unrolled minus deq.mode=implicit" in text
+    assert "95% interval" in text and "of 3 run(s) diverged" in text
+    assert (tmp_path / "r" / "report-curves.png").read_bytes()[:4] == b"\x89PNG"
+    again = runner.invoke(app, ["compare", str(twins), "--report", str(report)])
+    assert again.exit_code == 2 and "--force" in again.stderr       # never replaced unasked

@@ -64,6 +64,7 @@ EXEMPT = {
     "deqctl predict": "a command's name in a heading, not a command line",
     "deqctl generate": "a command's name in a heading, not a command line",
     "deqctl sweep": "a command's name in a heading, not a command line",
+    "deqctl train": "a command's name in prose (no arguments), not a command line",
     # a point of a sweep, NAME standing for its folder, in prose
     "deqctl train --resume sweeps/lr/NAME": "NAME is a placeholder for a point's folder",
 }

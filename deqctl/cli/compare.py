@@ -17,7 +17,8 @@ from ..inspect.runs import RunSummary, same_task, summarise_all
 from ..inspect.stats import Estimate
 from ..ui import plot_groups, plot_runs
 from ..ui.fmt import fmt_float, fmt_int, fmt_pct
-from ..files import Output
+from ..files import Output, check_outputs
+from ..inspect.report import render
 from .common import USAGE, fail, strict_json, user_errors
 from .compare_groups import group_table, lr_lines, paired_lines
 
@@ -35,7 +36,10 @@ def compare(
     group_by: Optional[str] = typer.Option(None, "--group-by", help="KEY[,KEY]: group runs by "
                                            "these recipe keys (default: runs that differ only "
                                            "in seed form a group)"),
-    force: bool = typer.Option(False, "--force", help="replace --plot if it exists"),
+    report: Optional[Path] = typer.Option(None, "--report", help="write a Markdown report "
+                                          "answering faster / less memory / more stable, "
+                                          "with its plot beside it (NAME-curves.png)"),
+    force: bool = typer.Option(False, "--force", help="replace --plot / --report if they exist"),
 ) -> None:
     """Compare runs: final and best metric, training time, time to a target, peak memory,
     forward NFE and convergence; over seeds, each group's mean, std and 95% interval, the
@@ -45,7 +49,9 @@ def compare(
     if by is not None and not by:
         fail("--group-by: name at least one recipe key, e.g. deq.mode", USAGE)
     paths = expand(runs)
-    figure = Output(plot, force, "--plot", tuple(paths)).check() if plot is not None else None
+    figure = Output(plot, force, "--plot", tuple(paths)) if plot is not None else None
+    written = _report_outputs(report, force, paths)
+    check_outputs([o for o in (figure, *written) if o is not None])
     warn = lambda text: typer.echo(f"warning: {text}", err=True)   # noqa: E731
     try:    # unreadable runs, runs of other tasks, a target that is no metric: one line
         summaries = summarise_all(paths, wanted, warn)
@@ -62,18 +68,20 @@ def compare(
               "groups": [g.to_json() for g in groups],
               "paired": [_paired_json(p) for p in paired_differences(groups)],
               "stable_lr": stable_lr_ranges(groups, head)}
+    draw = _drawer(summaries, groups, grouped, head)
     if figure is not None:
         with figure.writing() as tmp:
-            if grouped:
-                plot_groups([{"name": g.label, "runs": [{"train": r.train, "evals": r.evals}
-                                                         for r in g.runs]} for g in groups],
-                            tmp, metric=head.key, metric_label=f"test {head.key}",
-                            log_metric=head.key in ("ppl",))
-            else:
-                plot_runs([{"name": s.name, "train": s.train, "evals": s.evals}
-                           for s in summaries], tmp, metric=head.key,
-                          metric_label=f"test {head.key}", log_metric=head.key in ("ppl",))
+            draw(tmp)
         result["plot"] = str(plot)
+    if written:
+        doc, curves = written
+        with curves.writing() as tmp:
+            draw(tmp)
+        with doc.writing() as tmp:
+            tmp.write_text(render(groups, result["paired"], result["stable_lr"],
+                                  head, wanted, [str(r) for r in runs], result["task"],
+                                  curves.path.name), encoding="utf-8")
+        result["report"] = str(report)
     if as_json:
         typer.echo(json.dumps(strict_json(result), allow_nan=False))
         return
@@ -87,6 +95,33 @@ def compare(
             console.print(line, markup=False, highlight=False, soft_wrap=True)
     if plot is not None:
         typer.echo(f"plot: {result['plot']}")
+    if written:
+        typer.echo(f"report: {report} (plot beside it: {written[1].path})")
+
+
+def _report_outputs(report: Path | None, force: bool, reading: list[Path]) -> tuple[Output, ...]:
+    """--report and the plot beside it (NAME-curves.png), or nothing."""
+    if report is None:
+        return ()
+    curves = report.with_name(f"{report.stem}-curves.png")
+    return (Output(report, force, "--report", tuple(reading)),
+            Output(curves, force, "--report", tuple(reading)))
+
+
+def _drawer(summaries: list[RunSummary], groups, grouped: bool, head):
+    """Draw the comparison into a PNG path: per group over seeds, else per run."""
+    label = f"test {head.key}"
+
+    def draw(path: Path) -> None:
+        if grouped:
+            plot_groups([{"name": g.label, "runs": [{"train": r.train, "evals": r.evals}
+                                                     for r in g.runs]} for g in groups],
+                        path, metric=head.key, metric_label=label,
+                        log_metric=head.key in ("ppl",))
+        else:
+            plot_runs([{"name": s.name, "train": s.train, "evals": s.evals} for s in summaries],
+                      path, metric=head.key, metric_label=label, log_metric=head.key in ("ppl",))
+    return draw
 
 
 def _paired_json(p: dict) -> dict:

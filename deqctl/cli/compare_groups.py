@@ -61,7 +61,8 @@ def paired_lines(paired: list[dict], head: Metric) -> list[str]:
     """One line per pair of groups: each figure's paired difference with its interval, or
     "not shown at this sample size" where the interval includes no difference."""
     names = {"final": f"final {head.key}", "best": f"best {head.key}",
-             "target_wall_s": "time to target (s)", "peak_mem_mb": "peak MB",
+             "target_wall_s": "time to target (s)", "wall_s": "training time (s)",
+             "peak_mem_mb": "peak MB",
              "fwd_nfe": "NFE"}
     lines = []
     for p in paired:

@@ -27,7 +27,7 @@ from .stats import Estimate, estimate, paired
 NOT_SETTINGS = ("seed", "name", "runtime.threads")
 FIGURES = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe",
            "test_converged", "spikes_per_1k")
-PAIRED = ("final", "best", "target_wall_s", "peak_mem_mb", "fwd_nfe")
+PAIRED = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe")
 LR = "optim.lr"
 
 
