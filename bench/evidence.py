@@ -12,9 +12,9 @@ Studies (each a `deqctl sweep`, then `deqctl compare --report OUT/STUDY.md`):
   the stable learning-rate range of each mode;
 - overhead: 4 short CO2 runs as one sweep and as 4 `deqctl train` commands by hand, back to
   back; target: the sweep at most 5% slower.
-Sweeps run 2 points at a time (one thread each) on 2 cores, so the two modes of a seed train
-side by side in the same conditions; their times are compared with each other, never with
-another run's.
+Sweeps run 2 points at a time in plan order (one thread each, one core each on 2 cores), so
+every run trains in the same conditions; times are compared between the runs of one sweep,
+never with another session's.
 """
 
 from __future__ import annotations
