@@ -62,6 +62,7 @@ class Accumulator:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.step_losses: list[float] = []     # the last reduced interval's, step by step
 
     def add(self, stats: dict[str, Any]) -> None:
         self.rows.append(stats)
@@ -92,6 +93,8 @@ class Accumulator:
         for k in keys:
             col, sizes = host[i:i + len(cols[k])], [r["n"] for r in cols[k]]
             i += len(col)
+            if k == "loss":           # the loss-spike detector reads them, no second transfer
+                self.step_losses = col
             how = over_batches(k)
             if how == "max":
                 out[k] = max(col)
@@ -100,6 +103,8 @@ class Accumulator:
             else:  # weighted by batch size, so a short last batch counts for what it holds
                 out[k] = sum(c * n for c, n in zip(col, sizes)) / sum(sizes)
         self.rows = []
+        if "loss" not in keys:
+            self.step_losses = []
         return out
 
 

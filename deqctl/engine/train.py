@@ -363,11 +363,8 @@ class Trainer:
     def log_train_row(self) -> None:
         """Write the row of the steps since the last one (a sync point); stop on divergence."""
         s = self.state
-        losses = [r[K.loss] for r in self.acc.rows]
-        local = self.acc.reduce()                  # the sync: the losses are ready now
-        local[K.loss_spikes] = self.spikes.count(
-            torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in losses]).tolist()
-            if losses else [])
+        local = self.acc.reduce()
+        local[K.loss_spikes] = self.spikes.count(self.acc.step_losses)
         row = self.task.finish(with_stop_reason(merge_rows(self.group, local)))
         now = self.clock.elapsed()
         row = {K.step: s.step, K.epoch: s.step / self.batches_per_epoch, K.split: "train",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 # Figure + the Agg canvas directly, not pyplot: no display needed, no global backend switch
@@ -143,15 +144,7 @@ def plot_runs(runs: list[dict], path: str | Path, *, metric: str, metric_label: 
                 ax.plot(xs, ys, marker="o" if len(pts) <= 30 else None, markersize=3,
                         label=run["name"])
                 drawn += 1
-        if log and drawn:
-            ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        _finish(ax, drawn, log, xlabel, ylabel)
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
@@ -178,9 +171,8 @@ def plot_groups(groups: list[dict], path: str | Path, *, metric: str, metric_lab
             if not steps:
                 continue
             values = [[p[s] for p in per_run] for s in steps]
-            mean = [sum(v) / len(v) for v in values]
-            std = [math.sqrt(sum((x - m) ** 2 for x in v) / max(1, len(v) - 1))
-                   for v, m in zip(values, mean)]
+            mean = [statistics.fmean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             line, = ax.plot(steps, mean, marker="o" if len(steps) <= 30 else None,
                             markersize=3, label=f"{g['name']} (n={len(per_run)})")
             if len(per_run) > 1:
@@ -188,15 +180,20 @@ def plot_groups(groups: list[dict], path: str | Path, *, metric: str, metric_lab
                                 [m + s for m, s in zip(mean, std)], alpha=0.2,
                                 color=line.get_color())
             drawn += 1
-        if log and drawn:
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+        _finish(ax, drawn, log, "step", ylabel)
     fig.tight_layout()
     fig.savefig(path, format="png")
     return path
+
+
+def _finish(ax, drawn: int, log: bool, xlabel: str, ylabel: str) -> None:
+    """A panel's axes, grid and legend, or "no data" where nothing was drawn."""
+    if log and drawn:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
