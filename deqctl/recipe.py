@@ -63,8 +63,20 @@ class TrainSettings(Block):
 
 
 class LogSettings(Block):
+    """Trackers beside metrics.jsonl, each logging its rows' numbers (deqctl.engine.trackers)."""
     tensorboard: Bool = Field(False, description="also write every metrics row as TensorBoard "
                               "scalars into RUN/tensorboard (pip install 'deqctl[tensorboard]')")
+    mlflow: Bool = Field(False, description="also log every metrics row to MLflow "
+                         "(pip install 'deqctl[mlflow]')")
+    mlflow_uri: str | None = Field(None, description="the MLflow store (default: "
+                                   "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    wandb: Bool = Field(False, description="also log every metrics row to Weights & Biases "
+                        "into RUN/wandb (pip install 'deqctl[wandb]')")
+    wandb_project: str = "deqctl"
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: nothing leaves the machine until `wandb sync`")
+    group: str | None = Field(None, description="the MLflow experiment and W&B group "
+                              "(default: 'deqctl', no group); a sweep sets its folder's name")
 
 
 class RuntimeSettings(Block):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -164,10 +165,10 @@ def test_print_commands_gives_one_train_command_per_point(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == 4 and all(line.startswith("deqctl train ") for line in lines)
-    assert lines[0].endswith(f"optim.lr=1e-3 seed=0 --out {out / 'lr=1e-3_seed=0'}")
+    assert lines[0].endswith(f"""optim.lr=1e-3 seed=0 'log.group="s"' --out {out / 'lr=1e-3_seed=0'}""")
     assert not any((out / n).exists() for n in plan_of(out))       # nothing was run
     # a job array ran one of them: the sweep takes that run as finished
-    done = runner.invoke(app, [*lines[0].split()[1:], "--plain"])
+    done = runner.invoke(app, [*shlex.split(lines[0])[1:], "--plain"])
     assert done.exit_code == 0, done.output
     rest = sweep("optim.lr=1e-3,3e-3", "--seeds", "0,1", "--out", out)
     assert rest.exit_code == 0 and "1 finished before" in rest.output

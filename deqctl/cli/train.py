@@ -16,6 +16,7 @@ from ..engine.distributed import Group, broadcast, join, leave
 from ..engine.metrics import MetricsWriteError
 from ..engine.resume import check_changes, run_of
 from ..engine.rundir import RunDirError, RunLock, claim_new, lock_existing
+from ..engine.trackers import TrackerError
 from ..engine.train import Interrupted, TrainingDiverged, train as run_training
 from ..ui import TrainView
 from .common import FAILED, TRUST_CODE, USAGE, fail, say_user_code, split_args, user_errors
@@ -117,7 +118,8 @@ def _run(recipe, run_dir: Path, plan: Resume | None, plain: bool | None, group: 
         with view:
             result = run_training(recipe, run_dir, view, resume=plan.folder if plan else None,
                                   group=group)
-    except (TrainingDiverged, CheckpointWriteError, MetricsWriteError, Interrupted) as exc:
+    except (TrainingDiverged, CheckpointWriteError, MetricsWriteError, TrackerError,
+            Interrupted) as exc:
         code = exc.code if isinstance(exc, Interrupted) else FAILED
         if not group.writer:        # rank 0 says it for all
             raise typer.Exit(code) from None

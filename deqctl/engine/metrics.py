@@ -16,7 +16,6 @@ import torch
 from ..models import ModelOutput
 from ..files import open_regular
 from ..keys import K, over_batches
-from ..recipe import RecipeError
 from ..solvers import NONFINITE
 
 
@@ -192,40 +191,3 @@ def _row_problem(raw: bytes) -> str | None:
             not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
         return "is not a metrics row (needs an integer step and a split)"
     return None
-
-
-class TensorBoardSink:
-    """Writes the numbers of every metrics row as TensorBoard scalars `split/key` at its
-    step: the same values as metrics.jsonl, for people whose dashboards read event files."""
-
-    def __init__(self, folder: Path, purge_step: int | None = None):
-        # purge_step: on resume, TensorBoard drops what an earlier attempt logged from there
-        self.writer = self.writer_class()(log_dir=str(folder), purge_step=purge_step)
-
-    @staticmethod
-    def writer_class():
-        """torch's SummaryWriter; RecipeError (one line) if tensorboard is not installed."""
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise RecipeError("log.tensorboard: needs the tensorboard package "
-                              "(pip install 'deqctl[tensorboard]')") from None
-        return SummaryWriter
-
-    def write(self, row: dict[str, Any]) -> None:
-        for key, value in row.items():
-            if key not in ("step", "split") and isinstance(value, (int, float)) \
-                    and not isinstance(value, bool):
-                self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
-        self.writer.flush()
-
-
-class Sinks:
-    """Every destination of the metrics rows, written in turn."""
-
-    def __init__(self, *sinks):
-        self.sinks = sinks
-
-    def write(self, row: dict[str, Any]) -> None:
-        for sink in self.sinks:
-            sink.write(row)

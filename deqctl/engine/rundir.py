@@ -1,6 +1,7 @@
 """A run directory's layout, and its one writer.
 
-    RUN/recipe.yaml  RUN/metrics.jsonl  RUN/checkpoints/NAME/  RUN/tensorboard/  RUN/.lock
+    RUN/recipe.yaml  RUN/metrics.jsonl  RUN/checkpoints/NAME/  RUN/.lock
+    RUN/tensorboard/  RUN/wandb/  RUN/trackers.json   (trackers, when a recipe asks)
 
 A new run's folder is claimed with mkdir, which is atomic: of runs started in the same
 second under one default name, each gets its own folder (NAME-TIME, NAME-TIME-2, ...).
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RECIPE, METRICS, CHECKPOINTS, LOCK = "recipe.yaml", "metrics.jsonl", "checkpoints", ".lock"
-RUN_ENTRIES = (RECIPE, METRICS, CHECKPOINTS, "tensorboard", LOCK)
+TRACKER_IDS = "trackers.json"   # the tracker runs a resume continues (engine.trackers)
+RUN_ENTRIES = (RECIPE, METRICS, CHECKPOINTS, "tensorboard", "wandb", TRACKER_IDS, LOCK)
 RUNS = Path("runs")
 
 
@@ -304,7 +306,8 @@ def check_own_files(run_dir: Path) -> None:
     real folders, no symlinks (a run folder someone sent could point its metrics, lock
     or checkpoints at files elsewhere, which a resume would then write or delete)."""
     kinds = {RECIPE: stat.S_ISREG, METRICS: stat.S_ISREG, LOCK: stat.S_ISREG,
-             CHECKPOINTS: stat.S_ISDIR, "tensorboard": stat.S_ISDIR}
+             CHECKPOINTS: stat.S_ISDIR, "tensorboard": stat.S_ISDIR, "wandb": stat.S_ISDIR,
+             TRACKER_IDS: stat.S_ISREG}
     entries = [(run_dir / name, kind) for name, kind in kinds.items()]
     folder = run_dir / CHECKPOINTS
     if folder.is_dir() and not folder.is_symlink():

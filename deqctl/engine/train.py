@@ -28,20 +28,20 @@ from ..implicit.cache import FixedPointCache
 from ..keys import K
 from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
-from . import checkpoint, rundir, usercode
+from . import checkpoint, rundir, trackers, usercode
 from .checkpoint import CheckpointError, CheckpointWriteError
 from .device import autocast, pick_device
 from .distributed import (Group, all_ranks, any_rank, average_gradients, barrier, gather,
                           merge_rows, shard, shard_split)
 from .evaluate import evaluate
 from .memory import PeakMemory
-from .metrics import (Accumulator, JsonlSink, Sinks, TensorBoardSink, step_stats,
-                      with_stop_reason)
+from .metrics import Accumulator, JsonlSink, step_stats, with_stop_reason
 from .optim import build_optimizer
 from .resume import continue_run
 from .signals import EvalStopped, StopOnSignal
 from .stability import LossSpikes
 from .state import TrainerState, lr_factor, restore_trainer, trainer_payload
+from .trackers import Trackers
 
 
 class View(Protocol):
@@ -118,13 +118,23 @@ class Trainer:
             if finished is not None:          # nothing to do: write nothing
                 return TrainResult(self.run_dir, self.state.step, finished, True)
         self.open_run()
-        with StopOnSignal() as self.stop:
-            if self.state.eval_pending and self.state.step < self.total:
-                self.evaluate()                # cut short before the interruption
-                self.state.eval_pending = False
-            while self.state.step < self.total:
-                self.epoch()
-            return self.finish()
+        status = "failed"
+        try:
+            with StopOnSignal() as self.stop:
+                if self.state.eval_pending and self.state.step < self.total:
+                    self.evaluate()                # cut short before the interruption
+                    self.state.eval_pending = False
+                while self.state.step < self.total:
+                    self.epoch()
+                result = self.finish()
+            status = "finished"
+            return result
+        except Interrupted:
+            status = "interrupted"
+            raise
+        finally:
+            if self.trackers is not None:
+                self.trackers.close(status)
 
     def setup(self) -> None:
         """Device, data, task, model, optimizer: everything before any file is touched."""
@@ -158,8 +168,7 @@ class Trainer:
         if r.runtime.compile:
             self.model.compile_cell()
         self.scaler = torch.amp.GradScaler(device.type) if r.runtime.precision == "fp16" else None
-        if r.log.tensorboard:
-            TensorBoardSink.writer_class()      # a missing package fails before any work
+        trackers.check(r.log)                # a missing package fails before any work
         self.amp = autocast(device, r.runtime.precision)
         self.test_part = shard_split(group, self.data.test)
 
@@ -219,15 +228,14 @@ class Trainer:
         if group.writer:               # the disk that will hold the checkpoints
             _check_free_space(self.run_dir, self.opt, self.model)
         barrier(group)                 # every rank got this far before rank 0 writes anything
-        sinks = []
+        self.metrics = self.trackers = None
         if group.writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # trackers first: a store that refuses leaves the new folder as it was
+            self.trackers = Trackers(r.log, self.run_dir, r.model_dump(mode="json"),
+                                     self.state.step if self.resume else None, self.view.event)
             write_atomic(self.run_dir / rundir.RECIPE, recipes.dump(r))
-            sinks.append(JsonlSink(self.run_dir / rundir.METRICS))
-            if r.log.tensorboard:
-                purge = self.state.step + 1 if self.resume else None
-                sinks.append(TensorBoardSink(self.run_dir / "tensorboard", purge_step=purge))
-        self.sink = Sinks(*sinks)
+            self.metrics = JsonlSink(self.run_dir / rundir.METRICS)
         self.memory, self.clock = PeakMemory(self.device), TrainClock(self.state.wall_s)
         self.last_ok, self.last_wall = self.state.row_start, self.state.row_start_wall
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -360,6 +368,12 @@ class Trainer:
 
     # -- rows and checkpoints -------------------------------------------------------------
 
+    def write(self, row: dict[str, Any]) -> None:
+        """A metrics row to metrics.jsonl, then to the trackers (rank 0 alone writes)."""
+        if self.metrics is not None:
+            self.metrics.write(row)
+            self.trackers.write(row)
+
     def log_train_row(self) -> None:
         """Write the row of the steps since the last one (a sync point); stop on divergence."""
         s = self.state
@@ -372,7 +386,7 @@ class Trainer:
                K.step_time_s: (now - self.last_wall) / (s.step - self.last_ok),
                K.samples_per_s: row[K.n] / (now - self.last_wall), K.wall_s: now,
                K.peak_mem_mb: self.memory.peak_mb()}
-        self.sink.write(row)
+        self.write(row)
         s.logged.append("train")
         self.view.log(row)
         if not math.isfinite(row[K.loss]) or row[K.skipped_steps]:
@@ -396,7 +410,7 @@ class Trainer:
                            merge=lambda r: merge_rows(group, r))
         row = {K.step: s.step, K.epoch: s.step / self.batches_per_epoch, **row,
                K.wall_s: self.clock.elapsed(), K.peak_mem_mb: self.memory.peak_mb()}
-        self.sink.write(row)
+        self.write(row)
         s.logged.append(row[K.split])
         self.view.log(row)
         return row

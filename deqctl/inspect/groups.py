@@ -23,8 +23,10 @@ from ..tasks import Metric
 from .runs import RunSummary
 from .stats import Estimate, estimate, paired
 
-# keys that never tell runs apart for grouping: the seed is what a group averages over
+# keys that never tell runs apart for grouping: the seed is what a group averages over,
+# and where a run logs to (log.*: trackers, a sweep's group name) changes nothing it learns
 NOT_SETTINGS = ("seed", "name", "runtime.threads")
+NOT_SETTING_BLOCKS = ("log.",)
 FIGURES = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe",
            "test_converged", "spikes_per_1k")
 PAIRED = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe")
@@ -95,7 +97,8 @@ def group_runs(runs: list[RunSummary], by: list[str] | None = None) -> list[Grou
     """Groups of runs in the order their first run was given: by the keys in `by`, else
     by every recipe key that differs between the runs except the seed."""
     if by is None:
-        keys = sorted({k for r in runs for k in r.settings} - set(NOT_SETTINGS))
+        keys = sorted(k for k in {k for r in runs for k in r.settings} - set(NOT_SETTINGS)
+                      if not k.startswith(NOT_SETTING_BLOCKS))
         by = [k for k in keys if len({_hashable(r.settings.get(k)) for r in runs}) > 1]
     groups: dict[tuple, Group] = {}
     for r in runs:

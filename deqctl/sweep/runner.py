@@ -63,7 +63,15 @@ def train_command(plan: Plan, point: Point, run: Path, resume: bool) -> list[str
     """The `deqctl train` command of a point: a new run, or the resumption of its own."""
     if resume:     # the sweep's user chose its recipe, user code included
         return ["deqctl", "train", "--resume", str(run), "--trust-code", "--plain"]
-    return ["deqctl", "train", plan.recipe, *point.overrides, "--out", str(run), "--plain"]
+    return ["deqctl", "train", plan.recipe, *point.overrides, *_group(plan, run), "--out",
+            str(run), "--plain"]
+
+
+def _group(plan: Plan, run: Path) -> list[str]:
+    """log.group = the sweep's folder name (quoted: a name like 2024 stays text), so a
+    sweep's runs are one MLflow experiment / W&B group, unless the plan names its own."""
+    keys = [o.split("=", 1)[0].strip() for o in plan.fixed] + [k for k, _ in plan.axes]
+    return [] if "log.group" in keys else [f"log.group={json.dumps(run.parent.name)}"]
 
 
 def shell_command(plan: Plan, point: Point, folder: Path) -> str:
