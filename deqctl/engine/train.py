@@ -239,7 +239,9 @@ class Trainer:
         self.memory, self.clock = PeakMemory(self.device), TrainClock(self.state.wall_s)
         self.last_ok, self.last_wall = self.state.row_start, self.state.row_start_wall
         n_params = sum(p.numel() for p in self.model.parameters())
-        self.view.event(f"{r.model.name}: {n_params:,} parameters; {self.data.info.name}: "
+        name = f"baseline {type(self.model).__name__}" if r.deq.mode == "baseline" \
+            else r.model.name
+        self.view.event(f"{name}: {n_params:,} parameters; {self.data.info.name}: "
                         f"{len(self.data.train)} train / {len(self.data.test)} test; "
                         f"{self.total} steps")
         self.model.train()

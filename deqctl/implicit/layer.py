@@ -120,7 +120,8 @@ class DEQ(nn.Module):
     Hutchinson estimate of ||df/dz||_F^2 / dim in info.jac_loss for the caller to add to
     its loss; `fp_correction` {states, gamma}: earlier solver states in info.corrections;
     `mode` "unrolled" with `unrolled` {depth}: the explicit twin of the same cell,
-    back-propagated through every application; `warm_start`. Errors name the key and list
+    back-propagated through every application ("baseline": one application, for a model
+    whose cell is a whole explicit network); `warm_start`. Errors name the key and list
     the valid choices. A validated `DEQSettings` may be passed instead.
 
     Call as `z, info = deq(cell, u, z0)`; `cell(z, u)` must return a tensor shaped like z.
@@ -140,12 +141,15 @@ class DEQ(nn.Module):
         b = settings.backward
         self.backward_mode, self.phantom_steps, self.phantom_tau = b.mode, b.phantom_steps, b.phantom_tau
         self.shine = b.shine
-        self.jacobian_reg = settings.jacobian_reg.weight
+        # a baseline's cell does not depend on z: there is no Jacobian to regularise
+        self.jacobian_reg = 0.0 if settings.mode == "baseline" else settings.jacobian_reg.weight
         self.jacobian_every, self.jacobian_samples = (settings.jacobian_reg.every,
                                                       settings.jacobian_reg.samples)
         self.fp_correction, self.fp_gamma = settings.fp_correction.states, settings.fp_correction.gamma
         self.mode = settings.mode
-        self.unrolled_depth = settings.unrolled.depth or settings.forward.max_iter
+        # a baseline's cell is the whole explicit network, applied once (models/baselines.py)
+        self.unrolled_depth = 1 if self.mode == "baseline" else \
+            settings.unrolled.depth or settings.forward.max_iter
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
@@ -170,7 +174,7 @@ class DEQ(nn.Module):
     def _forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
                  solver: SolveSpec | None, eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
-        if self.mode == "unrolled":
+        if self.mode in ("unrolled", "baseline"):
             return self._unrolled(cell, u, z0, fwd, eager_cell)
         snapshots = self._snapshot_points(fwd) if self.training else ()
 

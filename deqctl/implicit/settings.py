@@ -131,12 +131,21 @@ class UnrolledSettings(Block):
                               "cell (None: deq.forward.max_iter)")
 
 
+class BaselineSettings(Block):
+    width: Int = Field(64, ge=4, le=4096, description="GRU hidden size / CNN channels")
+    layers: Int | None = Field(None, ge=1, le=16, description="GRU layers (default 1) / CNN "
+                               "blocks (default 2; a block: two 3x3 convolutions, 2x2 pooling)")
+
+
 class DEQSettings(Block):
-    mode: Literal["implicit", "unrolled"] = Field(
+    mode: Literal["implicit", "unrolled", "baseline"] = Field(
         "implicit", description="implicit: solve for the fixed point, implicit gradients; "
         "unrolled: the explicit twin, the same cell applied deq.unrolled.depth times with "
-        "backprop through every application")
+        "backprop through every application; baseline: a standard explicit network of the "
+        "task's kind in place of model.* (a GRU for sequences, a small CNN for images, a "
+        "linear forecaster for series; deq.baseline), trained by the same loop")
     unrolled: UnrolledSettings = UnrolledSettings()
+    baseline: BaselineSettings = BaselineSettings()
     forward: ForwardSettings = Field(default_factory=lambda: ForwardSettings())
     backward: BackwardSettings = Field(default_factory=lambda: BackwardSettings())
     eval: EvalSettings = EvalSettings()
@@ -150,9 +159,9 @@ class DEQSettings(Block):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DEQSettings":
-        if self.mode == "unrolled" and self.fp_correction.states:
-            raise ValueError("fp_correction.states must be 0 with mode=unrolled (the twin "
-                             "back-propagates through every state)")
+        if self.mode != "implicit" and self.fp_correction.states:
+            raise ValueError(f"fp_correction.states must be 0 with mode={self.mode} (an "
+                             f"explicit network back-propagates through every state)")
         b = self.backward
         if b.shine and not (b.mode == "ift" and self.forward.solver == "broyden"
                             and not self.forward.compact):

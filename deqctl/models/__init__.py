@@ -15,6 +15,7 @@ from ..implicit import DEQ
 from ..options import Block, options_block
 from ..registry import Part, import_builtins
 from .base import DEQModel, ModelOutput
+from .baselines import baseline_for
 from .registry import MODELS
 
 import_builtins(__name__, __path__)
@@ -42,7 +43,10 @@ def options_of(block: Block) -> dict[str, Any]:
 
 def build_model(recipe, info: DataInfo) -> DEQModel:
     """Instantiate the recipe's model for data described by `info`, with the DEQ layer the
-    recipe's `deq` block describes. Raises ModelError (one line) when they do not fit."""
+    recipe's `deq` block describes (deq.mode=baseline: the data's classic explicit network
+    in its place). Raises ModelError (one line) when they do not fit."""
+    if recipe.deq.mode == "baseline":
+        return baseline_for(info, DEQ(recipe.deq))
     part = recipe.part("model")
     cls, name = part.obj, part.ref
     if info.inputs not in cls.inputs or info.task not in cls.tasks:

@@ -112,13 +112,13 @@ class TaskHead(nn.Module):
     """Features (N, L, width) of the fixed point -> the task's output."""
 
     def __init__(self, cfg: SequenceHead, info: DataInfo, width: int, causal: bool,
-                 window: WindowNorm):
+                 window: WindowNorm, norm: bool = True):
         super().__init__()
         if cfg.pool == "flatten" and info.task == "lm":
             raise ValueError("model.head.pool=flatten: a language model predicts at every "
                              "position; flatten is for classify and forecast")
         self.task = info.task
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width) if norm else nn.Identity()
         # a causal state sees the whole window only at its last position
         self.pool = "last" if causal and self.task == "forecast" and cfg.pool == "mean" else cfg.pool
         features = width * info.length if self.pool == "flatten" else width
