@@ -368,12 +368,23 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(reference
     assert max(r["step"] for r in rows(run)) == 5 and one_row_per_split_and_step(run)
 
 
-def test_a_late_stop_still_logs_the_steps_since_the_last_row(tmp_path):
+def test_a_stopped_run_keeps_the_steps_since_the_last_row_for_its_resumption(tmp_path):
     """With log_every > 1, a signal during a checkpoint write stops at that step; the steps
-    since the last row are written before the `interrupted` checkpoint, not lost."""
+    since the last row go into the `interrupted` checkpoint, not into a row of their own,
+    so the resumed run's rows are an unstopped run's, value for value but the clock's."""
+    args = ("train.max_steps=8", "train.save_every=3", "train.log_every=5")
     out = tmp_path / "run"
     code, output = signal_at_write(tmp_path, out, "SIGINT", "step-000003.tmp/model.safetensors",
-                                   "train.max_steps=8", "train.save_every=3", "train.log_every=5")
+                                   *args)
     assert code == 130, output
-    train_rows = [r for r in rows(out) if r["split"] == "train"]
-    assert [r["step"] for r in train_rows] == [3] and train_rows[0]["n"] == 3 * 32
+    assert not (out / "metrics.jsonl").exists()          # no row is due before step 5
+    assert train("--resume", str(out)).exit_code == 0
+    whole = tmp_path / "whole"
+    assert train(RECIPE, *TINY, *args, "--out", str(whole)).exit_code == 0
+    clock = {"wall_s", "step_time_s", "samples_per_s", "eval_time_s", "peak_mem_mb"}
+    strip = [[{k: v for k, v in r.items() if k not in clock} for r in rows(run)]
+             for run in (out, whole)]
+    assert strip[0] == strip[1]
+    assert [r["step"] for r in strip[0] if r["split"] == "train"] == [5, 8]
+
+

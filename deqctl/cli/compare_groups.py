@@ -8,7 +8,7 @@ from typing import Any, Callable
 from rich.table import Table
 from rich.text import Text
 
-from ..inspect.groups import Group
+from ..inspect.groups import Group, label, pair_labels
 from ..inspect.stats import Estimate
 from ..tasks import Metric
 from ..ui.fmt import fmt_float, fmt_int, fmt_pct
@@ -53,10 +53,6 @@ def group_table(groups: list[Group], head: Metric, target: tuple[str, float] | N
     return table
 
 
-def _label(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "all runs"
-
-
 def paired_lines(paired: list[dict], head: Metric) -> list[str]:
     """One line per pair of groups: each figure's paired difference with its interval, or
     "not shown at this sample size" where the interval includes no difference."""
@@ -76,8 +72,9 @@ def paired_lines(paired: list[dict], head: Metric) -> list[str]:
             if e["ci95"][0] <= 0 <= e["ci95"][1]:
                 text += f" ({NO_DIFFERENCE})"
             parts.append(text)
-        lines.append(f"paired over seeds {', '.join(map(str, p['seeds']))}: "
-                     f"({_label(p['b'])}) minus ({_label(p['a'])}): " + "; ".join(parts))
+        b, a, where = pair_labels(p)
+        lines.append(f"paired over seeds {', '.join(map(str, p['seeds']))}"
+                     f"{f' at {where}' if where else ''}: ({b}) minus ({a}): " + "; ".join(parts))
     return lines
 
 
@@ -87,8 +84,8 @@ def lr_lines(ranges: list[dict], head: Metric) -> list[str]:
     for r in ranges:
         stable = ", ".join(f"{lr:g}" for lr in r["stable"]) or "none"
         largest = f"{r['largest_stable']:g}" if r["largest_stable"] is not None else "none"
-        out.append(f"stable learning rates ({_label(r['settings'])}): of "
+        out.append(f"stable learning rates ({label(r['settings'])}): of "
                    f"{', '.join(f'{lr:g}' for lr in r['rates'])}, stable {stable}; largest "
-                   f"stable {largest} (every seed finished, none diverged, final {head.key} "
-                   f"within 1% of the best, {head.fmt(r['best'])})")
+                   f"stable {largest} (every seed finished, none diverged, mean final "
+                   f"{head.key} within 1% of the best rate's, {head.fmt(r['best'])})")
     return out

@@ -331,7 +331,10 @@ class Trainer:
         signal asked for (with its `interrupted` checkpoint)."""
         s, t, group = self.state, self.recipe.train, self.group
         stopping = any_rank(group, self.stop.requested, self.device)
-        if s.step % t.log_every == 0 or s.step == self.total or stopping:
+        # A stop logs no row of its own: the steps since the last row go into the
+        # `interrupted` checkpoint, and the resumed run's next row covers them, so an
+        # interrupted run's rows are those of a run never stopped.
+        if s.step % t.log_every == 0 or s.step == self.total:
             self.log_train_row()
         evaluate_now = s.step < self.total and ((epoch_done and t.eval_every_epoch)
                                                 or (t.eval_every and s.step % t.eval_every == 0))
@@ -346,8 +349,6 @@ class Trainer:
         if not stopping and (evaluate_now or save_now):
             # a signal may have come during them: stop at this step all the same
             stopping = any_rank(group, self.stop.requested, self.device)
-            if stopping and self.last_ok < s.step:
-                self.log_train_row()
         if stopping:
             folder = self.save("interrupted")
             raise Interrupted(f"interrupted at step {s.step}; checkpoint saved to {folder}; "

@@ -12,6 +12,8 @@ without divergence within 1% of the family's best (1 point for a metric in [0, 1
 
 from __future__ import annotations
 
+import statistics
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,7 @@ class Group:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.settings.items()) or "all runs"
+        return label(self.settings)
 
     def by_seed(self, figure: str) -> dict[Any, float | None]:
         return {r.settings.get("seed", r.name): _value(r, figure) for r in self.runs}
@@ -112,12 +114,13 @@ def _hashable(v: Any) -> Any:
 
 
 def paired_differences(groups: list[Group]) -> list[dict[str, Any]]:
-    """Each later group against the first, seed by seed, where they share two seeds or
-    more: {"a", "b" (settings), "seeds", figure: Estimate of b - a, ...}."""
-    if len(groups) < 2:
-        return []
-    base, out = groups[0], []
-    for g in groups[1:]:
+    """Each group against its contrast, seed by seed, where they share two seeds or more:
+    the earliest group that differs from it in one setting alone (one other than optim.lr
+    where there is such a group: the learning rate has its stable range), else the first
+    group. {"a", "b" (settings), "seeds", figure: Estimate of b - a, ...}."""
+    out = []
+    for i, g in enumerate(groups[1:], start=1):
+        base = _contrast(g, groups[:i])
         row: dict[str, Any] = {"a": base.settings, "b": g.settings}
         seeds: list = []
         for f in PAIRED:
@@ -130,10 +133,33 @@ def paired_differences(groups: list[Group]) -> list[dict[str, Any]]:
     return out
 
 
+def label(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "all runs"
+
+
+def pair_labels(pair: dict[str, Any]) -> tuple[str, str, str]:
+    """(b, a, where) of a paired difference: the settings the two groups differ in, and
+    those they share ("" when none), so a line reads "where: b minus a"."""
+    a, b = pair["a"], pair["b"]
+    same = {k: v for k, v in a.items() if _hashable(b.get(k)) == _hashable(v)}
+    return (label({k: v for k, v in b.items() if k not in same}),
+            label({k: v for k, v in a.items() if k not in same}),
+            label(same) if same else "")
+
+
+def _contrast(g: Group, earlier: list[Group]) -> Group:
+    def differing(other: Group) -> list[str]:
+        return [k for k in g.settings if _hashable(g.settings[k]) != _hashable(other.settings.get(k))]
+    single = [(differing(o) == [LR], o) for o in earlier if len(differing(o)) == 1]
+    return min(single, key=lambda pair: pair[0])[1] if single else earlier[0]
+
+
 def stable_lr_ranges(groups: list[Group], metric: Metric) -> list[dict[str, Any]]:
     """Per family of groups that differ in optim.lr alone: the rates tried and the
-    largest stable one (every seed finished, none diverged, each within 1% of the
-    family's best final `metric`; 1 point for a metric in [0, 1] such as accuracy)."""
+    largest stable one (every seed finished, none diverged, and the group's mean final
+    `metric` within 1% of the family's best group mean; 1 point for a metric in [0, 1]
+    such as accuracy). Means, not single seeds: a seed-to-seed spread wider than 1%
+    would otherwise leave no rate stable."""
     higher_is_better = metric.higher_is_better
     if not any(LR in g.settings for g in groups):
         return []
@@ -143,18 +169,20 @@ def stable_lr_ranges(groups: list[Group], metric: Metric) -> list[dict[str, Any]
         families.setdefault(rest, []).append(g)
     out = []
     for rest, members in families.items():
-        finals = [r.final for g in members for r in g.runs if r.final is not None]
-        if not finals:
+        means = {id(g): statistics.fmean(finals) for g in members
+                 if (finals := [r.final for r in g.runs if r.final is not None])}
+        if not means:
             continue
-        best = max(finals) if higher_is_better else min(finals)
+        best = max(means.values()) if higher_is_better else min(means.values())
         slack = 0.01 if metric.unit_interval else 0.01 * abs(best)
 
-        def ok(r: RunSummary) -> bool:
-            if r.diverged or r.final is None or not r.finished:
+        def ok(g: Group) -> bool:
+            if any(r.diverged or r.final is None or not r.finished for r in g.runs):
                 return False
-            return r.final >= best - slack if higher_is_better else r.final <= best + slack
+            mean = means[id(g)]
+            return mean >= best - slack if higher_is_better else mean <= best + slack
 
-        rates = sorted((float(g.settings[LR]), all(ok(r) for r in g.runs)) for g in members)
+        rates = sorted((float(g.settings[LR]), ok(g)) for g in members)
         stable = [lr for lr, good in rates if good]
         out.append({"settings": dict(rest), "rates": [lr for lr, _ in rates],
                     "stable": stable, "largest_stable": max(stable) if stable else None,

@@ -19,13 +19,9 @@ from typing import Any, Callable
 from .. import __version__
 from ..tasks import Metric
 from ..ui.fmt import fmt_float, fmt_int, fmt_pct
-from .groups import Group
+from .groups import Group, label, pair_labels
 
 NO_DIFFERENCE = "not shown at this sample size"
-
-
-def _label(settings: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "all runs"
 
 
 def _interval(e: dict | None, fmt: Callable[[Any], str]) -> str:
@@ -81,18 +77,20 @@ def render(groups: list[Group], paired: list[dict], lr_ranges: list[dict], head:
     reached = {g.label: (sum(r.target_step is not None for r in g.runs), len(g.runs))
                for g in groups}
     for p in paired:
-        a, b = _label(p["a"]), _label(p["b"])
+        b, a, where = pair_labels(p)
+        at = f"{where}: " if where else ""
         e = p.get("target_wall_s" if target else "wall_s")
         if target and not (e and e.get("std") is not None):
-            (ra, na), (rb, nb) = reached.get(a, (0, 0)), reached.get(b, (0, 0))
-            out.append(f"- {a} reached {target[0]}={target[1]:g} in {ra}/{na} run(s), {b} in "
-                       f"{rb}/{nb}: too few seeds reached it in both to pair their times.")
+            (ra, na), (rb, nb) = (reached.get(label(p[k]), (0, 0)) for k in ("a", "b"))
+            out.append(f"- {at}{a} reached {target[0]}={target[1]:g} in {ra}/{na} run(s), {b} "
+                       f"in {rb}/{nb}: too few seeds reached it in both to pair their times.")
             continue
-        out.append(f"- {_verdict(e, _f3, 'is faster', 'is slower', b, a)}")
+        out.append(f"- {at}{_verdict(e, _f3, 'is faster', 'is slower', b, a)}")
     out += ["", "## Less memory?", ""]
     for p in paired:
-        out.append(f"- Peak training memory (MB), "
-                   f"{_verdict(p.get('peak_mem_mb'), _f3, 'uses less', 'uses more', _label(p['b']), _label(p['a']))}")
+        b, a, where = pair_labels(p)
+        out.append(f"- {f'{where}: ' if where else ''}peak training memory (MB), "
+                   f"{_verdict(p.get('peak_mem_mb'), _f3, 'uses less', 'uses more', b, a)}")
     out += ["", "## More stable?", ""]
     for g in groups:
         j = g.to_json()
@@ -103,11 +101,11 @@ def render(groups: list[Group], paired: list[dict], lr_ranges: list[dict], head:
                    f"{head.fmt(spread) if spread is not None else '-'}.")
     for r in lr_ranges:
         largest = f"{r['largest_stable']:g}" if r["largest_stable"] is not None else "none"
-        out.append(f"- Learning rates ({_label(r['settings'])}): tried "
+        out.append(f"- Learning rates ({label(r['settings'])}): tried "
                    f"{', '.join(f'{lr:g}' for lr in r['rates'])}; stable "
                    f"{', '.join(f'{lr:g}' for lr in r['stable']) or 'none'} (largest {largest}): "
-                   f"every seed finished, none diverged, final {head.key} within 1% of the "
-                   f"best ({head.fmt(r['best'])}).")
+                   f"every seed finished, none diverged, mean final {head.key} within 1% of "
+                   f"the best rate's ({head.fmt(r['best'])}).")
     if not lr_ranges:
         out.append("- No `optim.lr` axis among these runs, so no stable learning-rate range.")
     if not paired:
