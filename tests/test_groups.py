@@ -11,7 +11,9 @@ import pytest
 
 from deqctl.cli import app
 from deqctl.engine.stability import LossSpikes
+from deqctl.inspect.groups import group_runs, pair_labels, paired_differences, stable_lr_ranges
 from deqctl.inspect.stats import estimate, paired, t_quantile
+from deqctl.tasks import Metric
 
 from cli_helpers import RECIPE, runner, tiny
 
@@ -115,3 +117,30 @@ def test_a_report_answers_the_three_claims_with_intervals(twins, tmp_path):
     assert (tmp_path / "r" / "report-curves.png").read_bytes()[:4] == b"\x89PNG"
     again = runner.invoke(app, ["compare", str(twins), "--report", str(report)])
     assert again.exit_code == 2 and "--force" in again.stderr       # never replaced unasked
+
+
+def _fake_run(seed: int, final: float, **settings):
+    from types import SimpleNamespace
+    return SimpleNamespace(settings={"seed": seed, **settings}, name=f"s{seed}", final=final,
+                           best=final, target_wall_s=None, wall_s=10.0 + seed,
+                           peak_mem_mb=1.0, fwd_nfe=5.0, diverged=False, finished=True)
+
+
+def test_each_group_is_paired_with_the_group_differing_in_one_setting_not_the_lr():
+    runs = [_fake_run(s, 0.5 + 0.01 * s + (0.1 if mode == "u" else 0) + lr,
+                      **{"deq.mode": mode, "optim.lr": lr})
+            for lr in (0.001, 0.01) for mode in ("i", "u") for s in (0, 1, 2)]
+    groups = group_runs(runs)
+    pairs = {(pair_labels(p)): p["final"].mean for p in paired_differences(groups)}
+    assert pairs == pytest.approx({
+        ("deq.mode=u", "deq.mode=i", "optim.lr=0.001"): 0.1,
+        ("optim.lr=0.01", "optim.lr=0.001", "deq.mode=i"): 0.009,
+        ("deq.mode=u", "deq.mode=i", "optim.lr=0.01"): 0.1})     # not lr=0.01 vs lr=0.001
+
+
+def test_a_stable_rate_is_judged_by_its_group_mean_not_by_its_worst_seed():
+    # seeds 2% apart: no single seed is within 1% of the best seed, the means are
+    runs = [_fake_run(s, 0.50 + 0.01 * s + d, **{"optim.lr": lr})
+            for lr, d in ((1e-3, 0.0), (1e-2, 0.003), (1e-1, 0.05)) for s in (0, 1, 2)]
+    (lr,) = stable_lr_ranges(group_runs(runs), Metric("mae", "mae", str, higher_is_better=False))
+    assert lr["stable"] == [1e-3, 1e-2] and lr["largest_stable"] == 1e-2
