@@ -89,7 +89,7 @@ def render(groups: list[Group], paired: list[dict], lr_ranges: list[dict], head:
     out += ["", "## Less memory?", ""]
     for p in paired:
         b, a, where = pair_labels(p)
-        out.append(f"- {f'{where}: ' if where else ''}peak training memory (MB), "
+        out.append(f"- {f'{where}: ' if where else ''}Peak training memory (MB), "
                    f"{_verdict(p.get('peak_mem_mb'), _f3, 'uses less', 'uses more', b, a)}")
     out += ["", "## More stable?", ""]
     for g in groups:
