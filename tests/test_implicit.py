@@ -258,7 +258,7 @@ def test_plain_keyword_errors_name_the_key_and_list_the_valid_choices():
         DEQ(forward=dict(tol=float("inf")))
     with pytest.raises(ValueError, match="backward.max_iter: expected an integer, got true"):
         DEQ(backward=dict(max_iter=True))
-    with pytest.raises(ValueError, match=r"unknown key \(valid: mode, unrolled, forward"):
+    with pytest.raises(ValueError, match=r"unknown key \(valid: mode, unrolled, baseline, forward"):
         DEQ(solver="anderson")
 
 
