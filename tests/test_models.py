@@ -245,3 +245,53 @@ def test_mdeq_trains_a_step_with_every_solver(solver):
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in m.parameters() if p.requires_grad)
     assert out.info.backward is not None and out.info.backward.nfe >= 1
+
+
+def test_patches_read_value_sequences_of_any_length_in_fewer_tokens():
+    """patch p: ceil(L / p) tokens, from a convolution over time; the classifier still
+    takes any length, and the stem's gradient is exact (float64, finite differences)."""
+    m, _ = make("transformer_deq", "classify", patch=4)
+    assert isinstance(m.reader.embed, torch.nn.Conv1d) and m.reader.embed.kernel_size == (15,)
+    for length, tokens in [(L, 2), (11, 3), (12, 3)]:
+        x, _ = inputs("classify", length=length)
+        assert m.inject(x).shape == (3, tokens, 8)
+        with torch.no_grad():
+            assert m.eval()(x).shape == (3, 4)
+    reader = m.reader.double()
+    x, _ = inputs("classify", length=11)
+    assert torch.autograd.gradcheck(reader, (x.double().requires_grad_(),))
+    flat, _ = make("transformer_deq", "classify", patch=4, head={"pool": "flatten"})
+    assert flat.head.out.in_features == 8 * 2
+
+
+def test_auto_patch_keeps_at_most_32_tokens_and_one_step_per_token_up_to_32():
+    def built(length: int, task: str = "classify", **kw):
+        info = DataInfo(name="t", task=task, inputs="sequence", shape=(length, 1),
+                        num_classes=2, mean=(0.0,), std=(1.0,), target_shape=(2,),
+                        target_mean=(0.0,), target_std=(1.0,), target_channels=(0,))
+        r = recipes.validate({"model": {**MODELS["transformer_deq"], "patch": "auto", **kw}})
+        return build_model(r, info)
+    assert built(128).reader.patch == 4 and built(60).reader.patch == 2
+    assert built(100, "forecast").reader.patch == 4
+    short = built(28)                               # sequential MNIST: the per-step model
+    assert short.reader.patch == 1 and isinstance(short.reader.embed, torch.nn.Linear)
+    assert make("transformer_deq", "lm", patch="auto")[0].reader.patch == 1
+    with pytest.raises(ModelError, match="model.patch=2: transformer_deq reads token ids"):
+        make("transformer_deq", "lm", patch=2)
+
+
+def test_a_patched_classifier_trains_the_stem_with_the_exact_implicit_gradient():
+    """End to end in float64: the IFT gradient of the loss for every parameter, the
+    convolution stem included, equals back-propagation through 200 applications."""
+    tight = {"forward": {"solver": "anderson", "tol": 1e-12, "max_iter": 200},
+             "backward": {"solver": "anderson", "tol": 1e-12, "max_iter": 200}}
+    grads = {}
+    for mode in ("implicit", "unrolled"):
+        m, _ = make("transformer_deq", "classify", deq={**tight, "mode": mode,
+                                                        "unrolled": {"depth": 200}},
+                    patch=4, init_std=0.05)
+        m = m.double().train()
+        x, y = inputs("classify", length=11)
+        task_for(INFOS["classify"]).loss(m(x.double()), y).backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    assert torch.allclose(grads["implicit"], grads["unrolled"], rtol=1e-6, atol=1e-9)

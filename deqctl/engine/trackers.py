@@ -9,7 +9,8 @@ A run's MLflow run and W&B id are kept in RUN/trackers.json, so a resumed run co
 the same tracker run. `log.group` names the MLflow experiment and the W&B group; a sweep
 sets it to its folder's name, so a sweep's runs are one experiment. A tracker that fails
 mid-run (a locked database, a full disk) is dropped with one warning: training goes on and
-metrics.jsonl keeps every row. Adding a tracker: a class with `write(row)` and
+metrics.jsonl keeps every row. Adding a tracker: a class with `key`, `extra`, `module`
+(the recipe key, the pip extra, the package it imports), `write(row)` and
 `close(status)`, listed in TRACKERS.
 """
 
@@ -39,23 +40,20 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
             and not isinstance(v, bool)}
 
 
-def _need(module: str, key: str, extra: str):
-    """Import `module`, or RecipeError (one line) naming the extra that installs it."""
+def _need(sink: type):
+    """Import the sink's package, or RecipeError (one line) naming the extra that
+    installs it."""
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(sink.module)
     except ImportError:
-        raise RecipeError(f"{key}: needs the {extra} package (pip install "
-                          f"'deqctl[{extra}]')") from None
+        raise RecipeError(f"{sink.key}: needs the {sink.extra} package (pip install "
+                          f"'deqctl[{sink.extra}]')") from None
 
 
 class TensorBoardSink:
     """Event files in RUN/tensorboard, for dashboards that read them."""
 
-    key, extra = "log.tensorboard", "tensorboard"
-
-    @classmethod
-    def check(cls) -> None:
-        _need("torch.utils.tensorboard", cls.key, cls.extra)
+    key, extra, module = "log.tensorboard", "tensorboard", "torch.utils.tensorboard"
 
     def __init__(self, log, run_dir: Path, recipe: dict[str, Any], previous: dict | None,
                  resume_step: int | None):
@@ -80,17 +78,13 @@ class MLflowSink:
     else MLFLOW_TRACKING_URI, else a SQLite file ./mlflow.db (MLflow's file store is in
     maintenance mode and refuses new use)."""
 
-    key, extra = "log.mlflow", "mlflow"
+    key, extra, module = "log.mlflow", "mlflow", "mlflow"
     _status = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
-
-    @classmethod
-    def check(cls) -> None:
-        _need("mlflow", cls.key, cls.extra)
 
     def __init__(self, log, run_dir: Path, recipe: dict[str, Any], previous: dict | None,
                  resume_step: int | None):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # INFO lines would break
-        mlflow = _need("mlflow", self.key, self.extra)               # the live table
+        mlflow = _need(type(self))               # the live table
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
         self.Metric = Metric
@@ -130,15 +124,11 @@ class WandbSink:
     and group log.group, offline unless log.wandb_mode says online (nothing leaves the
     machine until `wandb sync`). Every key is plotted against deqctl's `step`."""
 
-    key, extra = "log.wandb", "wandb"
-
-    @classmethod
-    def check(cls) -> None:
-        _need("wandb", cls.key, cls.extra)
+    key, extra, module = "log.wandb", "wandb", "wandb"
 
     def __init__(self, log, run_dir: Path, recipe: dict[str, Any], previous: dict | None,
                  resume_step: int | None):
-        wandb = _need("wandb", self.key, self.extra)
+        wandb = _need(type(self))
         run_id = (previous or {}).get("id") or secrets.token_hex(8)   # W&B ids: [a-z0-9]
         self.run = wandb.init(
             project=log.wandb_project, group=log.group, name=run_dir.name, id=run_id,
@@ -171,7 +161,7 @@ def chosen(log) -> list[type]:
 def check(log) -> None:
     """RecipeError (one line) for a chosen tracker whose package is missing: before any work."""
     for cls in chosen(log):
-        cls.check()
+        _need(cls)
 
 
 class Trackers:

@@ -14,10 +14,14 @@ from typing import Literal
 
 import torch
 from pydantic import Field
+import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataInfo
 from ..options import Block
+
+
+MAX_AUTO_TOKENS = 32            # model.patch=auto: tokens of a sequence at most
 
 
 class SequenceHead(Block):
@@ -88,31 +92,56 @@ class WindowNorm(nn.Module):
 
 
 class InputReader(nn.Module):
-    """Token ids -> embeddings; values -> (values - mean) / std, framed by the WindowNorm
-    -> linear. Returns (N, L, width)."""
+    """Token ids -> embeddings; values -> (values - mean) / std, framed by the WindowNorm,
+    -> tokens of `patch` steps each. patch 1: a linear map of each step. patch p > 1: a
+    convolution over time of width 4p - 1 (a patch and 1.5 patches either side), GELU,
+    averaged over each patch's p steps. A convolution, not a linear map of each patch's
+    raw values (PatchTST): that one must learn a pattern at each of its p offsets in a
+    patch separately, and on a few hundred sequences it memorises instead (Two Patterns,
+    400 sequences, patch 8: 84% test accuracy at 100% train; the convolution: 100%).
+    Returns (N, ceil(L / patch), width)."""
 
-    def __init__(self, info: DataInfo, width: int, window: WindowNorm):
+    def __init__(self, info: DataInfo, width: int, window: WindowNorm, patch: int = 1):
         super().__init__()
-        self.tokens = info.inputs == "tokens"
+        self.tokens, self.patch = info.inputs == "tokens", patch
         if self.tokens:
             self.embed = nn.Embedding(info.vocab_size, width)
             return
         self.register_buffer("mean", torch.tensor(info.mean))
         self.register_buffer("std", torch.tensor(info.std))
-        self.embed = nn.Linear(info.channels, width)
+        self.embed = nn.Linear(info.channels, width) if patch == 1 else \
+            nn.Conv1d(info.channels, width, 4 * patch - 1, padding=2 * patch - 1)
         self.window = window
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens:
             return self.embed(x)
-        return self.embed(self.window.read((x - self.mean) / self.std, x, self.mean, self.std))
+        v = self.window.read((x - self.mean) / self.std, x, self.mean, self.std)
+        if self.patch == 1:
+            return self.embed(v)
+        h = F.gelu(self.embed(v.transpose(1, 2)))
+        return F.avg_pool1d(h, self.patch, ceil_mode=True).transpose(1, 2)
+
+
+def patch_for(patch: int | str, info: DataInfo, name: str) -> int:
+    """The model's steps per token: `patch`, or for "auto" the fewest that leave at most
+    MAX_AUTO_TOKENS tokens (1 up to that length), so one recipe keeps its cost and its
+    attention span on longer sequences. Token ids and language models: one per step."""
+    per_step = info.inputs == "tokens" or info.task == "lm"
+    if patch == "auto":
+        return 1 if per_step else math.ceil(info.length / MAX_AUTO_TOKENS)
+    if patch > 1 and per_step:
+        raise ValueError(f"model.patch={patch}: {name} reads token ids and language models "
+                         "one step per token; patches are for value sequences")
+    return patch
 
 
 class TaskHead(nn.Module):
-    """Features (N, L, width) of the fixed point -> the task's output."""
+    """Features (N, T, width) of the fixed point -> the task's output; T is `tokens`, by
+    default the data's length (a flattening head needs it)."""
 
     def __init__(self, cfg: SequenceHead, info: DataInfo, width: int, causal: bool,
-                 window: WindowNorm, norm: bool = True):
+                 window: WindowNorm, norm: bool = True, tokens: int | None = None):
         super().__init__()
         if cfg.pool == "flatten" and info.task == "lm":
             raise ValueError("model.head.pool=flatten: a language model predicts at every "
@@ -121,7 +150,7 @@ class TaskHead(nn.Module):
         self.norm = nn.LayerNorm(width) if norm else nn.Identity()
         # a causal state sees the whole window only at its last position
         self.pool = "last" if causal and self.task == "forecast" and cfg.pool == "mean" else cfg.pool
-        features = width * info.length if self.pool == "flatten" else width
+        features = width * (tokens or info.length) if self.pool == "flatten" else width
         if self.task == "lm":
             self.out = nn.Linear(width, info.vocab_size)
         elif self.task == "classify":

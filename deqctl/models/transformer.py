@@ -16,6 +16,7 @@ the recipe says otherwise. State: (N, L, d_model).
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 import torch
@@ -31,7 +32,7 @@ from .dropout import dropout, variational_mask
 from .norms import Norm, normalised
 from .registry import MODELS
 from .sequence import (InputReader, SequenceHead, TaskHead, WindowNorm, causal_for,
-                       check_inputs, sinusoidal_positions, takes_any_length)
+                       check_inputs, patch_for, sinusoidal_positions, takes_any_length)
 
 
 class AttentionCell(nn.Module):
@@ -85,7 +86,8 @@ class TransformerDEQ(DEQModel):
 
     `d_model`, `heads`, `d_ff` (feed-forward width), `norm_placement` (LayerNorm before
     or after each sublayer), `causal` (None: causal for lm and forecast, bidirectional
-    for classify), `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead).
+    for classify), `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead),
+    `patch` (steps per token of value sequences, or auto; InputReader, patch_for).
     """
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
@@ -94,7 +96,7 @@ class TransformerDEQ(DEQModel):
                  heads: Count = 4, d_ff: Annotated[int, Ge(8)] = 256,
                  norm_placement: Literal["pre", "post"] = "post", causal: bool | None = None,
                  norm: Norm = "weight", init_std: Positive | None = None, dropout: Rate = 0.0,
-                 head: SequenceHead = SequenceHead()):
+                 head: SequenceHead = SequenceHead(), patch: Count | Literal["auto"] = 1):
         check_inputs(info, "transformer_deq")
         super().__init__(info, deq)
         self.per_sample = not dropout
@@ -102,10 +104,12 @@ class TransformerDEQ(DEQModel):
         self.time_axis = 1 if causal else None         # the state is (N, L, d_model)
         self.dynamic_length = takes_any_length(info, head)
         window = WindowNorm(head.window_norm, info)
-        self.reader = InputReader(info, d_model, window)
+        patch = patch_for(patch, info, "transformer_deq")
+        self.reader = InputReader(info, d_model, window, patch)
         self.body = AttentionCell(d_model, heads, d_ff, norm_placement == "pre", norm,
                                   init_std, dropout, causal)
-        self.head = TaskHead(head, info, d_model, causal, window)
+        self.head = TaskHead(head, info, d_model, causal, window,
+                             tokens=info.length and math.ceil(info.length / patch))
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         e = self.reader(x)
