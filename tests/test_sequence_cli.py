@@ -199,3 +199,28 @@ def test_the_forecast_recipe_trains_on_any_csv_by_data_overrides_alone(tmp_path)
     meta = json.loads((run / "checkpoints" / "final" / "meta.json").read_text())
     assert meta["data_info"]["columns"] == ["load", "temp"]
     assert meta["data_info"]["target_shape"] == [7, 2]
+
+
+def test_a_long_series_is_read_in_patches_and_exports_at_its_length(tmp_path):
+    """The recipe's patch: auto on 70 steps: 3 per token (24 tokens); the model runs at
+    other lengths, and exports at its data's length with parity."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 70, 2)).astype(np.float32)
+    y = (x[:, :35, 0].mean(1) > x[:, 35:, 0].mean(1)).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:10], y_test=y[:10])
+    run = train_tiny(tmp_path / "r", "sequential-mnist-deq.yaml", "data.name=npz",
+                     f"data.path={tmp_path / 'd.npz'}", "data.batch_size=20",
+                     "model.d_model=16", "model.d_ff=32")
+    model = deqctl.load(run)
+    assert model.reader.patch == 3 and model.inject(torch.from_numpy(x[:2])).shape[1] == 24
+    with torch.no_grad():
+        assert model(torch.randn(3, 50, 2)).shape == (3, 2)
+    out = tmp_path / "m.pt2"
+    result = runner.invoke(app, ["export", str(run), "--format", "pt2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "parity ok" in result.stdout and "dynamic batch and length" not in result.stdout
+    program = torch.export.load(str(out)).module()
+    other = torch.randn(5, 70, 2)
+    with torch.no_grad():
+        assert torch.allclose(program(other), model(other), atol=1e-3)

@@ -13,8 +13,8 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from ..data import DataInfo
@@ -119,8 +119,10 @@ class InputReader(nn.Module):
         v = self.window.read((x - self.mean) / self.std, x, self.mean, self.std)
         if self.patch == 1:
             return self.embed(v)
-        h = F.gelu(self.embed(v.transpose(1, 2)))
-        return F.avg_pool1d(h, self.patch, ceil_mode=True).transpose(1, 2)
+        # p - 1 more steps at the data's mean (0 once normalised) complete a partial last
+        # patch; the pooling drops what no patch needs (no modulo: exports take any length)
+        v = F.pad(v.transpose(1, 2), (0, self.patch - 1))
+        return F.avg_pool1d(F.gelu(self.embed(v)), self.patch).transpose(1, 2)
 
 
 def patch_for(patch: int | str, info: DataInfo, name: str) -> int:

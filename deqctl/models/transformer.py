@@ -102,9 +102,13 @@ class TransformerDEQ(DEQModel):
         self.per_sample = not dropout
         causal = causal_for(causal, info)
         self.time_axis = 1 if causal else None         # the state is (N, L, d_model)
-        self.dynamic_length = takes_any_length(info, head)
         window = WindowNorm(head.window_norm, info)
         patch = patch_for(patch, info, "transformer_deq")
+        # torch.export cannot yet take a length whose tokens it must count (it guards on
+        # ceil(L / patch) != 1 beyond its declared range): a patched model is declared
+        # fixed-length, so export and predict take its data's length (the module itself
+        # runs at any length)
+        self.dynamic_length = takes_any_length(info, head) and patch == 1
         self.reader = InputReader(info, d_model, window, patch)
         self.body = AttentionCell(d_model, heads, d_ff, norm_placement == "pre", norm,
                                   init_std, dropout, causal)
