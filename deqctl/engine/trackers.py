@@ -84,7 +84,7 @@ class MLflowSink:
     def __init__(self, log, run_dir: Path, recipe: dict[str, Any], previous: dict | None,
                  resume_step: int | None):
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # INFO lines would break
-        mlflow = _need(type(self))               # the live table
+        mlflow = _need(type(self))                                   # the live table
         from mlflow.entities import Metric, Param
         from mlflow.exceptions import MlflowException
         self.Metric = Metric
