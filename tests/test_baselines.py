@@ -91,6 +91,12 @@ def test_baseline_trains_evaluates_and_compares_beside_the_deq(tmp_path):
     ev = runner.invoke(app, ["eval", str(out / "mode=baseline"), "--json"])
     assert ev.exit_code == 0, ev.output
     assert json.loads(ev.stdout)["fwd_nfe"] == 1
+    # the status line names what answers: no solver for a baseline, the solver for a DEQ
+    said = {m: runner.invoke(app, ["eval", str(out / f"mode={m}")]) for m in ("baseline",
+                                                                              "implicit")}
+    assert "explicit baseline, no solve" in said["baseline"].output, said["baseline"].output
+    assert "eval solver" not in said["baseline"].output
+    assert "eval solver anderson" in said["implicit"].output, said["implicit"].output
     cmp = runner.invoke(app, ["compare", str(out), "--json"])
     assert cmp.exit_code == 0, cmp.output
     assert {g["settings"]["deq.mode"] for g in json.loads(cmp.stdout)["groups"]} == \

@@ -51,7 +51,7 @@ def eval_command(
     out = Console()
     if not as_json:
         typer.echo(f"{src.label}: {split.value} split, {len(data)} samples; "
-                   f"eval solver {solver.describe()}; device {src.device} ({src.device_reason})")
+                   f"{src.recipe.deq.describe_eval()}; device {src.device} ({src.device_reason})")
         for note in src.data().notes:
             typer.echo(note)
     runs = [solver] if iters is None else [solver.but(max_iter=k) for k in iters]

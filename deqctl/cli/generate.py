@@ -62,7 +62,7 @@ def generate(
         typer.echo("note: this model declares no causal time axis (or is an explicit "
                    "twin): every token is solved from the cold start", err=True)
     if not as_json:
-        typer.echo(f"{src.label}: window {gen.window} tokens; eval solver {solver.describe()}; "
+        typer.echo(f"{src.label}: window {gen.window} tokens; {src.recipe.deq.describe_eval()}; "
                    f"{'reusing fixed points' if gen.reuse else 'cold start per token'}; "
                    f"device {src.device}", err=True)
         typer.echo(text, nl=False)

@@ -77,7 +77,7 @@ def predict(
                           batch_size=data.eval_batch_size, top_k=top_k)
     err = Console(stderr=True)
     say = (lambda text: err.print(text, markup=False, highlight=False, soft_wrap=True))
-    say(f"{src.label}: {len(found)} input(s); eval solver {solver.describe()}; "
+    say(f"{src.label}: {len(found)} input(s); {src.recipe.deq.describe_eval()}; "
         f"device {src.device} ({src.device_reason})")
     done = _Tally()
     with ExitStack() as stack:

@@ -178,6 +178,15 @@ class DEQSettings(Block):
             overrides["bf16_until"] = None
         return self.forward.model_copy(update=overrides)
 
+    def describe_eval(self) -> str:
+        """What answers at test time, for status lines: an implicit model's eval solver, an
+        explicit twin's depth, or a baseline's single pass."""
+        if self.mode == "baseline":
+            return "explicit baseline, no solve"
+        if self.mode == "unrolled":
+            return f"explicit twin, depth {self.unrolled.depth or self.forward.max_iter}"
+        return f"eval solver {self.eval_settings().spec().describe()}"
+
     def specs(self) -> tuple[SolveSpec, SolveSpec, SolveSpec]:
         """(forward, backward, eval) as the layer runs them."""
         return self.forward.spec(), self.backward.spec(), self.eval_settings().spec()
