@@ -31,6 +31,10 @@ def test_an_estimate_is_mean_std_and_the_t_interval():
     assert (e.mean, e.n) == (2.5, 4) and e.std == pytest.approx(1.2909944)
     half = 3.182446 * e.std / 2
     assert e.ci95 == pytest.approx((2.5 - half, 2.5 + half), rel=1e-5)
+    # a rate cannot be negative: the interval of spikes seen by one seed of three stops at 0
+    rate = estimate([0.0, 0.0, 3.0], within=(0.0, None))         # mean 1, std sqrt(3)
+    assert rate.ci95 == pytest.approx((0.0, 1 + 4.302653), rel=1e-6)   # t(2) sqrt(3) / sqrt(3)
+    assert estimate([0.9, 1.0, 1.0], within=(0.0, 1.0)).ci95[1] == 1.0
     one = estimate([7.0])
     assert one.std is None and one.ci95 is None and not one.excludes_zero()
     diff, seeds = paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.5, 1: 2.4, 2: 3.7, 3: 9.0})

@@ -32,8 +32,11 @@ class Estimate:
         return self.ci95 is not None and (self.ci95[0] > 0 or self.ci95[1] < 0)
 
 
-def estimate(values: Iterable[float | None]) -> Estimate | None:
-    """The Estimate of the finite values given (None when there are none)."""
+def estimate(values: Iterable[float | None],
+             within: tuple[float | None, float | None] = (None, None)) -> Estimate | None:
+    """The Estimate of the finite values given (None when there are none). `within`: bounds
+    the mean cannot leave (a rate is >= 0, a fraction <= 1); the interval is cut to them,
+    which keeps its coverage (the true mean was never outside them)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(v)]
     n = len(xs)
     if n == 0:
@@ -43,7 +46,9 @@ def estimate(values: Iterable[float | None]) -> Estimate | None:
         return Estimate(mean, None, None, 1)
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
-    return Estimate(mean, std, (mean - half, mean + half), n)
+    low, high = within
+    return Estimate(mean, std, (mean - half if low is None else max(mean - half, low),
+                                mean + half if high is None else min(mean + half, high)), n)
 
 
 def paired(a: dict[Any, float | None], b: dict[Any, float | None]) -> tuple[Estimate | None, list]:
