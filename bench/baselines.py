@@ -8,7 +8,9 @@ GRU), both by the same loop on the same machine in turn (issue 18, part 7).
 Per set: each side's final test accuracy and training time after the recipe's steps, and
 both at the same training time T (the shorter of the two, the GRU's), read off their
 evaluations (every 189 steps): the best accuracy each had reached by T. Target: the DEQ at
-least the GRU's accuracy at T. Runs already finished under DIR are read, not retrained.
+least the GRU's accuracy at T. With several seeds, a second table gives per set the mean
+over seeds of each side at T and the paired difference DEQ - GRU with its 95% Student-t
+interval (deqctl.inspect.stats). Runs already finished under DIR are read, not retrained.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import seqsets  # noqa: E402
+
+from deqctl.inspect.stats import Estimate, estimate, paired  # noqa: E402
 
 RECIPE = "configs/sequential-mnist-deq.yaml"
 SIDES = {"deq": [], "gru": ["deq.mode=baseline"]}
@@ -49,6 +53,22 @@ def pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
+def points(e: Estimate | None) -> str:
+    """An estimate of accuracy as percentage points: mean [low, high]."""
+    if e is None:
+        return "-"
+    ci = f" [{100 * e.ci95[0]:+.1f}, {100 * e.ci95[1]:+.1f}]" if e.ci95 else ""
+    return f"{100 * e.mean:+.2f}{ci}"
+
+
+def verdict(e: Estimate | None) -> str:
+    if e is None:
+        return "-"
+    if e.mean >= 0:
+        return "yes"
+    return "no (behind)" if e.excludes_zero() else "no (mean behind; not shown at this n)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -58,16 +78,22 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out.resolve()
     seqsets.write(out / "data", args.size, args.size, 0)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # {set: {"deq" | "gru": {"at T" | "final": {seed: accuracy}}}}
+    seen: dict[str, dict[str, dict[str, dict[int, float | None]]]] = {}
     print("| set | seed | DEQ final | DEQ time (s) | GRU final | GRU time (s) | DEQ final >= "
           "GRU final | T (s) | DEQ by T | GRU by T | DEQ >= GRU at T |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.sets.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in seeds:
             runs = {side: train(out / f"{name}-{side}-{seed}", out / "data" / f"{name}.npz",
                                 extra, seed) for side, extra in SIDES.items()}
             final = {s: [r for r in rows if r["split"] == "test"][-1] for s, rows in runs.items()}
             t = min(final[s]["wall_s"] for s in runs)
             at = {s: by_time(rows, t) for s, rows in runs.items()}
+            for side in runs:
+                got = seen.setdefault(name, {}).setdefault(side, {"at T": {}, "final": {}})
+                got["at T"][seed], got["final"][seed] = at[side], final[side]["accuracy"]
             print(f"| {name} | {seed} | {final['deq']['accuracy']:.1%} | "
                   f"{final['deq']['wall_s']:.0f} | {final['gru']['accuracy']:.1%} | "
                   f"{final['gru']['wall_s']:.0f} | "
@@ -75,7 +101,20 @@ def main() -> None:
                   f"{t:.0f} | {pct(at['deq'])} | {pct(at['gru'])} | "
                   f"{'yes' if (at['deq'] or 0) >= (at['gru'] or 0) else 'no'} |",
                   flush=True)
-
+    if len(seeds) > 1:
+        print(f"\nOver seeds {args.seeds}: mean accuracy, and DEQ - GRU in points (95% "
+              "interval, paired by seed)\n")
+        print("| set | n | DEQ at T | GRU at T | DEQ - GRU at T | DEQ >= GRU at T | DEQ final | "
+              "GRU final | DEQ - GRU final |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, side in seen.items():
+            mean = {(s, when): estimate(side[s][when].values())
+                    for s in side for when in ("at T", "final")}
+            diff = {when: paired(side["gru"][when], side["deq"][when]) for when in ("at T", "final")}
+            print(f"| {name} | {len(diff['at T'][1])} | {pct(mean['deq', 'at T'].mean)} | "
+                  f"{pct(mean['gru', 'at T'].mean)} | {points(diff['at T'][0])} | "
+                  f"{verdict(diff['at T'][0])} | {pct(mean['deq', 'final'].mean)} | "
+                  f"{pct(mean['gru', 'final'].mean)} | {points(diff['final'][0])} |")
 
 if __name__ == "__main__":
     main()
