@@ -110,11 +110,13 @@ def main() -> None:
         for name, side in seen.items():
             mean = {(s, when): estimate(side[s][when].values())
                     for s in side for when in ("at T", "final")}
-            diff = {when: paired(side["gru"][when], side["deq"][when]) for when in ("at T", "final")}
+            diff = {when: paired(side["gru"][when], side["deq"][when])
+                    for when in ("at T", "final")}
             print(f"| {name} | {len(diff['at T'][1])} | {pct(mean['deq', 'at T'].mean)} | "
                   f"{pct(mean['gru', 'at T'].mean)} | {points(diff['at T'][0])} | "
                   f"{verdict(diff['at T'][0])} | {pct(mean['deq', 'final'].mean)} | "
                   f"{pct(mean['gru', 'final'].mean)} | {points(diff['final'][0])} |")
+
 
 if __name__ == "__main__":
     main()
