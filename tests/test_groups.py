@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -124,10 +125,25 @@ def test_a_report_answers_the_three_claims_with_intervals(twins, tmp_path):
 
 
 def _fake_run(seed: int, final: float, **settings):
-    from types import SimpleNamespace
     return SimpleNamespace(settings={"seed": seed, **settings}, name=f"s{seed}", final=final,
                            best=final, target_wall_s=None, wall_s=10.0 + seed,
                            peak_mem_mb=1.0, fwd_nfe=5.0, diverged=False, finished=True)
+
+
+def test_a_group_interval_of_accuracy_stops_at_100_percent_and_a_loss_is_left_open():
+    def group(finals, unit_interval):
+        runs = [_fake_run(s, f) for s, f in enumerate(finals)]
+        task = SimpleNamespace(headline=Metric("m", "m", str, unit_interval=unit_interval))
+        for r in runs:
+            r.task, r.steps, r.spikes, r.test_converged = task, 100, 0, 1.0
+        (g,) = group_runs(runs)
+        return g.figures()
+    accuracy = group([0.99, 1.0, 1.0], unit_interval=True)
+    assert accuracy["final"].ci95[1] == accuracy["best"].ci95[1] == 1.0
+    assert accuracy["final"].ci95[0] == pytest.approx(0.99667 - 4.302653 * 0.0057735 / 3 ** 0.5,
+                                                      abs=1e-5)
+    loss = group([0.99, 1.0, 1.0], unit_interval=False)
+    assert loss["final"].ci95[1] > 1.0
 
 
 def test_each_group_is_paired_with_the_group_differing_in_one_setting_not_the_lr():

@@ -29,10 +29,10 @@ from .stats import Estimate, estimate, paired
 # and where a run logs to (log.*: trackers, a sweep's group name) changes nothing it learns
 NOT_SETTINGS = ("seed", "name", "runtime.threads")
 NOT_SETTING_BLOCKS = ("log.",)
-# each figure of a run with the bounds its mean cannot leave, which cut its interval (the
-# metric's own range is the task's: final and best are left unbounded)
+# each figure of a run with the bounds its mean cannot leave, which cut its interval;
+# None: the headline metric's (an accuracy's [0, 1]; any other metric is left open)
 OPEN, NON_NEGATIVE, FRACTION = (None, None), (0.0, None), (0.0, 1.0)
-FIGURES = {"final": OPEN, "best": OPEN, "target_wall_s": NON_NEGATIVE, "wall_s": NON_NEGATIVE,
+FIGURES = {"final": None, "best": None, "target_wall_s": NON_NEGATIVE, "wall_s": NON_NEGATIVE,
            "peak_mem_mb": NON_NEGATIVE, "fwd_nfe": NON_NEGATIVE, "test_converged": FRACTION,
            "spikes_per_1k": NON_NEGATIVE}
 PAIRED = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe")
@@ -79,7 +79,8 @@ class Group:
         return {r.settings.get("seed", r.name): _value(r, figure) for r in self.runs}
 
     def figures(self) -> dict[str, Estimate | None]:
-        return {f: estimate((_value(r, f) for r in self.runs), within)
+        metric = FRACTION if self.runs[0].task.headline.unit_interval else OPEN
+        return {f: estimate((_value(r, f) for r in self.runs), within or metric)
                 for f, within in FIGURES.items()}
 
     def divergence_rate(self) -> float:
