@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,8 +80,8 @@ def main() -> None:
     out = args.out.resolve()
     seqsets.write(out / "data", args.size, args.size, 0)
     seeds = [int(s) for s in args.seeds.split(",")]
-    # {set: {"deq" | "gru": {"at T" | "final": {seed: accuracy}}}}
-    seen: dict[str, dict[str, dict[str, dict[int, float | None]]]] = {}
+    # (set, side, "at T" | "final") -> {seed: accuracy}
+    seen: dict[tuple[str, str, str], dict[int, float | None]] = defaultdict(dict)
     print("| set | seed | DEQ final | DEQ time (s) | GRU final | GRU time (s) | DEQ final >= "
           "GRU final | T (s) | DEQ by T | GRU by T | DEQ >= GRU at T |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -92,8 +93,8 @@ def main() -> None:
             t = min(final[s]["wall_s"] for s in runs)
             at = {s: by_time(rows, t) for s, rows in runs.items()}
             for side in runs:
-                got = seen.setdefault(name, {}).setdefault(side, {"at T": {}, "final": {}})
-                got["at T"][seed], got["final"][seed] = at[side], final[side]["accuracy"]
+                seen[name, side, "at T"][seed] = at[side]
+                seen[name, side, "final"][seed] = final[side]["accuracy"]
             print(f"| {name} | {seed} | {final['deq']['accuracy']:.1%} | "
                   f"{final['deq']['wall_s']:.0f} | {final['gru']['accuracy']:.1%} | "
                   f"{final['gru']['wall_s']:.0f} | "
@@ -107,10 +108,10 @@ def main() -> None:
         print("| set | n | DEQ at T | GRU at T | DEQ - GRU at T | DEQ >= GRU at T | DEQ final | "
               "GRU final | DEQ - GRU final |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for name, side in seen.items():
-            mean = {(s, when): estimate(side[s][when].values())
-                    for s in side for when in ("at T", "final")}
-            diff = {when: paired(side["gru"][when], side["deq"][when])
+        for name in args.sets.split(","):
+            mean = {(side, when): estimate(seen[name, side, when].values())
+                    for side in SIDES for when in ("at T", "final")}
+            diff = {when: paired(seen[name, "gru", when], seen[name, "deq", when])
                     for when in ("at T", "final")}
             print(f"| {name} | {len(diff['at T'][1])} | {pct(mean['deq', 'at T'].mean)} | "
                   f"{pct(mean['gru', 'at T'].mean)} | {points(diff['at T'][0])} | "

@@ -147,9 +147,7 @@ class DEQ(nn.Module):
                                                       settings.jacobian_reg.samples)
         self.fp_correction, self.fp_gamma = settings.fp_correction.states, settings.fp_correction.gamma
         self.mode = settings.mode
-        # a baseline's cell is the whole explicit network, applied once (models/baselines.py)
-        self.unrolled_depth = 1 if self.mode == "baseline" else \
-            settings.unrolled.depth or settings.forward.max_iter
+        self.unrolled_depth = settings.explicit_depth
         self.step = 0                      # training calls so far (Jacobian-reg cadence)
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 

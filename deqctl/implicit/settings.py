@@ -178,13 +178,19 @@ class DEQSettings(Block):
             overrides["bf16_until"] = None
         return self.forward.model_copy(update=overrides)
 
+    @property
+    def explicit_depth(self) -> int:
+        """Applications of the cell in an explicit mode: a baseline's cell is the whole
+        network, applied once (models/baselines.py); a twin's is deq.unrolled.depth."""
+        return 1 if self.mode == "baseline" else self.unrolled.depth or self.forward.max_iter
+
     def describe_eval(self) -> str:
         """What answers at test time, for status lines: an implicit model's eval solver, an
         explicit twin's depth, or a baseline's single pass."""
         if self.mode == "baseline":
             return "explicit baseline, no solve"
         if self.mode == "unrolled":
-            return f"explicit twin, depth {self.unrolled.depth or self.forward.max_iter}"
+            return f"explicit twin, depth {self.explicit_depth}"
         return f"eval solver {self.eval_settings().spec().describe()}"
 
     def specs(self) -> tuple[SolveSpec, SolveSpec, SolveSpec]:
