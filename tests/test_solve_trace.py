@@ -4,6 +4,7 @@ iteration against exact eigenvalues, observed linear rate, JSON and plots."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,14 +225,21 @@ class _Linear(deqctl.DEQModel):
         return z @ self.H.T
 
 
-def _audit(backward: dict):
+class _Drifting(_Linear):
+    """z -> z + U x: no fixed point at all."""
+
+    def cell(self, z, u):
+        return z + u
+
+
+def _audit(backward: dict, model_class=_Linear):
     from deqctl.data import DataInfo
     from deqctl.inspect.gradaudit import audit_gradient
     from deqctl.tasks import task_for
     info = DataInfo(name="t", task="classify", inputs="image", shape=(1, 2, 2), num_classes=2)
     deq = deqctl.DEQ(forward={"solver": "anderson", "max_iter": 200, "tol": 1e-9},
                      backward={"solver": "anderson", "max_iter": 200, "tol": 1e-9, **backward})
-    model = _Linear(info, deq)
+    model = model_class(info, deq)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 1, 2, 2, generator=g), torch.randint(0, 2, (8,), generator=g)
     return model, x, y, audit_gradient(model, task_for(info), x, y)
@@ -240,6 +248,7 @@ def _audit(backward: dict):
 def test_the_audit_s_reference_is_the_closed_form_implicit_gradient():
     model, x, y, audit = _audit({"mode": "ift"})
     assert audit.overall.cosine > 0.99999 and audit.overall.rel_error < 1e-5
+    assert (audit.samples, audit.inexact) == (8, 0) and "did not converge" not in audit.line()
     w, u, h = (p.detach().double().requires_grad_() for p in (model.W, model.U, model.H))
     z = torch.linalg.solve(torch.eye(5, dtype=torch.float64) - w, (x.double().flatten(1) @ u.T).T).T
     torch.nn.functional.cross_entropy(z @ h.T, y).backward()
@@ -259,6 +268,13 @@ def test_the_audit_flags_gradients_that_are_not_the_implicit_one(backward, below
     assert audit.overall.cosine < below, audit.line()
     w = next(g for g in audit.groups if g.name == "W")
     assert w.rel_error > 0.05
+
+
+def test_the_audit_says_when_its_reference_is_not_exact():
+    _, _, _, audit = _audit({"mode": "ift"}, _Drifting)
+    assert (audit.samples, audit.inexact) == (8, 8)
+    assert "did not converge for 8 of 8 samples" in audit.line()
+    assert audit.to_json()["inexact_samples"] == 8
 
 
 def test_solve_trace_grad_prints_the_audit_and_min_cos_sets_the_exit_code(run, tmp_path):
@@ -305,3 +321,26 @@ def test_starts_go_in_the_json_and_in_a_plot_beside_the_trace(run, tmp_path):
                                 "--starts", "3", "--plot", str(tmp_path / "other.png"),
                                 "--json", str(beside)])
     assert again.exit_code == 2
+
+
+def test_the_audit_s_reference_has_the_training_pass_s_dropout_masks():
+    # variational dropout draws one mask per pass from the seed; a float64 reference that
+    # drew other masks (torch.bernoulli draws per dtype) solves another map altogether
+    from deqctl import recipe as recipes
+    from deqctl.data import build_data
+    from deqctl.inspect.gradaudit import audit_gradient
+    from deqctl.models import build_model
+    from deqctl.tasks import task_for
+    tight = [f"deq.{b}.{k}={v}" for b in ("forward", "backward")
+             for k, v in (("tol", 1e-6), ("max_iter", 300))]
+    r = recipes.load(Path(__file__).parents[1] / "configs" / "sequential-mnist-deq.yaml",
+                     ["model.d_model=16", "model.heads=2", "model.d_ff=32", "model.dropout=0.3",
+                      "model.init_std=0.02",
+                      "data.limit_train=16", "data.limit_eval=16", *tight])
+    data = build_data(r.data)
+    torch.manual_seed(0)
+    model = build_model(r, data.info)
+    audit = audit_gradient(model, task_for(data.info), data.test.inputs[:8],
+                           data.test.targets[:8])
+    assert audit.exact_residual < 1e-9            # the reference is exact: a contraction
+    assert audit.overall.cosine > 0.9999, audit.line()

@@ -3,6 +3,8 @@ one batch by the recipe's own backward rule and settings (ift, phantom or jfb, a
 training solve's tolerance), against the exact implicit gradient: the same model in
 float64, both solves to a tight tolerance. A backward solve that silently returns zeros,
 or a rule that is further from the implicit gradient than its user thinks, shows here.
+Where the map does not contract, the reference's own solves do not converge and there is
+no exact implicit gradient to be near: the audit counts those samples and says so.
 """
 
 from __future__ import annotations
@@ -37,15 +39,23 @@ class GradAudit:
     groups: list[GroupReport]
     adjoint_residual: float | None       # the recipe's adjoint solve, max relative residual
     exact_residual: float | None         # the reference's (how exact the reference is)
+    samples: int
+    inexact: int               # samples whose reference forward or adjoint missed TIGHT's tol
 
     def line(self) -> str:
-        return (f"{self.rule}: cosine {self.overall.cosine:.4f} against the exact implicit "
+        text = (f"{self.rule}: cosine {self.overall.cosine:.4f} against the exact implicit "
                 f"gradient (relative error {self.overall.rel_error:.2e})")
+        if self.inexact:
+            text += (f"; but the reference's solves did not converge for {self.inexact} of "
+                     f"{self.samples} samples (no fixed point the map contracts to there): "
+                     f"no exact gradient to compare with")
+        return text
 
     def to_json(self) -> dict[str, Any]:
         return {"rule": self.rule, **self.overall.to_json(), "group": None,
                 "groups": [g.to_json() for g in self.groups],
-                "adjoint_residual": self.adjoint_residual, "exact_residual": self.exact_residual}
+                "adjoint_residual": self.adjoint_residual, "exact_residual": self.exact_residual,
+                "samples": self.samples, "inexact_samples": self.inexact}
 
 
 def audit_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
@@ -60,7 +70,9 @@ def audit_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor
     reports = [_compare(g, [got[n] for n in ns], [exact[n] for n in ns])
                for g, ns in groups.items()]
     overall = _compare("all", [got[n] for n in names], [exact[n] for n in names])
-    return GradAudit(_rule(model.deq), overall, reports, _residual(info), _residual(exact_info))
+    converged = exact_info.forward.converged & exact_info.backward.converged
+    return GradAudit(_rule(model.deq), overall, reports, _residual(info), _residual(exact_info),
+                     len(converged), int((~converged).sum()))
 
 
 def exact_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,

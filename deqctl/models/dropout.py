@@ -9,9 +9,12 @@ import torch
 def variational_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor:
     """A dropout mask drawn once per forward pass and shared by every f call of the solve
     and its backward: the solver then iterates one fixed map (a fresh mask per call, as
-    nn.Dropout draws, moves the fixed point under the solver)."""
+    nn.Dropout draws, moves the fixed point under the solver). Drawn in float32 whatever
+    `like`'s dtype: torch.bernoulli draws other masks for other dtypes from the same seed,
+    and the gradient audit's float64 copy must solve the map the training pass solved."""
     keep = 1.0 - p
-    return torch.bernoulli(torch.full(shape, keep, dtype=like.dtype, device=like.device)) / keep
+    draw = torch.full(shape, keep, dtype=torch.float32, device=like.device)
+    return (torch.bernoulli(draw) / keep).to(like.dtype)
 
 
 def dropout(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
