@@ -163,3 +163,22 @@ def test_mixed_precision_forward_reports_its_bf16_evaluations(tmp_path):
     assert result.exit_code == 0, result.output
     train_row = next(r for r in rows(out) if r["split"] == "train")
     assert 1 <= train_row["fwd_nfe_bf16"] < train_row["fwd_nfe_max"]
+
+
+def test_evaluating_more_often_leaves_training_bit_identical(tmp_path):
+    # bench/baselines.py reads accuracy at a training time from evaluations it adds: they
+    # must not move training (dropout and augmentation draw from the same generator)
+    seq = str(ROOT / "configs" / "sequential-mnist-deq.yaml")
+    small = ["model.d_model=16", "model.heads=2", "model.d_ff=32", "data.limit_train=64",
+             "data.limit_eval=32", "data.batch_size=16", "data.eval_batch_size=32",
+             "train.log_every=1", "train.max_steps=4", "runtime.threads=1",
+             "deq.forward.max_iter=6", "deq.backward.max_iter=6", "deq.eval.max_iter=6"]
+    train_rows = []
+    for every in (1, 4):
+        out = tmp_path / f"every-{every}"
+        result = train(seq, *small, f"train.eval_every={every}", "--out", str(out))
+        assert result.exit_code == 0, result.output
+        keep = ("step", "loss", "grad_norm", "fwd_rel_residual", "bwd_rel_residual")
+        train_rows.append([{k: r[k] for k in keep} for r in rows(out) if r["split"] == "train"])
+        assert sum(r["split"] == "test" for r in rows(out)) == 4 // every
+    assert len(train_rows[0]) == 4 and train_rows[0] == train_rows[1]
