@@ -4,7 +4,6 @@ iteration against exact eigenvalues, observed linear rate, JSON and plots."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from deqctl.cli import app
 from deqctl.inspect import compare_solvers, linear_rate, spectral_radius
 from deqctl.implicit import SolveSpec
 
-from cli_helpers import RECIPE, runner
+from cli_helpers import CONFIGS, RECIPE, runner
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -333,7 +332,7 @@ def test_the_audit_s_reference_has_the_training_pass_s_dropout_masks():
     from deqctl.tasks import task_for
     tight = [f"deq.{b}.{k}={v}" for b in ("forward", "backward")
              for k, v in (("tol", 1e-6), ("max_iter", 300))]
-    r = recipes.load(Path(__file__).parents[1] / "configs" / "sequential-mnist-deq.yaml",
+    r = recipes.load(CONFIGS / "sequential-mnist-deq.yaml",
                      ["model.d_model=16", "model.heads=2", "model.d_ff=32", "model.dropout=0.3",
                       "model.init_std=0.02",
                       "data.limit_train=16", "data.limit_eval=16", *tight])

@@ -14,7 +14,7 @@ def variational_mask(shape: tuple[int, ...], p: float, like: torch.Tensor) -> to
     and the gradient audit's float64 copy must solve the map the training pass solved."""
     keep = 1.0 - p
     draw = torch.full(shape, keep, dtype=torch.float32, device=like.device)
-    return (torch.bernoulli(draw) / keep).to(like.dtype)
+    return torch.bernoulli(draw).to(like.dtype) / keep
 
 
 def dropout(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
