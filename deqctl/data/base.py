@@ -41,8 +41,9 @@ class DataInfo:
     shape: tuple[int, ...]                      # one input: (C, H, W) | (L,) | (L, C)
     num_classes: int | None = None              # classify
     classes: tuple[str, ...] = ()               # classify: class i's name (i when unnamed)
-    tokenizer: str | None = None                # lm: "char" | "byte"
-    vocab: str | None = None                    # char tokenizer: id i + 1 is vocab[i]; 0 unknown
+    tokenizer: str | None = None                # lm: "char" | "byte" | "word" | "bpe" | "file"
+    vocab: str | None = None                    # char: id i + 1 is vocab[i], 0 unknown;
+                                                # word, bpe, file: the tokenizer.json
     target_shape: tuple[int, ...] = ()          # forecast: one target, e.g. (horizon, channels)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -71,7 +72,11 @@ class DataInfo:
         """Number of token ids (lm), the unknown id 0 included for char vocabularies."""
         if self.tokenizer == "byte":
             return 256
-        return len(self.vocab) + 1 if self.vocab is not None else None
+        if self.vocab is None:
+            return None
+        from .tokenize import of      # tokenizers is imported only for data that needs it
+
+        return of(self.tokenizer, self.vocab).size
 
     @property
     def input_name(self) -> str:
@@ -197,9 +202,10 @@ _FIELD_CHECKS = {
     "num_classes": (_optional(_count), "a count >= 1"),
     "classes": (lambda v: isinstance(v, tuple) and len(v) <= 100_000 and all(
         isinstance(c, str) and len(c) <= 200 for c in v), "class names"),
-    "tokenizer": (lambda v: v in (None, "char", "byte"), "char or byte"),
-    "vocab": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 0x110000),
-              "a string of the vocabulary's characters"),
+    "tokenizer": (lambda v: v in (None, "char", "byte", "word", "bpe", "file"),
+                  "char, byte, word, bpe or file"),
+    "vocab": (lambda v: v is None or (isinstance(v, str) and 0 < len(v) <= 2**26),
+              "the vocabulary's characters or a tokenizer.json"),
     "target_shape": (_ints(1), "sizes >= 1"),
     "mean": (_floats, "finite numbers"),
     "std": (_floats, "finite numbers"),

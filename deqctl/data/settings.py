@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..options import Block, Bool, Float, Int
 
@@ -25,7 +25,19 @@ class Augmentable(DataBase):
 
 
 class TextTokens(DataBase):
-    tokenizer: Literal["char", "byte"] = "char"
+    tokenizer: str = Field("char", min_length=1, max_length=4096, description=
+                           "char | byte | word | bpe | a path to a tokenizer.json")
+    vocab_size: Int = Field(8192, ge=257, le=2**24, description="bpe: ids to learn (the 256 "
+                            "bytes included)")
+    min_freq: Int = Field(1, ge=1, description="word: rarer words read as <unk>")
+    max_size: Int | None = Field(None, ge=1, description="word: keep the most frequent words")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, value: str) -> str:
+        if value not in ("char", "byte", "word", "bpe") and not value.endswith(".json"):
+            raise ValueError("expected char, byte, word, bpe or a path to a tokenizer.json")
+        return value
     seq_len: Int = Field(128, ge=2, description="tokens per training sequence (context length)")
 
 

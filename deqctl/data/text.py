@@ -9,7 +9,6 @@ inside its own sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
 from .registry import source
 from .settings import TextTokens
-
-UNKNOWN = 0   # char vocabularies: the id of every character the training text lacks
+from .tokenize import (BUILT_IN, TRAINED, Tokenizer, TokenizerError, kind_of, of,
+                       read_tokenizer_file, train_tokenizer)
 
 
 class TextFiles(Block):
@@ -41,45 +40,23 @@ class TextData(TextTokens):
     root: str | None = Field(None, description="datasets cache directory")
 
 
-@dataclass(frozen=True)
-class Tokenizer:
-    """`char`: id i + 1 is the i-th character of `vocab` (built from the training text),
-    0 is unknown. `byte`: ids are the UTF-8 bytes, nothing is unknown."""
+def encode(tok: Tokenizer, text: str) -> tuple[torch.Tensor, int]:
+    """Return (int64 ids of `text`, how many of them are the unknown id)."""
+    ids = tok.encode(text)
+    return torch.from_numpy(ids), tok.unknown_in(ids)
 
-    kind: str
-    vocab: str | None = None
 
-    @classmethod
-    def fit(cls, kind: str, text: str) -> Tokenizer:
-        """Return the tokenizer of `kind` for a training text."""
-        return cls(kind, "".join(sorted(set(text))) if kind == "char" else None)
-
-    @classmethod
-    def of(cls, info: DataInfo) -> Tokenizer:
-        """Return the tokenizer a model was trained with."""
-        return cls(info.tokenizer, info.vocab)
-
-    @property
-    def size(self) -> int:
-        return 256 if self.kind == "byte" else len(self.vocab) + 1
-
-    def encode(self, text: str) -> tuple[torch.Tensor, int]:
-        """Return (int64 ids, number of characters mapped to the unknown id)."""
-        if self.kind == "byte":
-            return torch.from_numpy(np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)), 0
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        uniq, inverse = np.unique(codes, return_inverse=True)
-        index = {ord(c): i + 1 for i, c in enumerate(self.vocab)}
-        mapped = np.array([index.get(int(c), UNKNOWN) for c in uniq], dtype=np.int64)
-        ids = mapped[inverse]
-        return torch.from_numpy(ids), int((ids == UNKNOWN).sum())
-
-    def decode(self, ids: torch.Tensor | list[int]) -> str:
-        """Return the text of `ids` (unknown ids as U+FFFD)."""
-        ids = [int(i) for i in ids]
-        if self.kind == "byte":
-            return bytes(ids).decode("utf-8", errors="replace")
-        return "".join(self.vocab[i - 1] if i > 0 else "\ufffd" for i in ids)
+def fit_tokenizer(cfg, text: str) -> Tokenizer:
+    """Return the tokenizer `cfg.tokenizer` names, fitted on the training text (or read
+    from a tokenizer.json file)."""
+    try:
+        if cfg.tokenizer in BUILT_IN + TRAINED:
+            return train_tokenizer(cfg.tokenizer, text.splitlines(keepends=True),
+                                   vocab_size=cfg.vocab_size, min_freq=cfg.min_freq,
+                                   max_size=cfg.max_size)
+        return read_tokenizer_file(Path(cfg.tokenizer).expanduser())
+    except TokenizerError as exc:
+        raise DataError(f"data.tokenizer: {exc}") from exc
 
 
 def sequences(ids: torch.Tensor, seq_len: int, where: str) -> Split:
@@ -126,24 +103,25 @@ def lm_bundle(name: str, texts: dict[str, str], cfg, like: DataInfo | None) -> D
     else it is fitted on the training text; unknown characters are counted per split.
     """
     if like is not None:
-        tok = Tokenizer.of(like)
-        if tok.kind != cfg.tokenizer:
+        tok = of(like.tokenizer, like.vocab)
+        if tok.kind != kind_of(cfg.tokenizer):
             raise DataError(f"data.tokenizer: the model was trained with {quote(tok.kind)}, "
                             f"not {quote(cfg.tokenizer)}")
     elif "train" in texts:
-        tok = Tokenizer.fit(cfg.tokenizer, texts["train"])
+        tok = fit_tokenizer(cfg, texts["train"])
     else:
         raise DataError("data.files.train: required to train (the vocabulary comes from it)")
     splits, notes, unknown = {}, [], {}
     for part, text in texts.items():
-        ids, unk = tok.encode(text)
+        ids, unk = encode(tok, text)
         splits[part] = sequences(ids, cfg.seq_len, f"{name} {part}")
         unknown[part] = unk
         if unk:
-            notes.append(f"{name}: {unk} character(s) of the {part} text are not in the "
-                         f"training vocabulary; they are read as the unknown id 0")
+            notes.append(f"{name}: {unk} {tok.unit}(s) of the {part} text are not in the "
+                         f"training vocabulary; they are read as the unknown id "
+                         f"{tok.unknown_id}")
     info = DataInfo(name=name, task="lm", inputs="tokens", shape=(cfg.seq_len,),
-                    tokenizer=tok.kind, vocab=tok.vocab)
+                    tokenizer=tok.kind, vocab=tok.stored)
     if "test" not in splits:
         raise DataError("data.files.test: required (the split evaluation reports)")
     return DataBundle(info=info, train=splits.get("train"), test=splits["test"],

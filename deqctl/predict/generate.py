@@ -20,7 +20,6 @@ same contexts, so they differ only in where each solve starts and what it solves
 
 from __future__ import annotations
 
-import codecs
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -88,18 +87,17 @@ class Generator:
 
     def encode(self, prompt: str) -> tuple[list[int], int]:
         """(the prompt's token ids, how many characters are not in the vocabulary)."""
-        ids, unknown = self.tokenizer.encode(prompt)
-        return ids.tolist(), unknown
+        ids = self.tokenizer.encode(prompt)
+        return ids.tolist(), self.tokenizer.unknown_in(ids)
 
     def generate(self, prompt: list[int], tokens: int, sample: Callable[[torch.Tensor], int]
                  ) -> Iterator[Token]:
         """Yield `tokens` tokens continuing `prompt` (its last L ids are the first context)."""
         context, z, how = list(prompt[-self.window:]), None, "cold"
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") \
-            if self.tokenizer.kind == "byte" else None
+        text_of = self.tokenizer.stream()     # a character split over tokens comes whole
         for _ in range(tokens):
             token, z, res = self._next(context, z, how, sample)
-            text = decoder.decode(bytes([token])) if decoder else self.tokenizer.decode([token])
+            text = text_of(token)
             yield Token(token, text, res.nfe, float(res.rel_residual[0]),
                         bool(res.converged[0]), how)
             context.append(token)
