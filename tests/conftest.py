@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,10 @@ import torch
 from deqctl.cli import app
 
 from cli_helpers import RECIPE, runner, tiny
+
+# token files of the tests' texts go to a folder of this test session's, never ~/.cache
+os.environ["DEQCTL_CACHE"] = tempfile.mkdtemp(prefix="deqctl-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DEQCTL_CACHE"], True)
 
 
 

@@ -20,7 +20,7 @@ from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .batches import augment_batch, epoch_order, iterate_batches, num_batches
 from .registry import SOURCES, Source
 from .settings import ArraysData, DataBase
-from .text import Tokenizer
+from .tokenize import Tokenizer
 
 import_builtins(__name__, __path__)       # every source module registers itself
 

@@ -220,7 +220,8 @@ _FIELD_CHECKS = {
 
 @dataclass
 class Split:
-    """One split held in memory: `inputs` and `targets`, first dimension the samples.
+    """One split: `inputs` and `targets`, first dimension the samples; tensors in memory,
+    or rows of a token file read as they are indexed (deqctl.data.tokens.TokenWindows).
 
     `augment` names the augmentation batches of this split may get: "shift" (random
     translation of the last two axes: digits, sequential digits) or "shift+flip"
@@ -248,8 +249,16 @@ class Split:
         """Return the first `n` samples (all of them when n is None or larger)."""
         if n is None or n >= len(self):
             return self
-        # clone: a view would keep the whole (possibly large) dataset alive
-        return Split(self.inputs[:n].clone(), self.targets[:n].clone(), self.augment)
+        part = self.rows(slice(0, n))
+        # clone: a view would keep the whole (possibly large) dataset alive; rows of a
+        # token file are read only as they are used, so theirs stay a view
+        keep = (lambda a: a.clone() if isinstance(a, torch.Tensor) else a)
+        return Split(keep(part.inputs), keep(part.targets), self.augment)
+
+    def rows(self, part: slice) -> Split:
+        """Return samples `part` as a view: nothing copied, nothing read."""
+        view = (lambda a: a[part] if isinstance(a, torch.Tensor) else a.rows_view(part))
+        return Split(view(self.inputs), view(self.targets), self.augment)
 
 
 @dataclass

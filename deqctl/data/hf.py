@@ -5,7 +5,7 @@ image column with a label column an image-classification bundle."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from pydantic import Field
@@ -18,6 +18,7 @@ from .images import colour_mode, decode_images, image_bundle
 from .registry import source
 from .settings import TextTokens
 from .text import lm_bundle
+from .tokens import Text, text_rows
 
 
 class HfSource(Block):
@@ -36,7 +37,6 @@ class HfData(TextTokens):
     """Any Hugging Face dataset: text (language modelling) or image + label (classification)."""
 
     hf: HfSource = HfSource()
-    root: str | None = Field(None, description="datasets cache directory")
     image_size: Int | None = Field(None, ge=4)
     augment: Bool = False
 
@@ -102,8 +102,7 @@ def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
             raise DataError(f"data.hf.{key}: {quote(col)} not in {src.path} (columns: {', '.join(columns)})")
     name = f"hf:{src.path}" + (f"/{src.config}" if src.config else "")
     if text is not None:
-        texts = {part: _join(ds[split][text], f"data.hf.text_column: {quote(text)} in {split}")
-                 for part, split in wanted.items()}
+        texts = {part: _text(ds[split], text, f"{name} {split}") for part, split in wanted.items()}
         return lm_bundle(name, texts, cfg, like)
     if image is not None and label is not None:
         return _images(name, ds, wanted, image, label, cfg, like)
@@ -112,13 +111,18 @@ def load_hf(cfg, like: DataInfo | None = None) -> DataBundle:
                     f"(columns: {', '.join(columns)})")
 
 
-def _join(rows: list, where: str) -> str:
-    """One text from rows (empty and missing rows skipped): line datasets (wikitext) keep
-    their own newlines, others are joined by one."""
-    rows = [r for r in rows if r is not None]
-    if not all(isinstance(r, str) for r in rows):
-        raise DataError(f"{where} does not hold text")
-    return "".join(rows) if all(r.endswith("\n") for r in rows if r) else "\n".join(rows)
+def _text(dataset, column: str, name: str) -> Text:
+    """A text column as one Text, read in batches of rows (empty and missing rows skipped),
+    fingerprinted by the dataset's own fingerprint (its content and transforms)."""
+    def rows() -> Iterator[str]:
+        for batch in dataset.iter(batch_size=1024):
+            for row in batch[column]:
+                if row is not None and not isinstance(row, str):
+                    raise DataError(f"data.hf.text_column: {quote(column)} in {name} does "
+                                    f"not hold text")
+                yield row or ""
+    fingerprint = getattr(dataset, "_fingerprint", None) or f"{name}:{len(dataset)}"
+    return text_rows(name, f"hf:{fingerprint}:{column}", rows)
 
 
 def _class_id(v: object) -> bool:

@@ -31,6 +31,8 @@ class TextTokens(DataBase):
                             "bytes included)")
     min_freq: Int = Field(1, ge=1, description="word: rarer words read as <unk>")
     max_size: Int | None = Field(None, ge=1, description="word: keep the most frequent words")
+    root: str | None = Field(None, description="cache folder: token files (and downloads); "
+                             "default $DEQCTL_CACHE, else ~/.cache/deqctl")
 
     @field_validator("tokenizer")
     @classmethod

@@ -73,8 +73,7 @@ def shard_split(group: Group, split: Split) -> Split:
     """This rank's part of an evaluation split."""
     if not group.active:
         return split
-    part = shard(group, len(split))
-    return Split(split.inputs[part], split.targets[part], split.augment)
+    return split.rows(shard(group, len(split)))
 
 
 def average_gradients(group: Group, model: torch.nn.Module, share: float) -> None:

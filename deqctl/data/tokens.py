@@ -1,0 +1,287 @@
+"""Token files: a text split tokenized once into a flat file of uint16 (or uint32) ids,
+cached by content, and read as training sequences through `numpy.memmap`, so memory does
+not grow with the corpus.
+
+    cache = TokenCache.at(cfg.root)
+    tok = cache.tokenizer(settings, train_text)     # fitted once per (text, settings)
+    ids = cache.tokens(tok, test_text)              # a read-only memmap of the split's ids
+    split = Split(*windows(ids, seq_len))
+
+A text is a `Text`: a fingerprint of its content and a way to read it again as chunks of
+whole lines (never one string). A cache entry's name is a hash of the fingerprint and the
+tokenizer; it is written to a temporary file, checked and renamed, with its description
+(`.json`: count, dtype, sha256 of the ids) written last, so a reader never sees half a
+file, and two runs preparing the same data at once do it once (an flock). An entry whose
+size or hash no longer matches its description is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from ..files import read_json, write_atomic
+from .base import DataError
+from .tokenize import Tokenizer, TokenizerError, of, train_tokenizer
+
+FORMAT = "deqctl-tokens/1"
+CHUNK_CHARS = 1 << 22          # encode about 4M characters at a time: bounded memory
+HASH_BLOCK = 1 << 24
+IN_MEMORY_TOKENS = 1 << 21     # a split this small is held as tensors (32 MB at most)
+
+
+@dataclass(frozen=True)
+class Text:
+    """A split's text: `fingerprint` names its content; `chunks()` reads it again as
+    strings of whole lines, in order, each of about CHUNK_CHARS characters at most."""
+
+    name: str
+    fingerprint: str
+    chunks: Callable[[], Iterator[str]]
+    size: int | None = None                     # bytes, when known (a progress measure)
+
+
+def text_file(path: Path, label: str) -> Text:
+    """A UTF-8 file as a Text, fingerprinted by the sha256 of its bytes; `label` names it
+    in errors (DataError: not UTF-8)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+            digest.update(block)
+
+    def chunks() -> Iterator[str]:
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                yield from _read_chunks(fh)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{label} is not UTF-8 text (byte {exc.start} of a block)") from exc
+    return Text(label, "sha256:" + digest.hexdigest(), chunks, path.stat().st_size)
+
+
+def _read_chunks(fh) -> Iterator[str]:
+    """A text file as chunks of about CHUNK_CHARS characters, each cut after its last line
+    end (else before its last space; else anywhere), so one huge line is never one
+    string, and a cut lands where every tokenizer splits anyway."""
+    rest = ""
+    while block := fh.read(CHUNK_CHARS):
+        text = rest + block
+        cut = text.rfind("\n") + 1 or max(text.rfind(" "), 0) or len(text)
+        yield text[:cut]
+        rest = text[cut:]
+    if rest:
+        yield rest
+
+
+def text_rows(name: str, fingerprint: str, rows: Callable[[], Iterable[str]]) -> Text:
+    """Rows of text (a dataset column) as one Text: rows that end their own lines
+    (wikitext) are kept as they are, others are joined by a newline."""
+    def chunks() -> Iterator[str]:
+        yield from _line_chunks(_as_lines(rows()))
+    return Text(name, fingerprint, chunks)
+
+
+def _as_lines(rows: Iterable[str]) -> Iterator[str]:
+    ends_line = True
+    for row in rows:
+        if row:
+            if not ends_line:
+                yield "\n"
+            yield row
+            ends_line = row.endswith("\n")
+
+
+def _line_chunks(lines: Iterable[str]) -> Iterator[str]:
+    """Concatenate rows into chunks of about CHUNK_CHARS characters cut after a line end."""
+    parts, size = [], 0
+    for line in lines:
+        parts.append(line)
+        size += len(line)
+        if size >= CHUNK_CHARS and line.endswith("\n"):
+            yield "".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield "".join(parts)
+
+
+def _lines(text: Text) -> Iterator[str]:
+    for chunk in text.chunks():
+        yield from chunk.splitlines(keepends=True)
+
+
+class TokenCache:
+    """A folder of token files and fitted tokenizers."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    @classmethod
+    def at(cls, root: str | None) -> TokenCache:
+        """The cache under `root` (data.root), else $DEQCTL_CACHE, else
+        $XDG_CACHE_HOME/deqctl (~/.cache/deqctl)."""
+        base = Path(root).expanduser() if root else Path(os.environ.get("DEQCTL_CACHE") or (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deqctl"))
+        folder = base / "tokens"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DataError(f"token cache {folder}: cannot create it ({exc.strerror}); set "
+                            f"data.root or DEQCTL_CACHE to a writable folder") from exc
+        return cls(folder)
+
+    # -- tokenizers ------------------------------------------------------------------------
+    def tokenizer(self, kind: str, train: Text, **settings) -> Tokenizer:
+        """The `kind` tokenizer fitted on `train` with `settings`, from the cache when fitted
+        before (training a BPE on a large corpus takes minutes)."""
+        key = _key({"kind": kind, "settings": settings, "text": train.fingerprint})
+        path = self.folder / f"{key}.tokenizer.json"
+        with self._lock(key):
+            if path.is_file():
+                with contextlib.suppress(OSError, ValueError, TokenizerError):
+                    stored = read_json(path, 2**27)
+                    return of(stored["kind"], stored["vocab"])
+            tok = train_tokenizer(kind, _lines(train), **settings)
+            write_atomic(path, json.dumps({"kind": tok.kind, "vocab": tok.stored}))
+        return tok
+
+    # -- token files ----------------------------------------------------------------------
+    def tokens(self, tok: Tokenizer, text: Text) -> tuple[np.ndarray, dict]:
+        """The ids of `text` as a read-only memmap, and the entry's description (count,
+        unknown, bytes of text, seconds it took to build or None when reused)."""
+        key = _key({"format": FORMAT, "tokenizer": [tok.kind, tok.stored],
+                    "text": text.fingerprint})
+        path, meta_path = self.folder / f"{key}.ids", self.folder / f"{key}.json"
+        with self._lock(key):
+            meta = _valid(path, meta_path)
+            if meta is None:
+                meta = _build(tok, text, path, meta_path)
+        dtype = np.dtype(meta["dtype"])
+        ids = (np.memmap(path, dtype=dtype, mode="r") if meta["count"]
+               else np.zeros(0, dtype))
+        return ids, meta
+
+    @contextlib.contextmanager
+    def _lock(self, key: str):
+        """Hold KEY.lock: one process builds an entry, the others wait, then reuse it."""
+        fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _key(what: dict) -> str:
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _valid(path: Path, meta_path: Path) -> dict | None:
+    """The description of a complete, unaltered entry; None when it is missing, cut off or
+    edited (its size or the sha256 of its ids differ from what was written)."""
+    try:
+        meta = read_json(meta_path, 2**20)
+        dtype = np.dtype(meta["dtype"])
+        if meta.get("format") != FORMAT or path.stat().st_size != meta["count"] * dtype.itemsize:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if _sha256(path) == meta["sha256"] else None
+
+
+def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
+    """Tokenize `text` chunk by chunk into `path` (atomically), then describe it."""
+    dtype = np.dtype(np.uint16 if tok.size <= 2**16 else np.uint32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    started, count, unknown, size = time.perf_counter(), 0, 0, 0
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in text.chunks():
+                ids = tok.encode(chunk)
+                unknown += tok.unknown_in(ids)
+                size += len(chunk.encode("utf-8"))
+                data = ids.astype(dtype).tobytes()
+                digest.update(data)
+                out.write(data)
+                count += len(ids)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    meta = {"format": FORMAT, "dtype": dtype.name, "count": count, "unknown": unknown,
+            "bytes": size, "sha256": digest.hexdigest(), "text": text.name,
+            "seconds": round(time.perf_counter() - started, 3)}
+    write_atomic(meta_path, json.dumps(meta))
+    return {**meta, "built": True}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class TokenWindows:
+    """Rows of a token file read as they are indexed: row i holds ids[i*L + shift :
+    i*L + shift + L] (shift 0: inputs, 1: next-token targets). Indexing (indices or a
+    slice) reads them into an int64 tensor; `rows_view` selects rows without reading."""
+
+    dtype = torch.int64
+
+    def __init__(self, ids: np.ndarray, seq_len: int, shift: int, rows: range | None = None):
+        self.ids, self.seq_len, self.shift = ids, seq_len, shift
+        self.rows = rows if rows is not None else range((len(ids) - 1) // seq_len)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), self.seq_len))
+
+    def dim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def rows_view(self, part: slice) -> TokenWindows:
+        """Rows `part` of these, still unread."""
+        return TokenWindows(self.ids, self.seq_len, self.shift, self.rows[part])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = np.arange(len(self.rows))[index]
+        at = np.asarray(index, dtype=np.int64).reshape(-1)
+        if at.size and (at.min() < -len(self.rows) or at.max() >= len(self.rows)):
+            raise IndexError(f"row index out of range for {len(self.rows)} rows")
+        rows = self.rows.start + (at % max(1, len(self.rows))) * self.rows.step
+        starts = rows * self.seq_len + self.shift
+        out = self.ids[starts[:, None] + np.arange(self.seq_len)]
+        out = torch.from_numpy(out.astype(np.int64))
+        return out[0] if isinstance(index, int) else out
+
+
+def windows(ids: np.ndarray, seq_len: int, where: str
+            ) -> tuple[torch.Tensor | TokenWindows, torch.Tensor | TokenWindows]:
+    """(inputs, next-token targets) of a token file cut into sequences of `seq_len`: every
+    id but the first is predicted once; the last partial sequence is dropped. Up to
+    IN_MEMORY_TOKENS ids they are int64 tensors (the fast path); beyond, rows of the file."""
+    n = (len(ids) - 1) // seq_len
+    if n < 1:
+        raise DataError(f"{where}: {len(ids)} tokens, fewer than data.seq_len + 1 = "
+                        f"{seq_len + 1}")
+    if len(ids) > IN_MEMORY_TOKENS:
+        return TokenWindows(ids, seq_len, 0), TokenWindows(ids, seq_len, 1)
+    flat = torch.from_numpy(np.asarray(ids[:n * seq_len + 1], dtype=np.int64))
+    return flat[:-1].view(n, seq_len).clone(), flat[1:].view(n, seq_len).clone()

@@ -1,0 +1,156 @@
+"""Token files: tokenized once, reused, rebuilt when cut off or edited, prepared once by two
+processes at a time, read in bounded chunks, and read through a memmap to exactly the batches
+(and the losses) the in-memory path gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deqctl import recipe as recipes
+from deqctl.cli import app
+from deqctl.data import build_data, iterate_batches
+from deqctl.data import tokens as T
+
+from cli_helpers import CONFIGS, rows, runner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "".join(f"line {i} of the corpus, with words é{i % 7}\n" for i in range(400))
+
+
+def data(**kw):
+    return recipes.validate({"data": kw}).data
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    (tmp_path / "train.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "test.txt").write_text(TEXT[:3000], encoding="utf-8")
+    return {"name": "text", "seq_len": 16, "root": str(tmp_path / "cache"),
+            "files": {"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")}}
+
+
+def entries(corpus) -> dict[str, dict]:
+    folder = Path(corpus["root"]) / "tokens"
+    return {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")
+            if not p.name.endswith(".tokenizer.json")}
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_a_text_is_tokenized_once_then_reused(corpus, kind):
+    cfg = data(**corpus, tokenizer=kind, vocab_size=300)
+    first = build_data(cfg)
+    built = entries(corpus)
+    assert len(built) == 2 and all(m["dtype"] == "uint16" for m in built.values())
+    mtimes = {p: p.stat().st_mtime_ns for p in (Path(corpus["root"]) / "tokens").iterdir()}
+    again = build_data(cfg)
+    assert {p: p.stat().st_mtime_ns for p in (Path(corpus["root"]) / "tokens").iterdir()} == mtimes
+    assert torch.equal(first.train.inputs, again.train.inputs) and first.info == again.info
+    assert not list((Path(corpus["root"]) / "tokens").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "description"])
+def test_a_damaged_token_file_is_rebuilt(corpus, damage):
+    cfg = data(**corpus)
+    clean = build_data(cfg)
+    key, meta = next((k, m) for k, m in entries(corpus).items() if m["text"].startswith(
+        "data.files.train"))
+    ids = Path(corpus["root"]) / "tokens" / f"{key}.ids"
+    raw = bytearray(ids.read_bytes())
+    if damage == "truncate":
+        ids.write_bytes(raw[:-6])
+    elif damage == "edit":
+        raw[10] ^= 1
+        ids.write_bytes(raw)
+    else:
+        (ids.with_suffix(".json")).write_text("{cut off")
+    rebuilt = build_data(cfg)
+    assert torch.equal(rebuilt.train.inputs, clean.train.inputs)
+    assert ids.read_bytes() == bytes(bytearray(raw)) if damage == "description" else True
+    assert T._valid(ids, ids.with_suffix(".json")) is not None
+
+
+def test_two_processes_preparing_the_same_text_build_it_once(corpus, tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text(TEXT * 40, encoding="utf-8")
+    script = (f"from deqctl import recipe as r; from deqctl.data import build_data; "
+              f"b = build_data(r.validate({{'data': {{'name': 'text', 'seq_len': 16, "
+              f"'root': {corpus['root']!r}, 'files': {{'train': {str(big)!r}, "
+              f"'test': {corpus['files']['test']!r}}}}}}}).data); "
+              f"print(int(b.train.inputs.sum()), b.facts['tokens']['train'])")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and outs[0] == outs[1] and outs[0].strip()
+    folder = Path(corpus["root"]) / "tokens"
+    assert len(list(folder.glob("*.ids"))) == 2 and not list(folder.glob(".*.tmp"))
+    built = [m for m in entries(corpus).values() if m["text"].endswith("big.txt")]
+    assert len(built) == 1 and built[0]["count"] == len(TEXT * 40)
+
+
+def test_a_file_with_no_line_end_is_read_in_bounded_chunks(monkeypatch, tmp_path):
+    monkeypatch.setattr(T, "CHUNK_CHARS", 100)
+    text = ("word " * 1000).strip() + "x" * 450              # one line; a space-free tail
+    path = tmp_path / "one-line.txt"
+    path.write_text(text, encoding="utf-8")
+    chunks = list(T.text_file(path, "one-line").chunks())
+    assert "".join(chunks) == text and max(map(len, chunks)) <= 200
+    assert all(c.endswith("word") or c.endswith("x") for c in chunks[:-1])   # cut before a space
+
+
+def test_the_memmap_path_gives_the_in_memory_batches(corpus, monkeypatch):
+    cfg = data(**corpus, limit_train=40)
+    memory = build_data(cfg)
+    monkeypatch.setattr(T, "IN_MEMORY_TOKENS", 0)
+    mapped = build_data(cfg)
+    assert isinstance(mapped.train.inputs, T.TokenWindows) and len(mapped.train) == 40
+    assert isinstance(memory.train.inputs, torch.Tensor)
+    for a, b in zip(iterate_batches(memory.train, 8, shuffle=True, seed=3, epoch=1, start=2),
+                    iterate_batches(mapped.train, 8, shuffle=True, seed=3, epoch=1, start=2)):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    windows = mapped.test.inputs
+    assert torch.equal(windows[2:5][1], memory.test.inputs[3])
+    assert torch.equal(mapped.test.rows(slice(2, 5)).inputs[1], memory.test.inputs[3])
+    with pytest.raises(IndexError):
+        windows[torch.tensor([len(windows)])]
+
+
+def test_training_from_a_token_file_matches_training_in_memory(monkeypatch, tmp_path, corpus):
+    def train(out, mapped: bool) -> list[float]:
+        monkeypatch.setattr(T, "IN_MEMORY_TOKENS", 0 if mapped else 1 << 21)
+        files = corpus["files"]
+        result = runner.invoke(app, [
+            "train", str(CONFIGS / "shakespeare-deq.yaml"), "data.name=text",
+            f"data.files.train={files['train']}", f"data.files.test={files['test']}",
+            f"data.root={corpus['root']}", "data.seq_len=16", "data.batch_size=8",
+            "data.eval_batch_size=16", "train.max_steps=3", "train.log_every=1",
+            "runtime.threads=1", "model={name: transformer_deq, d_model: 16, heads: 2, d_ff: 32}",
+            "--out", str(out), "--plain"])
+        assert result.exit_code == 0, result.output
+        return [r["loss"] for r in rows(out)]
+
+    assert train(tmp_path / "mapped", True) == train(tmp_path / "memory", False)
+
+
+def test_ids_past_65536_are_stored_as_uint32(tmp_path):
+    class Wide:
+        kind, stored, size, unknown_id, unit = "fake", "x", 70_000, None, "token"
+
+        def encode(self, text):
+            return np.array([69_999, 1, 65_536], np.int64)
+
+        def unknown_in(self, ids):
+            return 0
+
+    cache = T.TokenCache(tmp_path)
+    ids, meta = cache.tokens(Wide(), T.Text("t", "fp", lambda: iter(["abc"])))
+    assert meta["dtype"] == "uint32" and ids.tolist() == [69_999, 1, 65_536]
