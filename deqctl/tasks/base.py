@@ -36,6 +36,19 @@ class Task:
 
     def __init__(self, info: DataInfo):
         self.info = info
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def constant(self, name: str, values: Any, device: torch.device) -> torch.Tensor:
+        """Return `values` (numbers, or nested sequences of them) as a tensor on `device`,
+        made on first use and kept, so a step copies nothing from the host."""
+        key = (name, torch.device(device))
+        if key not in self._constants:
+            # An ordinary tensor even when an evaluation (torch.inference_mode) asks first:
+            # training uses it next, and autograd refuses an inference tensor ("cannot be
+            # saved for backward") - as a resume that redoes a cut-short evaluation found.
+            with torch.inference_mode(False):
+                self._constants[key] = torch.tensor(values, device=device)
+        return self._constants[key]
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training criterion: a scalar mean over the batch."""

@@ -37,14 +37,13 @@ class Forecast(Task):
                         Metric("naive_rmse", "naive rmse", fmt_float, column=False),
                         Metric("snaive_mae", "snaive mae", fmt_float, column=False),
                         Metric("snaive_rmse", "snaive rmse", fmt_float, column=False)]
-            self._seasonal = seasonal_positions(info.length, info.target_shape[0], info.season)
+            self._seasonal = seasonal_positions(info.length, info.target_shape[0],
+                                                info.season).tolist()
         self.metrics = tuple(metrics)
-        self._scale: torch.Tensor | None = None
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._scale is None or self._scale.device != y.device:
-            self._scale = torch.tensor(self.info.target_std, device=y.device)
-        return (((out.float() - y) / self._scale) ** 2).mean()
+        scale = self.constant("scale", self.info.target_std, y.device)
+        return (((out.float() - y) / scale) ** 2).mean()
 
     def stats(self, out, x, y):
         out = out.float()
@@ -52,7 +51,7 @@ class Forecast(Task):
         if self.info.baselines:
             past = x[:, :, list(self.info.target_channels)]                # (N, L, C)
             naive = past[:, -1:].expand(-1, self.info.target_shape[0], -1)
-            seasonal = past[:, self._seasonal.to(x.device)]
+            seasonal = past[:, self.constant("seasonal", self._seasonal, x.device)]
             stats.update(_errors("naive_", naive.reshape(y.shape), y))
             stats.update(_errors("snaive_", seasonal.reshape(y.shape), y))
         return stats
@@ -67,7 +66,7 @@ class Forecast(Task):
 
     def agree(self, a, b):
         # the same prediction: every value within 1% of its channel's spread
-        scale = torch.tensor(self.info.target_std, device=a.device)
+        scale = self.constant("scale", self.info.target_std, a.device)
         return ((a.float() - b.float()).abs() <= 0.01 * scale).flatten(1).all(dim=1)
 
     def summary(self, row):
