@@ -440,6 +440,11 @@ def check_outputs(case: Case, result, cwd: Path) -> None:
             assert {p["status"] for p in plan["points"]} == {"finished"}, plan["points"]
             for p in plan["points"]:
                 _is_run(cwd / case.option("--out") / p["name"])
+    elif sub == "data":
+        assert re.search(r"^model \S+: [\d,]+ parameters", result.output, re.M), result.output
+        assert re.search(r"^  test +[\d,]+ samples", result.output, re.M), result.output
+        if "data.tokenizer=bpe" in argv:
+            assert "vocabulary: bpe, 1,000 ids" in result.output, result.output
     elif sub == "--version":
         assert re.fullmatch(r"deqctl \d+\.\d+\.\d+\S*\n", result.output), result.output
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from . import compare as _compare
+from . import data as _data
 from . import eval as _eval
 from . import export as _export
 from . import generate as _generate
@@ -40,6 +41,7 @@ app.command("compare", no_args_is_help=True)(_compare.compare)
 app.command("predict", no_args_is_help=True)(_predict.predict)
 app.command("generate", no_args_is_help=True)(_generate.generate)
 app.command("sweep", no_args_is_help=True)(_sweep.sweep)
+app.command("data", no_args_is_help=True)(_data.data_command)
 
 
 def main() -> None:

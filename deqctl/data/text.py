@@ -67,12 +67,14 @@ def lm_bundle(name: str, texts: dict[str, Text], cfg, like: DataInfo | None) -> 
         raise DataError("data.files.train: required to train (the vocabulary comes from it)")
     if "test" not in texts:
         raise DataError("data.files.test: required (the split evaluation reports)")
-    splits, notes, facts = {}, [], {"unknown_tokens": {}, "tokens": {}, "text_bytes": {}}
+    facts = {k: {} for k in ("unknown_tokens", "tokens", "text_bytes", "token_files")}
+    splits, notes = {}, []
     for part, text in texts.items():
         ids, meta = cache.tokens(tok, text)
         splits[part] = Split(*windows(ids, cfg.seq_len, f"{name} {part}"))
         facts["unknown_tokens"][part] = meta["unknown"]
         facts["tokens"][part], facts["text_bytes"][part] = meta["count"], meta["bytes"]
+        facts["token_files"][part] = meta["path"]
         if meta["unknown"]:
             notes.append(f"{name}: {meta['unknown']} {tok.unit}(s) of the {part} text are not "
                          f"in the training vocabulary; they are read as the unknown id "

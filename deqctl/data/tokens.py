@@ -156,7 +156,7 @@ class TokenCache:
     # -- token files ----------------------------------------------------------------------
     def tokens(self, tok: Tokenizer, text: Text) -> tuple[np.ndarray, dict]:
         """The ids of `text` as a read-only memmap, and the entry's description (count,
-        unknown, bytes of text, seconds it took to build or None when reused)."""
+        unknown, bytes of text, path, seconds it took to build; `built` when it was)."""
         key = _key({"format": FORMAT, "tokenizer": [tok.kind, tok.stored],
                     "text": text.fingerprint})
         path, meta_path = self.folder / f"{key}.ids", self.folder / f"{key}.json"
@@ -164,6 +164,7 @@ class TokenCache:
             meta = _valid(path, meta_path)
             if meta is None:
                 meta = _build(tok, text, path, meta_path)
+        meta["path"] = str(path)
         dtype = np.dtype(meta["dtype"])
         ids = (np.memmap(path, dtype=dtype, mode="r") if meta["count"]
                else np.zeros(0, dtype))
