@@ -121,7 +121,8 @@ class DEQ(nn.Module):
     its loss; `fp_correction` {states, gamma}: earlier solver states in info.corrections;
     `mode` "unrolled" with `unrolled` {depth}: the explicit twin of the same cell,
     back-propagated through every application ("baseline": one application, for a model
-    whose cell is a whole explicit network); `warm_start`. Errors name the key and list
+    whose cell is a whole explicit network); `pretrain_steps`: that twin trains the first
+    N steps of an implicit model (shallow pretraining); `warm_start`. Errors name the key and list
     the valid choices. A validated `DEQSettings` may be passed instead.
 
     Call as `z, info = deq(cell, u, z0)`; `cell(z, u)` must return a tensor shaped like z.
@@ -148,7 +149,9 @@ class DEQ(nn.Module):
         self.fp_correction, self.fp_gamma = settings.fp_correction.states, settings.fp_correction.gamma
         self.mode = settings.mode
         self.unrolled_depth = settings.explicit_depth
-        self.step = 0                      # training calls so far (Jacobian-reg cadence)
+        self.pretrain_steps = settings.pretrain_steps
+        self.step = 0                      # training calls so far (Jacobian-reg cadence,
+                                           # shallow pretraining); saved in checkpoints
         self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
 
     def forward(self, cell: Cell, u: torch.Tensor, z0: State,
@@ -172,7 +175,7 @@ class DEQ(nn.Module):
     def _forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
                  solver: SolveSpec | None, eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
-        if self.mode in ("unrolled", "baseline"):
+        if self.mode in ("unrolled", "baseline") or self.pretraining:
             return self._unrolled(cell, u, z0, fwd, eager_cell)
         snapshots = self._snapshot_points(fwd) if self.training else ()
 
@@ -207,6 +210,12 @@ class DEQ(nn.Module):
                 info.corrections.append((self.fp_gamma ** (k - i), cell(z_k.detach(), u)))
             self.step += 1
         return z_out, info
+
+    @property
+    def pretraining(self) -> bool:
+        """True while training is in its first deq.pretrain_steps steps, which train the
+        cell unrolled (a function of the saved step count: a resume keeps it)."""
+        return self.training and self.step < self.pretrain_steps
 
     def _unrolled(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor, spec: SolveSpec,
                   eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:

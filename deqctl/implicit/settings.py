@@ -156,12 +156,18 @@ class DEQSettings(Block):
     cache_fixed_points: Bool = Field(False, description="start each training example's "
                                      "solve from its own z* of the previous epoch (kept "
                                      "on the device, saved in checkpoints)")
+    pretrain_steps: Int = Field(0, ge=0, description="shallow pretraining: the first N "
+                                "training steps train the cell unrolled (deq.unrolled.depth "
+                                "applications, backprop through each), then implicitly")
 
     @model_validator(mode="after")
     def _consistent(self) -> "DEQSettings":
         if self.mode != "implicit" and self.fp_correction.states:
             raise ValueError(f"fp_correction.states must be 0 with mode={self.mode} (an "
                              f"explicit network back-propagates through every state)")
+        if self.pretrain_steps and self.mode != "implicit":
+            raise ValueError(f"pretrain_steps must be 0 with mode={self.mode} (it trains an "
+                             f"implicit model unrolled first; this one is explicit throughout)")
         b = self.backward
         if b.shine and not (b.mode == "ift" and self.forward.solver == "broyden"
                             and not self.forward.compact):
@@ -181,7 +187,8 @@ class DEQSettings(Block):
     @property
     def explicit_depth(self) -> int:
         """Applications of the cell in an explicit mode: a baseline's cell is the whole
-        network, applied once (models/baselines.py); a twin's is deq.unrolled.depth."""
+        network, applied once (models/baselines.py); a twin's (and shallow pretraining's) is
+        deq.unrolled.depth."""
         return 1 if self.mode == "baseline" else self.unrolled.depth or self.forward.max_iter
 
     def describe_eval(self) -> str:
