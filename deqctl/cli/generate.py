@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import typer
 
 from ..files import read_text
 from ..inspect import open_source
-from ..predict.generate import Generator, Sampler, Summary
+from ..implicit import SolveSpec
+from ..predict.generate import Generator, Sampler, Summary, Token
 from ..ui.fmt import fmt_pct, fmt_sci
 from .common import TRUST_CODE, USAGE, fail, split_args, strict_json, user_errors
 
@@ -65,31 +69,69 @@ def generate(
         typer.echo(f"{src.label}: window {gen.window} tokens; {src.recipe.deq.describe_eval()}; "
                    f"{'reusing fixed points' if gen.reuse else 'cold start per token'}; "
                    f"device {src.device}", err=True)
-        typer.echo(text, nl=False)
+        _replace_what_cannot_be_shown()
     sample = Sampler(temperature, top_k, greedy, seed)
-    out, start = [], time.perf_counter()
-    for token in gen.generate(ids, tokens, sample):
-        out.append(token)
+    with _reader_may_leave():
         if not as_json:
-            sys.stdout.write(token.text)
-            sys.stdout.flush()
-    summary = Summary.of(out, time.perf_counter() - start)
-    if as_json:
-        typer.echo(json.dumps(strict_json({
-            "text": "".join(t.text for t in out), "prompt_tokens": len(ids),
-            "reuse": gen.reuse, "window": gen.window, "solver": solver.as_dict(),
-            "tokens": [{"token": t.text, "id": t.id, "nfe": t.nfe,
-                        "rel_residual": t.rel_residual, "converged": t.converged,
-                        "window": t.window} for t in out],
-            "summary": {**asdict(summary), "tokens_per_s": summary.tokens_per_s}}),
-            allow_nan=False))
-        return
-    typer.echo("")
+            _stream(text)
+        out, start = [], time.perf_counter()
+        for token in gen.generate(ids, tokens, sample):
+            out.append(token)
+            if not as_json:
+                _stream(token.text)
+        summary = Summary.of(out, time.perf_counter() - start)
+        if as_json:     # ASCII (json.dumps escapes the rest): any terminal shows it
+            typer.echo(json.dumps(strict_json(_report(out, len(ids), gen, solver, summary)),
+                                  allow_nan=False))
+            return
+        _stream("\n")
     typer.echo(f"{summary.tokens} tokens in {summary.seconds:.1f} s "
                f"({summary.tokens_per_s:.1f} tokens/s); per token NFE mean "
                f"{summary.nfe_mean:.1f} max {summary.nfe_max}, rel residual mean "
                f"{fmt_sci(summary.rel_residual_mean)} max {fmt_sci(summary.rel_residual_max)}, "
                f"converged {fmt_pct(summary.converged)}", err=True)
+
+
+def _report(out: list[Token], prompt_tokens: int, gen: Generator, solver: SolveSpec,
+            summary: Summary) -> dict:
+    """The --json object: the text, each token with its solve, the summary."""
+    return {"text": "".join(t.text for t in out), "prompt_tokens": prompt_tokens,
+            "reuse": gen.reuse, "window": gen.window, "solver": solver.as_dict(),
+            "tokens": [{"token": t.text, "id": t.id, "nfe": t.nfe,
+                        "rel_residual": t.rel_residual, "converged": t.converged,
+                        "window": t.window} for t in out],
+            "summary": {**asdict(summary), "tokens_per_s": summary.tokens_per_s}}
+
+
+def _stream(text: str) -> None:
+    """Write `text` to stdout now: the prompt and each token as it comes, all through the
+    one stream (so all in its one encoding)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _replace_what_cannot_be_shown() -> None:
+    """Characters stdout's encoding cannot hold (LC_ALL=C with PYTHONIOENCODING=ascii, a
+    byte model's stray bytes) are written as '?' rather than ending the command."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="replace")
+
+
+@contextmanager
+def _reader_may_leave() -> Iterator[None]:
+    """A reader that stops reading (`deqctl generate RUN | head -c 100`) has what it
+    wanted: generation stops there, quietly, with exit 0 (as the shell's own tools end
+    in a pipeline), never a BrokenPipeError."""
+    try:
+        yield
+    except BrokenPipeError:
+        try:    # Python flushes stdout once more at exit: into /dev/null that cannot fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):    # not a file (an in-process test)
+            pass
+        raise typer.Exit(0)
 
 
 def _prompt(prompt: str | None, prompt_file: Path | None) -> str:

@@ -16,14 +16,19 @@ from ..implicit import SolveSpec
 from ..inspect import (EVAL_OVERRIDES, SolverTrace, TraceReport, is_recipe, open_source,
                        trace_model)
 from ..inspect.gradaudit import GradAudit, audit_gradient
+from ..inspect.source import Source
 from ..inspect.starts import StartsReport, path_independence
+from ..inspect.trace import BaselineReport, trace_baseline
 from ..implicit.settings import SolverSettings
 from ..solvers import SOLVERS
 from ..ui import plot_starts, plot_traces, sparkline
 from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
 from ..files import Output, check_outputs
 from ..limits import ITER_LIMIT
-from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
+from .common import TRUST_CODE, USAGE, fail, say_user_code, split_args, user_errors
+
+SOLVERS_DEFAULT = "anderson,broyden,fixed_point"
+POWER_ITERS_DEFAULT = 100
 
 
 @user_errors
@@ -32,16 +37,17 @@ def solve_trace(
         None, help="RUN_OR_CHECKPOINT or RECIPE.yaml (untrained model), then overrides "
                    "key=value (for a trained model: data.*, deq.eval.*, runtime.*, and "
                    "deq.backward.* for --backward and --grad)"),
-    solvers: str = typer.Option("anderson,broyden,fixed_point", "--solvers",
-                                help="comma-separated solvers to compare"),
+    solvers: Optional[str] = typer.Option(None, "--solvers", help="comma-separated solvers "
+                                          f"to compare (default: {SOLVERS_DEFAULT})"),
     batch: int = typer.Option(32, "--batch", min=1, help="test samples in the batch"),
     max_iter: Optional[int] = typer.Option(None, "--max-iter", min=1, max=ITER_LIMIT,
                                            help="evaluation budget (default: eval / backward settings)"),
     tol: Optional[float] = typer.Option(None, "--tol", min=0.0,
                                         help="tolerance (default: eval / backward settings)"),
     backward: bool = typer.Option(False, "--backward", help="also trace the adjoint (IFT) solve"),
-    power_iters: int = typer.Option(100, "--power-iters", min=4, max=ITER_LIMIT,
-                                    help="power-iteration steps for the spectral radius"),
+    power_iters: Optional[int] = typer.Option(None, "--power-iters", min=4, max=ITER_LIMIT,
+                                              help="power-iteration steps for the spectral "
+                                                   f"radius (default: {POWER_ITERS_DEFAULT})"),
     starts: int = typer.Option(0, "--starts", min=0, max=1000,
                                help="also solve from K random starts: is the fixed point unique?"),
     grad: bool = typer.Option(False, "--grad", help="audit the training gradient against "
@@ -58,7 +64,13 @@ def solve_trace(
     path, overrides = split_args(args)
     if path is None:
         fail("missing RUN_OR_CHECKPOINT or RECIPE.yaml", USAGE)
-    names = [s.strip() for s in solvers.split(",") if s.strip()]
+    # what configures a fixed-point solve, given or not: a baseline has none to configure
+    solve_options = {"--solvers": solvers is not None, "--max-iter": max_iter is not None,
+                     "--tol": tol is not None, "--backward": backward,
+                     "--power-iters": power_iters is not None, "--starts": starts > 0,
+                     "--grad": grad, "--min-cos": min_cos is not None,
+                     "--plot": plot is not None}
+    names = [s.strip() for s in (solvers or SOLVERS_DEFAULT).split(",") if s.strip()]
     if not names:
         fail("--solvers: name at least one solver, e.g. anderson,broyden", USAGE)
     if tol is not None and not 0 < tol < math.inf:
@@ -66,16 +78,27 @@ def solve_trace(
     outputs = _outputs(plot, json_path, backward, starts > 0, force, Path(path))  # refused before any work
     src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code,
                       allowed=(*EVAL_OVERRIDES, "deq.backward"))   # weights fix the rest
+    if is_recipe(path):
+        say_user_code(src.recipe)       # as train does: importing it is the first thing said
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
+    if src.recipe.deq.mode == "baseline":
+        _refuse_solve_options([k for k, given in solve_options.items() if given])
+        _baseline(src, path, batch, outputs)
+        return
     _check_solvers(names, src.recipe)
     x, y = src.batch("test", batch)
     update = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
     fwd = _specs(src.recipe.deq.eval_settings(), names, update)
     bwd = _specs(src.recipe.deq.backward, names, update) if backward else []
     console = Console()
-    typer.echo(f"{src.label}: {x.shape[0]} test samples, device {src.device} ({src.device_reason})")
-    report = trace_model(src.model, src.task, x, y, fwd, bwd, power_iters=power_iters)
+    _header(src, x)
+    if src.recipe.deq.mode == "unrolled":
+        typer.echo(f"{src.recipe.deq.describe_eval()}: it answers with "
+                   f"{src.recipe.deq.explicit_depth} applications of its cell; the traces "
+                   f"solve that cell to its fixed point")
+    report = trace_model(src.model, src.task, x, y, fwd, bwd,
+                         power_iters=power_iters or POWER_ITERS_DEFAULT)
     fwd, bwd = fwd[0], (bwd[0] if bwd else None)
 
     console.print(_solver_table("forward", report.forward, fwd))
@@ -93,15 +116,45 @@ def solve_trace(
     if "plot" in outputs:
         _plots(outputs, report, fwd, bwd, unique)
     if "json" in outputs:
-        data = {"source": src.label, "untrained": is_recipe(path), **report.to_json(),
-                "starts": unique.to_json() if unique is not None else None,
-                "grad": audit.to_json() if audit is not None else None}
-        with outputs["json"].writing() as tmp:
-            tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-        typer.echo(f"json: {json_path}")
+        _write_json(outputs["json"], src, path, {
+            **report.to_json(), "starts": unique.to_json() if unique is not None else None,
+            "grad": audit.to_json() if audit is not None else None})
     if audit is not None and min_cos is not None and audit.overall.cosine < min_cos:
         fail(f"--min-cos {min_cos:g}: the training gradient's cosine is "
              f"{audit.overall.cosine:.4f}", 1)
+
+
+def _header(src: Source, x: torch.Tensor) -> None:
+    typer.echo(f"{src.label}: {x.shape[0]} test samples, device {src.device} ({src.device_reason})")
+
+
+def _refuse_solve_options(given: list[str]) -> None:
+    """Exit 2 naming every solve option given for a baseline (none given: nothing to say)."""
+    if given:
+        fail(f"{', '.join(given)}: a baseline (deq.mode=baseline) is an explicit network "
+             f"evaluated once, with no fixed point to solve, trace or audit; leave "
+             f"{'it' if len(given) == 1 else 'them'} out", USAGE)
+
+
+def _baseline(src: Source, path: str, batch: int, outputs: dict[str, Output]) -> None:
+    """What applies to an explicit baseline, in one line: its one evaluation of the batch
+    (and that in the --json file)."""
+    x, _ = src.batch("test", batch)
+    _header(src, x)
+    r: BaselineReport = trace_baseline(src.model, x)
+    typer.echo(f"explicit baseline {r.network}: one evaluation ({r.batch} samples in "
+               f"{fmt_ms(r.time_s)} ms), no fixed point, so no solver trace and no spectral "
+               f"radius")
+    if "json" in outputs:
+        _write_json(outputs["json"], src, path, r.to_json())
+
+
+def _write_json(out: Output, src: Source, path: str, report: dict) -> None:
+    data = {"source": src.label, "untrained": is_recipe(path), "mode": src.recipe.deq.mode,
+            **report}
+    with out.writing() as tmp:
+        tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    typer.echo(f"json: {out.path}")
 
 
 def _plots(outputs: dict[str, Output], report: TraceReport, fwd: SolveSpec,

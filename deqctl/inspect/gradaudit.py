@@ -60,7 +60,11 @@ class GradAudit:
 
 def audit_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
                    seed: int = 0) -> GradAudit:
-    """The recipe's gradient of task.loss on (x, y) against the exact implicit one."""
+    """The recipe's gradient of task.loss on (x, y) against the exact implicit one.
+    ValueError for an explicit baseline: it has no fixed point, so no implicit gradient."""
+    if model.deq.mode == "baseline":
+        raise ValueError("deq.mode=baseline: an explicit network has no fixed point, so "
+                         "no implicit gradient to audit its gradient against")
     got, info = _gradient(model, task, x, y, seed)
     exact, exact_info = exact_gradient(model, task, x, y, seed)
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -34,18 +34,22 @@ def spectral_radius(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
     """
     if iters < 4:
         raise ValueError(f"iters must be >= 4, got {iters}")
+    if mode not in ("vjp", "jvp"):
+        raise ValueError(f"mode must be 'vjp' or 'jvp', got {mode!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     v = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
     v, _ = _unit(v)
     z_in = z.detach().clone().requires_grad_()
     with torch.enable_grad():
         out = f(z_in)
+        if _ignores(out, z_in):
+            # df/dz = 0 (an explicit baseline's cell returns its injection): radius 0,
+            # and no graph from z for the products below to run through
+            return torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         if mode == "jvp":
             # J v = d/dw <J^T w, v>: J^T w is linear in w, so its graph gives J v exactly.
             w = torch.zeros_like(out, requires_grad=True)
             (jt_w,) = torch.autograd.grad(out, z_in, w, create_graph=True)
-        elif mode != "vjp":
-            raise ValueError(f"mode must be 'vjp' or 'jvp', got {mode!r}")
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         if mode == "vjp":
@@ -60,6 +64,14 @@ def spectral_radius(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
     x1 = apply(v)
     x2 = apply(x1)
     return _radius(torch.stack(growth), v, x1, x2)
+
+
+def _ignores(out: torch.Tensor, z: torch.Tensor) -> bool:
+    """True when `out` does not depend on `z` at all (no autograd path from z to it)."""
+    if not out.requires_grad:
+        return True
+    return torch.autograd.grad(out, z, torch.zeros_like(out), retain_graph=True,
+                               allow_unused=True)[0] is None
 
 
 def _radius(growth: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor,

@@ -84,6 +84,36 @@ class TraceReport:
         return out
 
 
+@dataclass
+class BaselineReport:
+    """What `deqctl solve-trace` reports of an explicit baseline (deq.mode=baseline): the
+    network is evaluated once, so there is no fixed point, solver trace or radius."""
+
+    network: str           # the baseline's class, e.g. CNNBaseline
+    batch: int
+    time_s: float          # wall time of the one evaluation of the batch
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the --json form, with the keys a DEQ's trace has that do not apply empty:
+        {"batch", "network", "nfe": 1, "time_s", "solvers": {}, "spectral_radius": None,
+        "fixed_point_rate": None}."""
+        return {"batch": self.batch, "network": self.network, "nfe": 1, "time_s": self.time_s,
+                "solvers": {}, "spectral_radius": None, "fixed_point_rate": None}
+
+
+def trace_baseline(model: DEQModel, x: torch.Tensor) -> BaselineReport:
+    """Time the one evaluation of an explicit baseline on the batch x (after a warm-up,
+    as `compare_solvers` times each solve)."""
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        _sync(x)
+        start = time.perf_counter()
+        model(x)
+        _sync(x)
+    return BaselineReport(type(model).__name__, x.shape[0], time.perf_counter() - start)
+
+
 def compare_solvers(f: Callable, z0: torch.Tensor, specs: Sequence[SolveSpec]
                     ) -> dict[str, SolverTrace]:
     """Run each solve spec on z = f(z) from the same z0; return {solver: SolverTrace}.

@@ -64,11 +64,16 @@ class Sampler:
         logits = logits.float().cpu()
         if self.greedy or self.temperature == 0:
             return int(logits.argmax())
-        logits = logits / self.temperature
         if self.top_k is not None and self.top_k < logits.numel():
             kth = logits.topk(self.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=self._gen))
+        probs = (logits / self.temperature).softmax(-1)
+        if not torch.isfinite(probs).all() and not logits.isnan().any():
+            # T so small that logits / T overflowed (inf - inf in the softmax): at its
+            # limit T -> 0 the draw is the most likely token, so take it (NaN logits, a
+            # broken model, still fail in multinomial)
+            return int(logits.argmax())
+        return int(torch.multinomial(probs, 1, generator=self._gen))
 
 
 class Generator:
