@@ -1,5 +1,5 @@
-"""Batching from in-memory splits: deterministic shuffles, resumable positions, and
-tensor-op augmentation.
+"""Batching: deterministic shuffles, resumable positions, tensor-op augmentation, and
+each rank's slice of a batch; splits of image files are decoded by deqctl.data.loader.
 
 All randomness comes from local torch.Generators seeded by a hash of (seed, epoch[, batch]),
 never the global RNG, so a run resumed at batch k of an epoch sees exactly the batches
@@ -58,18 +58,21 @@ def padding_for(split: Split) -> int:
     return 4 if split.augment == "shift+flip" and min(h, w) >= 32 else 2
 
 
-def augment_batch(x: torch.Tensor, *, pad: int, flip: bool,
-                  generator: torch.Generator) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, *, pad: int, flip: bool, generator: torch.Generator,
+                  of: int | None = None, at: int = 0) -> torch.Tensor:
     """Return a randomly cropped (zero padding `pad`, then a crop of the original size at
     a random offset per sample) and, when `flip`, randomly horizontally flipped copy of
     the batch x (B, C, H, W), or (B, H, W) for digits read as rows. Same generator state
-    -> same result."""
+    -> same result. x may be samples at..at+B of a batch of `of` (a rank's slice): they
+    get exactly what they would get as part of the whole batch."""
     if x.dim() == 3:
-        return augment_batch(x.unsqueeze(1), pad=pad, flip=flip, generator=generator).squeeze(1)
+        return augment_batch(x.unsqueeze(1), pad=pad, flip=flip, generator=generator,
+                             of=of, at=at).squeeze(1)
     b, c, h, w = x.shape
     # draw everything up front, in a fixed order, so results depend only on the generator
-    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator)
-    flips = torch.rand(b, generator=generator) < 0.5
+    n = b if of is None else of
+    offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)[:, at:at + b]
+    flips = (torch.rand(n, generator=generator) < 0.5)[at:at + b]
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))  # zeros; works on uint8
         rows = offsets[0, :, None] + torch.arange(h)  # (B, H)
@@ -84,47 +87,68 @@ def augment_batch(x: torch.Tensor, *, pad: int, flip: bool,
 
 
 def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, seed: int = 0,
-                    epoch: int = 0, start: int = 0, augment: bool = False,
+                    epoch: int = 0, start: int = 0, augment: bool | str = False,
                     drop_last: bool = False, device: torch.device | str = "cpu",
-                    with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+                    with_index: bool = False, shard: tuple[int, int] = (0, 1)
+                    ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Return an iterator over (x, y) batches of one epoch, from batch `start` on.
 
     x on `device`: uint8 pixels become float32 in [0, 1], token ids stay int64, values
     stay float32; y as stored (int64 classes or tokens, float32 values). With
-    `shuffle`, the order is a pure function of (seed, epoch); with `augment`, each batch's
-    augmentation is a pure function of (seed, epoch, batch index). So batches `start`,
+    `shuffle`, the order is a pure function of (seed, epoch); with `augment` (truthy:
+    the split's own kind), each batch's augmentation is a pure function of (seed, epoch,
+    batch index), ImageNet's of (seed, epoch, sample index). So batches `start`,
     `start + 1`, ... are identical to those of a full pass from 0. `with_index` yields
     (x, y, index) instead, index holding the examples' positions in the split (int64, on
-    `device`).
+    `device`). `shard` = (rank, world): only rank's contiguous slice of each batch is
+    read (and decoded), exactly that slice of the whole batch.
     Raises ValueError (eagerly, not at the first next()) for a bad `start`.
     """
     total = num_batches(split, batch_size, drop_last)
     if not 0 <= start <= total:
         raise ValueError(f"start must be in [0, {total}] (batches per epoch), got {start}")
-    return _batches(split, batch_size, total, shuffle, seed, epoch, start, augment,
-                    torch.device(device), with_index)
+    return _batches(split, batch_size, total, shuffle, seed, epoch, start, bool(augment),
+                    torch.device(device), with_index, shard)
+
+
+def _part(n: int, shard: tuple[int, int]) -> slice:
+    """Rank's contiguous part of a batch of n (as deqctl.engine.distributed.shard)."""
+    rank, world = shard
+    return slice(n * rank // world, n * (rank + 1) // world)
 
 
 def _batches(split: Split, batch_size: int, total: int, shuffle: bool, seed: int,
-             epoch: int, start: int, augment: bool, device: torch.device, with_index: bool
-             ) -> Iterator[tuple[torch.Tensor, ...]]:
+             epoch: int, start: int, augment: bool, device: torch.device, with_index: bool,
+             shard: tuple[int, int]) -> Iterator[tuple[torch.Tensor, ...]]:
     """The generator behind iterate_batches (arguments already checked)."""
     order = epoch_order(len(split), seed, epoch) if shuffle else None
     augment = augment and split.augment is not None
     pad, flip = padding_for(split), split.augment == "shift+flip"
+    plan = []                     # (batch index, this rank's samples, batch size, offset)
     for i in range(start, total):
         lo, hi = i * batch_size, min((i + 1) * batch_size, len(split))
-        idx = order[lo:hi] if order is not None else slice(lo, hi)
-        x, y = split.inputs[idx], split.targets[idx]
-        if augment:
+        part = _part(hi - lo, shard)
+        idx = order[lo:hi][part] if order is not None else slice(lo + part.start, lo + part.stop)
+        plan.append((i, idx, hi - lo, part.start))
+    decode = getattr(split.inputs, "decode_batches", None)
+    if decode is not None:        # image files: decoded here or in worker processes
+        xs = decode([torch.arange(len(split))[idx] if isinstance(idx, slice) else idx
+                     for _, idx, _, _ in plan],
+                    (seed, epoch) if augment and split.augment == "imagenet" else None,
+                    pin=device.type == "cuda")
+    else:
+        xs = (split.inputs[idx] for _, idx, _, _ in plan)
+    for (i, idx, size, at), x in zip(plan, xs):
+        y = split.targets[idx]
+        if augment and split.augment != "imagenet":
             # augment on the CPU so results are identical whatever the device
-            x = augment_batch(x, pad=pad, flip=flip,
-                              generator=_generator(_AUGMENT, seed, epoch, i))
-        x = x.to(device)
+            x = augment_batch(x, pad=pad, flip=flip, generator=_generator(_AUGMENT, seed, epoch, i),
+                              of=size, at=at)
+        x = x.to(device, non_blocking=device.type == "cuda" and x.is_pinned())
         if x.dtype == torch.uint8:   # moved as uint8 (4x fewer bytes), converted on the device
             x = x.to(torch.float32).div_(255.0)
         if with_index:
-            index = idx if order is not None else torch.arange(lo, hi)
+            index = idx if order is not None else torch.arange(idx.start, idx.stop)
             yield x, y.to(device), index.to(device)
         else:
             yield x, y.to(device)

@@ -11,12 +11,12 @@ import torch
 from pydantic import Field
 
 from ..errors import quote
-from ..options import Block, Bool, Int
+from ..options import Block, Int
 from .base import DataBundle, DataError, DataInfo, Split
 from .arrays import MAX_CLASSES
-from .images import colour_mode, decode_images, image_bundle
+from .images import lazy_bundle, lazy_splits
 from .registry import source
-from .settings import TextTokens
+from .settings import Augment, TextTokens
 from .text import lm_bundle
 from .tokens import Text, text_rows
 
@@ -38,7 +38,10 @@ class HfData(TextTokens):
 
     hf: HfSource = HfSource()
     image_size: Int | None = Field(None, ge=4)
-    augment: Bool = False
+    augment: Augment = Field(False, description="images: true (shifts, + flips for colour) "
+                             "or imagenet (RandomResizedCrop + flip; Resize + CenterCrop)")
+    workers: Int = Field(0, ge=0, le=256, description="images: DataLoader worker processes "
+                         "that decode them (0: in the main process)")
 
 TEXT_COLUMNS = ("text", "content", "sentence")
 IMAGE_COLUMNS = ("image", "img")
@@ -131,30 +134,26 @@ def _class_id(v: object) -> bool:
 
 def _images(name: str, ds, wanted: dict[str, str], image: str, label: str, cfg,
             like: DataInfo | None) -> DataBundle:
-    from PIL.Image import Image
+    """Image + label columns as splits of undecoded rows (decoded as they are used)."""
+    from .loader import HfRows
 
-    read = {}
+    refs, targets = {}, {}
     for part, split in wanted.items():
-        images, labels = ds[split][image], ds[split][label]
-        if not all(isinstance(im, Image) for im in images):
+        feature = ds[split].features.get(image)
+        if type(feature).__name__ != "Image":
             raise DataError(f"data.hf.image_column: {quote(image)} in {split} does not hold images")
+        labels = ds[split][label]
         bad = next((i for i, v in enumerate(labels) if not _class_id(v)), None)
         if bad is not None:
             raise DataError(f"data.hf.label_column: {quote(label)} in {split} holds "
                             f"{quote(labels[bad])} at row {bad}, not a class id in 0 .. "
                             f"{MAX_CLASSES - 1} (an unlabelled split?)")
-        read[part] = images, labels
-    mode = colour_mode([im for images, _ in read.values() for im in images])
-    splits = {}
-    for part, (images, labels) in read.items():
-        x = decode_images(images, cfg.image_size, f"{name} {wanted[part]}", mode)
-        splits[part] = Split(x, torch.tensor(labels, dtype=torch.int64),
-                             augment="shift+flip" if mode == "RGB" else "shift")
+        refs[part], targets[part] = HfRows(ds[split], image, f"{name} {split}"), labels
+    splits = lazy_splits(refs, targets, cfg, name)
     if like is not None and "train" not in splits:   # evaluating: the model knows the rest
         return DataBundle(info=like, train=None, test=splits["test"], val=splits.get("val"))
     feature = ds[wanted["train"]].features.get(label)
     classes = getattr(feature, "num_classes", None) or int(
         max(int(s.targets.max()) for s in splits.values())) + 1
     names = tuple(getattr(feature, "names", None) or ())
-    return image_bundle(name, splits["train"], splits["test"], classes, val=splits.get("val"),
-                        classes=names if len(names) == classes else ())
+    return lazy_bundle(name, splits, classes, names if len(names) == classes else ())

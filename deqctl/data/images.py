@@ -1,9 +1,10 @@
 """Image classification data: the embedded MNIST subset (also read as sequences of rows),
 torchvision's sets, and folders of image files.
 
-Every loader returns the whole dataset as uint8 tensors: these sets are small (CIFAR-10's
-train split is 150 MB), and batching from memory keeps the shuffle order a pure function
-of (seed, epoch), which bit-exact resume relies on.
+The embedded and torchvision sets are returned whole as uint8 tensors: they are small
+(CIFAR-10's train split is 150 MB) and batching from memory is the fast path. A folder of
+image files is held as its paths and decoded as it is used (deqctl.data.loader), so an
+ImageNet-sized folder never sits in memory; its batches are the same pixels either way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..options import Bool, Int
 from .base import DataBundle, DataError, DataInfo, Split, channel_stats
 from .idx import read_idx
 from .registry import source
-from .settings import Augmentable
+from .settings import Augmentable, DecodedImages
 
 EMBEDDED = Path(__file__).parent / "embedded"
 DEFAULT_ROOT = "~/.cache/deqctl/data"
@@ -37,7 +38,7 @@ class TorchvisionData(Augmentable):
     download: Bool = False
 
 
-class ImageFolderData(Augmentable):
+class ImageFolderData(DecodedImages):
     """root/train/<class>/*.png|jpg, root/test/<class>/..., optional root/val/."""
 
     root: str | None = None
@@ -152,23 +153,6 @@ def load_torchvision(cfg, like: DataInfo | None = None) -> DataBundle:
 GREY_MODES = {"L", "1", "I;16", "I"}
 
 
-def colour_mode(images) -> str:
-    """"L" when every PIL image is grey, else "RGB"."""
-    return "L" if all(im.mode in GREY_MODES for im in images) else "RGB"
-
-
-def decode_images(images, size: int | None, where: str, mode: str) -> torch.Tensor:
-    """Return PIL images as one uint8 tensor (N, C, H, W) in `mode` ("L" or "RGB");
-    resized to size x size when `size` is set, else all must share one size."""
-    arrays = []
-    for i, im in enumerate(images):
-        if size is None and arrays and im.size != (arrays[0].shape[-1], arrays[0].shape[-2]):
-            raise DataError(f"{where}: image {i} is {im.size[0]}x{im.size[1]}, the first is "
-                            f"{arrays[0].shape[-1]}x{arrays[0].shape[-2]}; set data.image_size=N")
-        arrays.append(pixels(im, mode, None if size is None else (size, size)))
-    return torch.from_numpy(np.stack(arrays))
-
-
 def pixels(im, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """One PIL image as uint8 (C, H, W) in `mode` ("L" or "RGB"), resized bilinearly to
     `size` (width, height) when given: the one conversion training and predict share."""
@@ -179,26 +163,24 @@ def pixels(im, mode: str, size: tuple[int, int] | None = None) -> np.ndarray:
     return np.ascontiguousarray(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
 
 
-def _read_folder(folder: Path, classes: list[str]) -> tuple[list[Path], list[int], set[str]]:
-    """Return (image files, labels, colour modes) of folder/<class>/*; classes not in
-    `classes` are an error. Only headers are read here: pixels are decoded one image at a
-    time later, so a folder of large photos never sits in memory at full size."""
+def _read_folder(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """Return (image files, labels) of folder/<class>/*; classes not in `classes` are an
+    error. No image is opened here (deqctl.data.loader reads headers, then pixels as they
+    are used)."""
     extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
     if extra:
         raise DataError(f"{folder}: class folder(s) {', '.join(extra)} do not exist in train/")
-    paths, labels, modes = [], [], set()
+    paths, labels = [], []
     for label, name in enumerate(classes):
         sub = folder / name
         if not sub.is_dir():
             continue
         for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            with open_image(path) as im:
-                modes.add(im.mode)
             paths.append(path)
             labels.append(label)
     if not paths:
         raise DataError(f"{folder}: no images (.png/.jpg/...) in its class folders")
-    return paths, labels, modes
+    return paths, labels
 
 
 @contextlib.contextmanager
@@ -222,21 +204,57 @@ def open_image(path: Path):
         raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
 
-def _loaded(paths: list[Path]):
-    """Each image of `paths`, decoded, one at a time."""
-    for path in paths:
-        with open_image(path) as im:
-            try:
-                im.load()
-            except OSError as exc:        # a truncated file shows only now
-                raise DataError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-            yield im
+def lazy_splits(refs: dict[str, object], labels: dict[str, list[int]], cfg, where: str
+                ) -> dict[str, Split]:
+    """Splits of undecoded images (deqctl.data.loader.ImageFiles) from each part's
+    references: colour mode and size from the headers (grey when every image is),
+    resized to data.image_size (required when sizes differ, and by data.augment=imagenet)."""
+    from .loader import ImageFiles, headers
+
+    imagenet = cfg.augment == "imagenet"
+    if imagenet and cfg.image_size is None:
+        raise DataError("data.augment=imagenet: set data.image_size=N (e.g. 224), the size "
+                        "of its crops")
+    read = {part: headers(r) for part, r in refs.items()}
+    mode = "L" if set().union(*(m for m, _, _ in read.values())) <= GREY_MODES else "RGB"
+    if cfg.image_size is None:
+        for part, (_, first, odd) in read.items():
+            if odd is not None:
+                raise DataError(f"{where} {part}: image {odd[0]} is {odd[1][0]}x{odd[1][1]}, "
+                                f"the first is {first[0]}x{first[1]}; set data.image_size=N")
+        sizes = {first for _, first, _ in read.values()}
+        if len(sizes) > 1:
+            raise DataError(f"{where}: splits have different image shapes "
+                            f"{sorted(sizes)}; set data.image_size=N")
+    size = (cfg.image_size, cfg.image_size) if cfg.image_size else read["test"][1]
+    kind = "imagenet" if imagenet else "shift+flip" if mode == "RGB" else "shift"
+    return {part: Split(ImageFiles(r, mode, size, imagenet, cfg.workers),
+                        torch.tensor(labels[part], dtype=torch.int64), augment=kind)
+            for part, r in refs.items()}
+
+
+def lazy_bundle(name: str, splits: dict[str, Split], num_classes: int,
+                classes: tuple[str, ...] = ()) -> DataBundle:
+    """image_bundle for splits of undecoded images: the statistics come from a bounded
+    sample of the training images (deqctl.data.loader.image_stats)."""
+    from .loader import image_stats
+
+    train = splits["train"]
+    mean, std = image_stats(train.inputs)
+    info = DataInfo(name=name, task="classify", inputs="image",
+                    shape=tuple(train.inputs.shape[1:]), num_classes=num_classes,
+                    classes=tuple(classes), mean=mean, std=std)
+    return DataBundle(info=info, train=train, test=splits["test"], val=splits.get("val"))
 
 
 @source("imagefolder", ImageFolderData)
 def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
     """Return data.root/{train,test[,val]}/<class>/*.png|jpg as a classification bundle;
-    classes are the train subfolders, sorted."""
+    classes are the train subfolders, sorted. Always held as paths, decoded as used:
+    a folder is where ImageNet-sized data comes from, and its batches are the same pixels
+    as when it was read whole (which a folder of tiny images gains little from)."""
+    from .loader import PathList
+
     if cfg.root is None:
         raise DataError("data.root: required for imagefolder (a folder holding train/ and test/)")
     root = Path(cfg.root).expanduser()
@@ -249,16 +267,6 @@ def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
         raise DataError(f"{root / 'train'}: no class subfolders")
     read = {part: _read_folder(root / part, classes)
             for part in ("train", "test", "val") if (root / part).is_dir()}
-    modes = set().union(*(m for _, _, m in read.values()))
-    mode = "L" if modes <= GREY_MODES else "RGB"
-    splits = {}
-    for part, (paths, labels, _) in read.items():
-        x = decode_images(_loaded(paths), cfg.image_size, str(root / part), mode)
-        splits[part] = Split(x, torch.tensor(labels, dtype=torch.int64),
-                             augment="shift+flip" if mode == "RGB" else "shift")
-    shapes = {tuple(s.inputs.shape[1:]) for s in splits.values()}
-    if len(shapes) > 1:
-        raise DataError(f"{root}: splits have different image shapes {sorted(shapes)}; "
-                        f"set data.image_size=N")
-    return image_bundle(f"imagefolder:{root.name}", splits["train"], splits["test"],
-                        num_classes=len(classes), val=splits.get("val"), classes=tuple(classes))
+    splits = lazy_splits({part: PathList(paths) for part, (paths, _) in read.items()},
+                         {part: labels for part, (_, labels) in read.items()}, cfg, str(root))
+    return lazy_bundle(f"imagefolder:{root.name}", splits, len(classes), tuple(classes))

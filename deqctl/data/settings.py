@@ -3,9 +3,9 @@ of sources (images, text, forecasts). Each source's own block lives in its modul
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 
 from ..options import Block, Bool, Float, Int
 
@@ -21,7 +21,28 @@ class DataBase(Block):
 
 class Augmentable(DataBase):
     augment: Bool = Field(False, description="random shifts (+ flips for natural images); "
-                          "images only")
+                          "images only (imagenet: image folders and hf images)")
+
+
+def _augment(value: Any) -> Any:
+    if not isinstance(value, bool) and value != "imagenet":
+        raise ValueError(f"expected true, false or imagenet, got {str(value)[:80]!r}")
+    return value
+
+
+# true/false as before, or "imagenet": RandomResizedCrop + flip, Resize + CenterCrop to evaluate
+Augment = Annotated[bool | Literal["imagenet"], BeforeValidator(_augment)]
+
+
+class DecodedImages(Augmentable):
+    """Images decoded as they are used (image folders, hf image sets): worker processes,
+    and the per-sample ImageNet augmentation."""
+
+    augment: Augment = Field(False, description="true: random shifts (+ flips for colour); "
+                             "imagenet: RandomResizedCrop(image_size) + flip, and Resize + "
+                             "CenterCrop to evaluate")
+    workers: Int = Field(0, ge=0, le=256, description="DataLoader worker processes that decode "
+                         "images (0: in the main process)")
 
 
 class TextTokens(DataBase):

@@ -19,7 +19,7 @@ from .rundir import METRICS, RECIPE
 # optimizer or what the saved state means, and would silently break the run.
 MAY_CHANGE = ("train.", "log.", "runtime.device", "runtime.threads", "runtime.deterministic",
               "runtime.compile", "data.root", "data.download",
-              "deq.eval.", "data.eval_batch_size", "data.limit_eval")
+              "deq.eval.", "data.eval_batch_size", "data.limit_eval", "data.workers")
 # ... and these change the schedule (the learning rate follows the new total).
 SCHEDULE = ("train.epochs", "train.max_steps")
 

@@ -30,9 +30,9 @@ from ..models import ModelOutput, build_model
 from ..tasks import Task, task_for
 from . import checkpoint, rundir, trackers, usercode
 from .checkpoint import CheckpointError, CheckpointWriteError
-from .device import autocast, pick_device
+from .device import autocast, budget_threads, pick_device
 from .distributed import (Group, all_ranks, any_rank, average_gradients, barrier, gather,
-                          merge_rows, shard, shard_split)
+                          merge_rows, shard_split)
 from .evaluate import evaluate
 from .memory import PeakMemory
 from .metrics import Accumulator, JsonlSink, step_stats, with_stop_reason
@@ -140,11 +140,10 @@ class Trainer:
         """Device, data, task, model, optimizer: everything before any file is touched."""
         r, group = self.recipe, self.group
         torch.manual_seed(r.seed)
-        if r.runtime.threads:
-            torch.set_num_threads(r.runtime.threads)
+        threads = budget_threads(r.runtime.threads, getattr(r.data, "workers", 0))
         if r.runtime.deterministic:
             torch.use_deterministic_algorithms(True)
-        device, reason = pick_device(r.runtime.device)
+        device, reason = pick_device(r.runtime.device, threads)
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())   # this rank's GPU
         self.device = device
@@ -249,11 +248,19 @@ class Trainer:
     def epoch(self) -> None:
         """The rest of the current epoch (or of training), step by step."""
         s, r = self.state, self.recipe
-        batches = iterate_batches(self.data.train, r.data.batch_size, shuffle=True, seed=r.seed,
-                                  epoch=s.epoch, start=s.pos,
-                                  augment=getattr(r.data, "augment", False),
-                                  device=self.device, with_index=True)
-        for x, y, index in batches:
+        # each rank reads (and decodes) only its slice of every global batch
+        batches = iter(iterate_batches(self.data.train, r.data.batch_size, shuffle=True,
+                                       seed=r.seed, epoch=s.epoch, start=s.pos,
+                                       augment=getattr(r.data, "augment", False),
+                                       device=self.device, with_index=True,
+                                       shard=(self.group.rank, self.group.world)))
+        while True:
+            try:
+                x, y, index = next(batches)
+            except StopIteration:
+                return
+            except DataError as exc:         # an image that cannot be decoded, a dead worker
+                raise DataError(self.data_failed(exc)) from None
             self.step(x, y, index)
             epoch_done = s.pos == 0
             for cb in self.callbacks:
@@ -262,13 +269,24 @@ class Trainer:
             if s.step >= self.total or epoch_done:
                 return
 
+    def data_failed(self, exc: DataError) -> str:
+        """The one line of a batch that could not be read: after the `interrupted`
+        checkpoint of the steps done (one process; under torchrun the other ranks are
+        stopped by torchrun, so no rank could meet in a save)."""
+        s = self.state
+        if self.group.active or s.step == 0:
+            return str(exc)
+        folder = self.save("interrupted")
+        return (f"{exc}; checkpoint saved to {folder}; once the file is replaced, resume "
+                f"with: deqctl train --resume {folder}")
+
     def step(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
         """One optimizer step: forward solve, implicit backward, update, statistics."""
         s, r, group = self.state, self.recipe, self.group
         share = 1.0
-        if group.active:   # this rank's slice; randomness a function of (step, rank)
-            part, size = shard(group, len(x)), len(x)
-            x, y, index, share = x[part], y[part], index[part], len(x[part]) / size
+        if group.active:   # x is this rank's slice; randomness a function of (step, rank)
+            size = min(r.data.batch_size, len(self.data.train) - s.pos * r.data.batch_size)
+            share = len(x) / size
             torch.manual_seed(hash((r.seed, s.step, group.rank)) % 2**63)
         self.lr = r.optim.lr * lr_factor(s.step, self.total, r.schedule)
         for param_group in self.opt.param_groups:
