@@ -62,6 +62,16 @@ class TrainSettings(Block):
                             "time-to-target measurements need it finer than an epoch")
 
 
+def _wandb_project(value: str) -> str:
+    # W&B refuses / \ # ? % : and over 128 characters itself, but only once RUN/wandb is
+    # written; '..' is refused as well, so the name never reads as a path
+    bad = any(c in "/\\#?%:" for c in value) or ".." in value
+    if bad or not value.strip() or len(value) > 128 or not value.isprintable():
+        raise ValueError(f"expected a W&B project name (1 to 128 printable characters, "
+                         f"none of / \\ # ? % : and no '..'), got {quote(value)}")
+    return value
+
+
 class LogSettings(Block):
     """Trackers beside metrics.jsonl, each logging its rows' numbers (deqctl.engine.trackers)."""
     tensorboard: Bool = Field(False, description="also write every metrics row as TensorBoard "
@@ -72,7 +82,8 @@ class LogSettings(Block):
                                    "MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     wandb: Bool = Field(False, description="also log every metrics row to Weights & Biases "
                         "into RUN/wandb (pip install 'deqctl[wandb]')")
-    wandb_project: str = "deqctl"
+    wandb_project: Annotated[str, AfterValidator(_wandb_project)] = Field(
+        "deqctl", description="the W&B project: a name, never a path")
     wandb_mode: Literal["offline", "online"] = Field(
         "offline", description="offline: nothing leaves the machine until `wandb sync`")
     group: str | None = Field(None, description="the MLflow experiment and W&B group "
