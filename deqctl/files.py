@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import fnmatch
+import glob
 import json
 import os
 import secrets
@@ -125,13 +127,15 @@ class Output:
     costs nothing; `writing()` at the end gives the temporary path to write to and moves
     it into place once the block completes.
 
-    `reading` are the paths the command reads from: never an output either.
+    `reading` are the paths the command reads from: never an output either; `folders`
+    are folders it reads (run directories, a sweep's folder): nothing inside them is.
     """
 
     path: Path
     force: bool = False
     option: str = "--out"
     reading: tuple[Path, ...] = field(default_factory=tuple)
+    folders: tuple[Path, ...] = field(default_factory=tuple)
 
     def check(self) -> "Output":
         """Raise OutputError (one line) unless the path may be written; returns self."""
@@ -142,6 +146,10 @@ class Output:
         if owner is not None:
             raise OutputError(f"{say} {p}: belongs to {owner}, which this command reads or "
                               f"which is a run's own file (recipe, metrics, checkpoints); "
+                              f"write somewhere else (--force does not apply)")
+        holder = folder_holding(p, self.folders)
+        if holder is not None:
+            raise OutputError(f"{say} {p}: inside {holder}, which this command reads; "
                               f"write somewhere else (--force does not apply)")
         if os.path.lexists(p) and not (p.is_file() or p.is_symlink() and not p.exists()):
             raise OutputError(f"{say} {p}: exists and is not a regular file (a device, FIFO "
@@ -229,3 +237,124 @@ def owner_of(path: Path, reading: tuple[Path, ...] = ()) -> Path | None:
                 if first in RUN_ENTRIES or first.startswith("recipe."):
                     return folder
     return None
+
+
+def folder_holding(path: Path, folders: tuple[Path, ...]) -> Path | None:
+    """The first of `folders` that `path` lies inside (as spelled, or once symlinks are
+    resolved: replacing a link inside a folder changes the folder too); None if none."""
+    spelled = Path(os.path.abspath(path))
+    places = (spelled, Path(os.path.realpath(path)))
+    for folder in folders:
+        roots = {Path(os.path.abspath(folder)), Path(os.path.realpath(folder))}
+        if any(root == p or root in p.parents for root in roots for p in places):
+            return folder
+    return None
+
+
+def glob_paths(pattern: str, limit: int) -> list[str]:
+    """The paths matching a shell pattern (`*`, `?`, `[...]` within a name, `**` any
+    number of folders), sorted and spelled as glob.glob(pattern, recursive=True) spells
+    them (but for `DIR/**`, which leaves DIR itself out); a `**` enters each real folder
+    once, so a symlink loop is not followed round and round, and FileRefused (one line)
+    once more than `limit` folder entries were looked at (a pattern over /proc, a disk)."""
+    parts = pattern.split("/")
+    first = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))
+    if first == len(parts):
+        return [pattern] if os.path.lexists(pattern) else []
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "")
+    walk = _Walk(base or ".", limit)
+    return sorted(walk.match(base, [p for p in parts[first:] if p]))
+
+
+def files_below(folder: Path, limit: int) -> list[Path]:
+    """Every regular file under `folder`, hidden ones too (symlinked folders followed,
+    each real folder entered once), in no particular order; FileRefused (one line) once
+    more than `limit` folder entries were looked at."""
+    walk = _Walk(str(folder), limit)
+    return [Path(p) for p in walk.below(str(folder), hidden=True) if is_regular(p)]
+
+
+class _Walk:
+    """Folders walked within one budget of entries looked at, from `root` (named in the
+    refusal)."""
+
+    def __init__(self, root: str, limit: int):
+        self.root, self.limit, self.seen = root, limit, 0
+
+    def match(self, base: str, parts: list[str]) -> Iterator[str]:
+        """The paths under `base` matching the pattern's remaining `parts`."""
+        if not parts:
+            yield base
+            return
+        head, rest = parts[0], parts[1:]
+        if head == "**":                  # this folder and every one below, each once
+            for folder in [base, *self.below(base, hidden=False, files=not rest)]:
+                if rest:
+                    yield from self.match(folder, rest)
+                elif folder != base:
+                    yield folder
+            return
+        if not glob.has_magic(head):
+            path = os.path.join(base, head)
+            if os.path.lexists(path) and (not rest or os.path.isdir(path)):
+                yield from self.match(path, rest)
+            return
+        for entry in self.entries(base):
+            hidden_ok = not entry.name.startswith(".") or head.startswith(".")
+            if hidden_ok and fnmatch.fnmatchcase(entry.name, head) and (
+                    not rest or _is_dir(entry)):
+                yield from self.match(os.path.join(base, entry.name), rest)
+
+    def below(self, base: str, hidden: bool, files: bool = True) -> Iterator[str]:
+        """Every folder (and with `files`, every other entry) under `base`, depth first;
+        a folder reached again by another path (a symlink, a loop) is not entered again."""
+        visited = {_identity(base)}
+        stack = [base]
+        while stack:
+            folder = stack.pop()
+            for entry in sorted(self.entries(folder), key=lambda e: e.name, reverse=True):
+                if not hidden and entry.name.startswith("."):
+                    continue
+                path = os.path.join(folder, entry.name)
+                if not _is_dir(entry):
+                    if files:
+                        yield path
+                    continue
+                key = _identity(path)
+                if key in visited:
+                    continue
+                visited.add(key)
+                yield path
+                stack.append(path)
+
+    def entries(self, folder: str) -> list[os.DirEntry]:
+        """The entries of `folder` (none when it cannot be listed), each counted."""
+        out: list[os.DirEntry] = []
+        try:
+            with os.scandir(folder or ".") as listing:
+                for entry in listing:
+                    out.append(entry)
+                    if self.seen + len(out) > self.limit:
+                        break
+        except OSError:
+            pass                          # gone, not a folder, or not ours to list
+        self.seen += len(out)
+        if self.seen > self.limit:
+            raise FileRefused(f"{self.root}: more than {self.limit} files and folders to "
+                              f"look through; name a smaller folder or a narrower pattern")
+        return out
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()             # symlinks followed: a linked folder is walked
+    except OSError:
+        return False
+
+
+def _identity(path: str) -> tuple[int, int] | str:
+    try:
+        st = os.stat(path or ".")
+        return st.st_dev, st.st_ino
+    except OSError:
+        return path

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import quote
-from ..inspect.groups import expand, group_runs, paired_differences, stable_lr_ranges
+from ..inspect.groups import expand, group_runs, is_sweep, paired_differences, stable_lr_ranges
 from ..inspect.runs import RunSummary, same_task, summarise_all
 from ..inspect.stats import Estimate
 from ..ui import plot_groups, plot_runs
@@ -48,18 +48,20 @@ def compare(
     by = [k.strip() for k in group_by.split(",") if k.strip()] if group_by is not None else None
     if by is not None and not by:
         fail("--group-by: name at least one recipe key, e.g. deq.mode", USAGE)
-    paths = expand(runs)
-    figure = Output(plot, force, "--plot", tuple(paths)) if plot is not None else None
-    written = _report_outputs(report, force, paths)
-    check_outputs([o for o in (figure, *written) if o is not None])
     warn = lambda text: typer.echo(f"warning: {text}", err=True)   # noqa: E731
-    try:    # unreadable runs, runs of other tasks, a target that is no metric: one line
-        summaries = summarise_all(paths, wanted, warn)
+    paths = expand(runs, warn)
+    # nothing compare reads is an output: a run's folder, a sweep's (its plan, its lock)
+    folders = (*paths, *(p for p in runs if is_sweep(p)))
+    figure = Output(plot, force, "--plot", tuple(paths), folders) if plot is not None else None
+    written = _report_outputs(report, force, paths, folders)
+    check_outputs([o for o in (figure, *written) if o is not None])
+    try:    # unreadable runs, runs of other tasks, a target that is no metric, a
+        summaries = summarise_all(paths, wanted, warn)     # --group-by key no run has
         same_task(summaries)
+        groups = group_runs(summaries, by)
     except ValueError as exc:
         fail(str(exc), USAGE)
     head = summaries[0].task.headline
-    groups = group_runs(summaries, by)
     grouped = by is not None or any(len(g.runs) > 1 for g in groups)
     result = {"task": summaries[0].task.name, "metric": head.key,
               "higher_is_better": head.higher_is_better,
@@ -99,13 +101,14 @@ def compare(
         typer.echo(f"report: {report} (plot beside it: {written[1].path})")
 
 
-def _report_outputs(report: Path | None, force: bool, reading: list[Path]) -> tuple[Output, ...]:
+def _report_outputs(report: Path | None, force: bool, reading: list[Path],
+                    folders: tuple[Path, ...]) -> tuple[Output, ...]:
     """--report and the plot beside it (NAME-curves.png), or nothing."""
     if report is None:
         return ()
     curves = report.with_name(f"{report.stem}-curves.png")
-    return (Output(report, force, "--report", tuple(reading)),
-            Output(curves, force, "--report", tuple(reading)))
+    return (Output(report, force, "--report", tuple(reading), folders),
+            Output(curves, force, "--report", tuple(reading), folders))
 
 
 def _drawer(summaries: list[RunSummary], groups, grouped: bool, head):

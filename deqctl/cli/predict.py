@@ -58,7 +58,8 @@ def predict(
     if not inputs:
         fail(f"no INPUT after {path}: give image files, folders, globs, .npz or .csv files",
              USAGE)
-    target = _target(out, as_json, force, Path(path))
+    # what is named is never an output; what a folder or glob finds is checked once found
+    target = _target(out, as_json, force, (Path(path), *(Path(i).expanduser() for i in inputs)))
     src = open_source(path, overrides, trust_code=trust_code, allowed=PREDICT_OVERRIDES)
     info = src.info
     if info.task == "lm":
@@ -71,6 +72,9 @@ def predict(
                     time_column=time_column or getattr(data, "time_column", None),
                     any_length=src.model.dynamic_length)
     found = reader.read(inputs)
+    if target["output"] is not None:
+        target["output"].reading += tuple(found.files)
+        target["output"].check()
     solver = src.recipe.deq.eval_settings().spec()
     predictor = Predictor(src.model, device=src.device, solver=solver,
                           precision=src.recipe.runtime.precision,
@@ -128,7 +132,8 @@ def _split(args: list[str]) -> tuple[str | None, list[str], list[str]]:
     return args[0], inputs, overrides
 
 
-def _target(out: Path | None, as_json: bool, force: bool, reading: Path) -> dict[str, Any]:
+def _target(out: Path | None, as_json: bool, force: bool, reading: tuple[Path, ...]
+            ) -> dict[str, Any]:
     """Where rows go: {"kind": csv | jsonl | table, "output": Output | None}; --out
     checked before any work, so a refusal costs nothing."""
     if out is None:
@@ -139,7 +144,7 @@ def _target(out: Path | None, as_json: bool, force: bool, reading: Path) -> dict
     kind = FORMATS.get(out.suffix.lower())
     if kind is None:
         fail(f"--out {out}: name a .csv or .jsonl file", USAGE)
-    return {"kind": kind, "output": Output(out, force, "--out", (reading,)).check()}
+    return {"kind": kind, "output": Output(out, force, "--out", reading).check()}
 
 
 def _open_sink(target: dict[str, Any], columns: list[str], stack: ExitStack

@@ -12,15 +12,19 @@ without divergence within 1% of the family's best (1 point for a metric in [0, 1
 
 from __future__ import annotations
 
+import difflib
+import os
 import statistics
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..engine.checkpoint import CheckpointError
 from ..engine.rundir import is_run
+from ..errors import quote
 from ..files import read_json
+from ..sweep.plan import PLAN_FILE as PLAN
 from ..tasks import Metric
 from .runs import RunSummary
 from .stats import Estimate, estimate, paired
@@ -39,9 +43,11 @@ PAIRED = ("final", "best", "target_wall_s", "wall_s", "peak_mem_mb", "fwd_nfe")
 LR = "optim.lr"
 
 
-def expand(paths: list[Path]) -> list[Path]:
+def expand(paths: list[Path], warn: Callable[[str], None] | None = None) -> list[Path]:
     """The runs `paths` name: a run directory itself, a sweep's folder its points (in the
-    plan's order), any other folder the run directories directly inside it."""
+    plan's order), any other folder the run directories directly inside it. Each run
+    once, under the first name it was given by (`warn` hears of the others): a run counted
+    twice would be a second seed that never ran."""
     out = []
     for p in paths:
         if is_run(p):
@@ -49,7 +55,7 @@ def expand(paths: list[Path]) -> list[Path]:
             continue
         if not p.is_dir():
             raise CheckpointError(f"{p}: no such run directory or sweep")
-        plan = p / "sweep.json"
+        plan = p / PLAN
         if plan.is_file():
             try:
                 names = [q["name"] for q in read_json(plan, 64 * 2**20)["points"]]
@@ -61,7 +67,23 @@ def expand(paths: list[Path]) -> list[Path]:
         if not found:
             raise CheckpointError(f"{p}: holds no run directories (yet)")
         out.extend(found)
-    return out
+    return _once(out, warn)
+
+
+def _once(runs: list[Path], warn: Callable[[str], None] | None) -> list[Path]:
+    """`runs` without repeats: one folder by another spelling (a symlink, a trailing
+    slash, a sweep and one of its points) is the same run."""
+    first: dict[str, Path] = {}
+    for run in runs:
+        seen = first.setdefault(os.path.realpath(run), run)
+        if seen is not run and warn is not None:
+            warn(f"{run} is the run {seen} again; counted once")
+    return list(first.values())
+
+
+def is_sweep(folder: Path) -> bool:
+    """True for a sweep's folder (it holds the sweep's plan)."""
+    return (folder / PLAN).is_file()
 
 
 @dataclass
@@ -103,8 +125,11 @@ def _value(r: RunSummary, figure: str) -> float | None:
 
 def group_runs(runs: list[RunSummary], by: list[str] | None = None) -> list[Group]:
     """Groups of runs in the order their first run was given: by the keys in `by`, else
-    by every recipe key that differs between the runs except the seed."""
-    if by is None:
+    by every recipe key that differs between the runs except the seed. ValueError (one
+    line) for a key in `by` that no run's recipe has: every run would share its None."""
+    if by is not None:
+        _known(runs, by)
+    else:
         keys = sorted(k for k in {k for r in runs for k in r.settings} - set(NOT_SETTINGS)
                       if not k.startswith(NOT_SETTING_BLOCKS))
         by = [k for k in keys if len({_hashable(r.settings.get(k)) for r in runs}) > 1]
@@ -113,6 +138,16 @@ def group_runs(runs: list[RunSummary], by: list[str] | None = None) -> list[Grou
         key = tuple(_hashable(r.settings.get(k)) for k in by)
         groups.setdefault(key, Group({k: r.settings.get(k) for k in by})).runs.append(r)
     return list(groups.values())
+
+
+def _known(runs: list[RunSummary], keys: list[str]) -> None:
+    have = {k for r in runs for k in r.settings}
+    for key in keys:
+        if key not in have:
+            close = difflib.get_close_matches(key, sorted(have), n=3)
+            hint = (f"did you mean {', '.join(close)}?" if close
+                    else "a dotted recipe key such as deq.mode or optim.lr")
+            raise ValueError(f"--group-by: no run has the recipe key {quote(key)} ({hint})")
 
 
 def _hashable(v: Any) -> Any:

@@ -11,6 +11,9 @@ from datetime import datetime, timedelta
 
 from ..errors import quote
 
+# the time stamps at a series' end that its step is read from: a forecaster's input keeps
+# at least these rows
+STAMPS_READ = 64
 _COMPACT = re.compile(r"^\d{8}$")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -24,11 +27,11 @@ def continue_times(stamps: list[str], count: int) -> list[str]:
     if not stamps:
         raise ValueError("no time stamps to continue")
     kind = _kind(stamps[-1])
-    if any(_kind(s) != kind for s in stamps[-64:]):
+    if any(_kind(s) != kind for s in stamps[-STAMPS_READ:]):
         raise ValueError(f"the time column mixes formats (last {quote(stamps[-1])})")
     if kind == "number":
         return _numbers(stamps, count)
-    moments = [_moment(s, kind) for s in stamps[-64:]]
+    moments = [_moment(s, kind) for s in stamps[-STAMPS_READ:]]
     gaps = [(b - a).total_seconds() / 86400 for a, b in zip(moments, moments[1:])]
     step = statistics.median(gaps) if gaps else 1.0
     last = moments[-1]
@@ -85,10 +88,10 @@ def _write(moment: datetime, kind: str, like: str) -> str:
 
 
 def _numbers(stamps: list[str], count: int) -> list[str]:
-    values = [float(s) for s in stamps[-64:]]
+    values = [float(s) for s in stamps[-STAMPS_READ:]]
     gaps = [b - a for a, b in zip(values, values[1:])]
     step = statistics.median(gaps) if gaps else 1.0
-    decimals = max((len(s.strip().partition(".")[2]) for s in stamps[-64:]
+    decimals = max((len(s.strip().partition(".")[2]) for s in stamps[-STAMPS_READ:]
                     if "e" not in s.lower()), default=0)
     # decimals enough for the step too (weeks as fractions of a year: 1958.23, 1958.25, ...)
     return [f"{values[-1] + step * k:.{decimals}f}" for k in range(1, count + 1)]
