@@ -146,7 +146,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         """Return the ids of `text` (int64); `word` appends `<eos>` at each line end."""
         if self.kind != "word":
-            return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int64)
+            # line by line: encode_batch spreads the lines over the library's threads
+            lines = text.splitlines(keepends=True)
+            encoded = self.hf.encode_batch(lines, add_special_tokens=False)
+            return np.fromiter((i for e in encoded for i in e.ids), np.int64)
         lines = text.split("\n")
         ends = [True] * (len(lines) - 1) + [False]      # the text's last line has no "\n"
         out = []

@@ -1,0 +1,138 @@
+"""Text at scale (issue 30): preparing a large corpus, and training memory that does not grow
+with it. On a generated corpus (Zipf-distributed words, lines of 5-20 words):
+
+1. preparing: BPE training plus encoding through deqctl's token cache, beside what the
+   Hugging Face tokenizers library manages alone on the same file (train_from_iterator over
+   its lines, then encode_batch over them), in the same run;
+2. memory: the peak resident memory of `deqctl train` (a BPE language model, `--steps`
+   steps, its token files prepared by the run itself) on a small corpus and on the large one;
+   the ratio large / small is the target (<= 1.10).
+
+    python bench/tokens.py                      # 10 MB against 100 MB: ~6 min on 2 cores
+    python bench/tokens.py --big-mb 1000        # the issue's 1 GB: ~25 min
+
+Figures are ratios measured in the same run; absolute times vary with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB_SIZE = 8192
+
+
+def corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
+    """Write about `megabytes` MB of lines of Zipf-distributed made-up words to `path`."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = ["".join(rng.choice(letters, size=rng.integers(2, 10))) for _ in range(50_000)]
+    target = int(megabytes * 2**20)
+    with open(path, "w", encoding="utf-8") as fh:
+        written = 0
+        while written < target:
+            ids = np.minimum(rng.zipf(1.2, size=200_000), len(words)) - 1
+            cuts = np.cumsum(rng.integers(5, 21, size=len(ids) // 5))
+            lines = [" ".join(words[i] for i in part) for part in np.split(ids, cuts[cuts < len(ids)])]
+            text = "\n".join(lines) + "\n"
+            fh.write(text)
+            written += len(text)
+    return path
+
+
+def prepare_with_deqctl(train: Path, cache: Path) -> tuple[float, int]:
+    """Seconds to fit the BPE and write the token file through deqctl's cache; token count."""
+    from deqctl.data.tokens import TokenCache, text_file
+
+    started = time.perf_counter()
+    cache.mkdir(parents=True, exist_ok=True)
+    store = TokenCache(cache)
+    text = text_file(train, str(train))
+    tok = store.tokenizer("bpe", text, vocab_size=VOCAB_SIZE)
+    ids, meta = store.tokens(tok, text)
+    return time.perf_counter() - started, meta["count"]
+
+
+def prepare_with_tokenizers(train: Path) -> tuple[float, int]:
+    """The same with the tokenizers library alone: train on the lines, encode them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    started = time.perf_counter()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+
+    def lines():
+        with open(train, encoding="utf-8") as fh:
+            for line in fh:
+                yield line.rstrip("\n")
+    tok.train_from_iterator(lines(), trainer=trainer)
+    count, batch = 0, []
+    with open(train, encoding="utf-8") as fh:
+        for line in fh:
+            batch.append(line)
+            if len(batch) == 100_000:
+                count += sum(len(e.ids) for e in tok.encode_batch(batch))
+                batch = []
+    count += sum(len(e.ids) for e in tok.encode_batch(batch))
+    return time.perf_counter() - started, count
+
+
+def peak_rss_of_training(train: Path, test: Path, steps: int, workdir: Path) -> tuple[float, int]:
+    """(seconds, peak RSS in MiB) of `deqctl train` on `train`, in a process of its own."""
+    cmd = [sys.executable, "-m", "deqctl", "train", str(ROOT / "configs/shakespeare-deq.yaml"),
+           "data.name=text", f"data.files.train={train}", f"data.files.test={test}",
+           "data.tokenizer=bpe", f"data.vocab_size={VOCAB_SIZE}", f"data.root={workdir / 'cache'}",
+           "data.limit_eval=64", f"train.max_steps={steps}", "train.log_every=50",
+           "--out", str(workdir / f"run-{train.stem}"), "--plain"]
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True,
+                          cwd=workdir)
+    if done.returncode:
+        sys.exit(f"deqctl train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started, int(done.stdout.strip().splitlines()[-1]) // 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small-mb", type=float, default=10)
+    ap.add_argument("--big-mb", type=float, default=100)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    args = ap.parse_args()
+    work = args.dir or Path(tempfile.mkdtemp(prefix="deqctl-bench-tokens-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder {work}; {os.cpu_count()} cores")
+    small = corpus(work / "small.txt", args.small_mb, seed=1)
+    big = corpus(work / "big.txt", args.big_mb, seed=2)
+    test = corpus(work / "test.txt", 0.5, seed=3)
+    mb = big.stat().st_size / 2**20
+
+    ours, n_ours = prepare_with_deqctl(big, work / "prepare-cache")
+    alone, n_alone = prepare_with_tokenizers(big)
+    print(f"prepare {mb:.0f} MB (BPE {VOCAB_SIZE} + encode): deqctl {ours:.0f} s "
+          f"({n_ours:,} tokens, {mb / ours:.1f} MB/s); tokenizers alone {alone:.0f} s "
+          f"({n_alone:,} tokens); deqctl / alone = {ours / alone:.2f}")
+
+    t_small, rss_small = peak_rss_of_training(small, test, args.steps, work)
+    t_big, rss_big = peak_rss_of_training(big, test, args.steps, work)
+    print(f"train {args.steps} steps, peak RSS: {small.stat().st_size / 2**20:.0f} MB corpus "
+          f"{rss_small} MiB ({t_small:.0f} s with preparing), {mb:.0f} MB corpus {rss_big} MiB "
+          f"({t_big:.0f} s); large / small = {rss_big / rss_small:.3f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
