@@ -129,9 +129,11 @@ def _write(path: str, overrides: list[str], fmt: Format, out: Path, named: Path,
             reference = unrolled(x)
         parity = compare(task, eager, run(x), reference)
         axes = "batch and length" if dynamic else "batch"
-        say(f"export {named}: {fmt.value}, {name} unrolled to {n} iterations, normalisations folded; "
+        say(f"export {named}: {fmt.value}, {name} unrolled to {n} iterations (each sample stops at "
+            f"tol {us.tol:g} {us.stop_mode} and answers with its lowest-residual iterate, as the "
+            f"eager solve does), normalisations folded; "
             f"input {info.input_name} {info.describe_inputs()}, dynamic {axes}")
-        hint = _unroll_hint(n, needed, conv)
+        hint = _unroll_hint(n, needed, conv, s.max_iter)
     say(f"parity on {parity.n} test samples vs the eager DEQ ({s.describe()}): "
         f"max |diff| {parity.max_abs_diff:.3g}, predictions agree {parity.agreement:.2%}"
         + (f", exporter error {parity.export_error:.2g}" if fmt is not Format.safetensors else ""))
@@ -142,11 +144,17 @@ def _write(path: str, overrides: list[str], fmt: Format, out: Path, named: Path,
     say(f"parity ok; wrote {named}")
 
 
-def _unroll_hint(n: int, needed: int, converged: float) -> str:
+def _unroll_hint(n: int, needed: int, converged: float, max_iter: int) -> str:
     """What to change when an unrolled export misses parity."""
     if n < needed:
         return f"raise --iters (the eval settings need {needed})"
+    if converged < 1.0 and n > needed:
+        # the artefact keeps looking for better iterates where the eager solve has stopped
+        return (f"--iters {n} runs past deq.eval.max_iter {max_iter}, so samples that never "
+                f"reach tol answer with other iterates than the eager model's: drop --iters, "
+                f"or export with deq.eval.max_iter={n + 1}")
     if converged < 1.0:
-        return "the solver does not reach tol within deq.eval.max_iter: raise it, or --iters"
+        return ("some samples do not reach tol within deq.eval.max_iter, and rounding can "
+                "steer those to other best iterates: raise it, or loosen deq.eval.tol")
     return (f"try --iters above {n}, a tighter deq.eval.tol (eager and unrolled both stop "
             f"within tol of z*, not at it), or looser --max-diff / --min-agree")
