@@ -56,7 +56,10 @@ SCHEDULE = [*tiny(iters=6), "deq.pretrain_steps=2", "deq.unrolled.depth=3",
 
 def test_a_run_resumed_across_the_switch_is_the_run_never_stopped(tmp_path):
     whole = tmp_path / "whole"
-    assert train(RECIPE, *SCHEDULE, "--out", str(whole)).exit_code == 0
+    result = train(RECIPE, *SCHEDULE, "--out", str(whole))
+    assert result.exit_code == 0
+    assert "shallow pretraining: steps 1 to 2 train the cell unrolled (depth 3)" in result.output
+    assert "step 3: shallow pretraining done; training implicitly from here" in result.output
     trained = [r for r in rows(whole) if r["split"] == "train"]
     assert [r["fwd_nfe"] for r in trained[:2]] == [3, 3]          # the twin's depth
     assert all(r.get("bwd_nfe") for r in trained[2:])             # an adjoint solve

@@ -243,6 +243,10 @@ class Trainer:
         self.view.event(f"{name}: {n_params:,} parameters; {self.data.info.name}: "
                         f"{len(self.data.train)} train / {len(self.data.test)} test; "
                         f"{self.total} steps")
+        if self.model.deq.pretraining_left:
+            self.view.event(f"shallow pretraining: steps {self.state.step + 1} to "
+                            f"{r.deq.pretrain_steps} train the cell unrolled (depth "
+                            f"{r.deq.explicit_depth}), then implicitly")
         self.model.train()
 
     def epoch(self) -> None:
@@ -291,6 +295,9 @@ class Trainer:
         self.lr = r.optim.lr * lr_factor(s.step, self.total, r.schedule)
         for param_group in self.opt.param_groups:
             param_group["lr"] = self.lr
+        if r.deq.pretrain_steps and self.model.deq.step == r.deq.pretrain_steps:
+            self.view.event(f"step {s.step + 1}: shallow pretraining done; training "
+                            f"implicitly from here")
         with self.amp:
             out = self.model.run(x, index=index)
             loss, task_loss = self.objective(out, y)

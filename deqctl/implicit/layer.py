@@ -212,10 +212,15 @@ class DEQ(nn.Module):
         return z_out, info
 
     @property
+    def pretraining_left(self) -> int:
+        """Training steps still to pretrain unrolled (0 once done, or without pretraining)."""
+        return max(0, self.pretrain_steps - self.step)
+
+    @property
     def pretraining(self) -> bool:
         """True while training is in its first deq.pretrain_steps steps, which train the
         cell unrolled (a function of the saved step count: a resume keeps it)."""
-        return self.training and self.step < self.pretrain_steps
+        return self.training and self.pretraining_left > 0
 
     def _unrolled(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor, spec: SolveSpec,
                   eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
