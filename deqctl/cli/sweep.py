@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List, Optional
 
 import typer
@@ -13,11 +17,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from .. import recipe as recipes
+from ..engine.rundir import is_run
 from ..errors import quote
 from ..sweep import (Point, SweepError, SweepLock, SweepRunner, continue_plan, last_rows,
                      make_plan, shell_command, validate_points)
 from ..ui.fmt import fmt_float
-from .common import FAILED, INTERRUPTED, USAGE, fail, user_errors
+from .common import FAILED, INTERRUPTED, USAGE, fail, say_user_code, user_errors
 
 SEED_LIMIT = 1000
 
@@ -40,6 +46,10 @@ def sweep(
                                         "and run nothing"),
     plain: Optional[bool] = typer.Option(None, "--plain/--live",
                                          help="plain lines or live table (default: live on a terminal)"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="also resume point runs "
+                                    "that recorded their user code at other paths than the "
+                                    "recipe names (a sweep folder from another machine): "
+                                    "that imports it, so only for folders you trust"),
 ) -> None:
     """Run a grid of ordinary training runs, resumably: the same command again skips the
     finished points and resumes the interrupted ones. Exit 1 when any point failed."""
@@ -48,8 +58,11 @@ def sweep(
         fail("missing RECIPE.yaml (e.g. deqctl sweep configs/co2-forecast-deq.yaml "
              "optim.lr=1e-3,3e-3 --seeds 0,1 --out sweeps/lr)", USAGE)
     try:
-        plan = make_plan(args[0], args[1:], _seeds(seeds) if seeds is not None else None)
-        validate_points(plan)
+        # stdout is the commands alone: what planning says (and what user code it imports
+        # prints) goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            plan = make_plan(args[0], args[1:], _seeds(seeds) if seeds is not None else None)
+            _say_user_code(validate_points(plan))
         _check_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         lock = SweepLock(out)
@@ -62,7 +75,7 @@ def sweep(
             for p in plan.points:
                 typer.echo(shell_command(plan, p, out))
             return
-        _run(plan, out, jobs, retry_failed, plain)
+        _run(plan, out, jobs, retry_failed, trust_code, plain)
     except SweepError as exc:
         fail(str(exc), USAGE)
     finally:
@@ -80,8 +93,24 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def _say_user_code(planned: list[recipes.Recipe]) -> None:
+    """train's `user code: ...` line, once for each part the points import."""
+    said = set()
+    for recipe in planned:
+        fresh = {key: part for key, part in recipe.user_code().items()
+                 if (key, part.ref, part.path) not in said}
+        said.update((key, part.ref, part.path) for key, part in fresh.items())
+        if fresh:
+            say_user_code(SimpleNamespace(user_code=lambda parts=fresh: parts))
+
+
 def _check_folder(out: Path) -> None:
-    """--out is new, empty, or a sweep's folder: a sweep never mixes its runs with others."""
+    """--out is new, empty, or a sweep's folder: a sweep never mixes its runs with others,
+    nor puts them inside another run."""
+    run = _run_around(out)
+    if run is not None:
+        raise SweepError(f"--out {out}: inside the run {run}; a sweep's folder holds its own "
+                         f"runs: give one outside any run")
     if out.exists() and not out.is_dir():
         raise SweepError(f"--out {out}: a file, not a folder")
     if out.is_dir() and not (out / "sweep.json").exists() and any(
@@ -90,7 +119,21 @@ def _check_folder(out: Path) -> None:
                          f"folder")
 
 
-def _run(plan, out: Path, jobs: int, retry_failed: bool, plain: bool | None) -> None:
+def _run_around(out: Path) -> Path | None:
+    """The run directory `out` is, or lies inside (as spelled, or with links resolved)."""
+    spelled = Path(os.path.abspath(out))
+    for where in (spelled, spelled.resolve()):
+        for folder in (where, *where.parents):
+            try:
+                if is_run(folder):
+                    return folder
+            except OSError:            # a parent this user may not look into
+                continue
+    return None
+
+
+def _run(plan, out: Path, jobs: int, retry_failed: bool, trust_code: bool,
+         plain: bool | None) -> None:
     console = Console()
     live_view = console.is_terminal if plain is None else not plain
     start = time.time()
@@ -100,7 +143,8 @@ def _run(plan, out: Path, jobs: int, retry_failed: bool, plain: bool | None) -> 
             console.print(f"{kind} {p.name}: {text}" if kind != "note" else f"note: {text}",
                           markup=False, highlight=False, soft_wrap=True)
 
-    runner = SweepRunner(plan, out, jobs=jobs, retry_failed=retry_failed, on_event=event)
+    runner = SweepRunner(plan, out, jobs=jobs, retry_failed=retry_failed,
+                         trust_code=trust_code, on_event=event)
     queue = runner.todo()
     done = sum(p.status == "finished" for p in plan.points)
     console.print(f"sweep {out}: {len(plan.points)} point(s) of {plan.recipe}, {done} "

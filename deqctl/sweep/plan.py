@@ -6,9 +6,11 @@ DIR/sweep.json with each point's status.
     -> DIR/lr=1e-3_mode=implicit_seed=0, DIR/lr=1e-3_mode=implicit_seed=1, ...
 
 A value holding a comma stays whole inside brackets, braces or quotes
-(data.columns=[a,b],[c] is two values). The plan is the recipe's path and content, the fixed
-overrides, the axes and the seeds: running the same command again continues the sweep; a
-changed plan is refused.
+(data.columns=[a,b],[c] is two values). Two points never share a folder: where the
+settings' names would fold to one (a/b and a:b, two values cut at the length limit, A and
+a on a case-insensitive disk), each of those gets a short hash of its overrides. The plan
+is the recipe's path and content, the fixed overrides, the axes and the seeds: running the
+same command again continues the sweep; a changed plan is refused.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ import hashlib
 import itertools
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import recipe as recipes
 from ..errors import quote
-from ..files import read_json, write_atomic
+from ..files import FileRefused, read_bytes, read_json, write_atomic
+from ..yamlio import MAX_BYTES
 
 FORMAT = "deqctl-sweep/1"
 PLAN_FILE = "sweep.json"
 POINT_LIMIT = 10_000           # a grid beyond this is a typo (an axis pasted twice)
 STATUSES = ("pending", "running", "finished", "interrupted", "failed")
+NAME_LIMIT = 200               # a point folder's name, in characters
+HASH_CHARS = 10                # the suffix that sets apart names that fold to one
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
@@ -94,11 +100,13 @@ def split_values(text: str) -> list[str]:
 
 def make_plan(recipe_path: str, args: list[str], seeds: list[int] | None) -> Plan:
     """The plan of `deqctl sweep RECIPE ARGS --seeds ...`: each `key=a,b` an axis, each
-    `key=value` a fixed override. Raises SweepError for an argument that is no override,
-    a key given twice, an empty value or a grid beyond POINT_LIMIT points."""
-    path = Path(recipe_path)
-    try:
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    `key=value` a fixed override. Raises SweepError for a recipe that is no regular file
+    (read as train reads one: a FIFO or device is refused at once), an argument that is no
+    override, a key given twice, an empty value or a grid beyond POINT_LIMIT points."""
+    try:     # the recipe files' rule: a FIFO or device is refused, never waited on or read
+        sha = hashlib.sha256(read_bytes(recipe_path, MAX_BYTES)).hexdigest()
+    except FileRefused as exc:
+        raise SweepError(str(exc)) from None
     except OSError as exc:
         raise SweepError(f"{recipe_path}: cannot read the recipe ({exc.strerror or exc})") from None
     fixed, axes, seen = [], [], set()
@@ -120,12 +128,37 @@ def make_plan(recipe_path: str, args: list[str], seeds: list[int] | None) -> Pla
     if len(grid) > POINT_LIMIT:
         raise SweepError(f"{len(grid)} points; a sweep holds at most {POINT_LIMIT}")
     keys = [k for k, _ in axes] + (["seed"] if seeds else [])
-    short = _short_names(keys)
-    points = [Point(_name(short, combo), [*fixed, *(f"{k}={v}" for k, v in zip(keys, combo))])
-              for combo in grid]
-    if len({p.name.lower() for p in points}) < len(points):
-        points = [Point(_name(keys, combo), p.overrides) for p, combo in zip(points, grid)]
-    return Plan(recipe_path, sha, fixed, axes, seeds, points)
+    overrides = [[*fixed, *(f"{k}={v}" for k, v in zip(keys, combo))] for combo in grid]
+    names = _names(keys, grid, overrides)
+    return Plan(recipe_path, sha, fixed, axes, seeds,
+                [Point(n, o) for n, o in zip(names, overrides)])
+
+
+def _names(keys: list[str], grid: list[tuple], overrides: list[list[str]]) -> list[str]:
+    """Each point's folder name, no two alike even on a case-insensitive disk: by short
+    keys (by whole keys if short ones clash); and where names still fold to one (values
+    differing only in characters a name drops, or past its length limit), those get a
+    hash of their overrides. A name already unique stays what it always was."""
+    names = [_name(_short_names(keys), combo) for combo in grid]
+    if _clashes(names):
+        names = [_name(keys, combo) for combo in grid]
+    clash = _clashes(names)
+    names = [_hashed(n, o) if n.lower() in clash else n for n, o in zip(names, overrides)]
+    clash = _clashes(names)
+    if clash:              # a value spelling another's hash: refused, never shared
+        raise SweepError(f"two points would share the folder {quote(clash.pop())}; change "
+                         f"a value")
+    return names
+
+
+def _clashes(names: list[str]) -> set[str]:
+    """The names (lowercased) that more than one point would have."""
+    return {n for n, count in Counter(n.lower() for n in names).items() if count > 1}
+
+
+def _hashed(name: str, overrides: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:HASH_CHARS]
+    return f"{name[:NAME_LIMIT - HASH_CHARS - 1]}-{digest}"
 
 
 def _short_names(keys: list[str]) -> list[str]:
@@ -137,16 +170,37 @@ def _short_names(keys: list[str]) -> list[str]:
 def _name(keys: list[str], combo: tuple) -> str:
     """A folder name from settings, safe on every filesystem: lr=1e-3_mode=unrolled_seed=0."""
     name = "_".join(f"{k}={v}" for k, v in zip(keys, combo)) or "run"
-    return _UNSAFE.sub("-", name).strip("-.")[:200] or "run"
+    return _UNSAFE.sub("-", name).strip("-.")[:NAME_LIMIT] or "run"
 
 
-def validate_points(plan: Plan) -> None:
-    """Every point's recipe, validated before anything runs: SweepError naming each bad
-    point with its first problem."""
-    bad = []
+def sweep_overrides(plan: Plan, folder: Path) -> list[str]:
+    """What the sweep in `folder` adds to every point's overrides: log.group = the
+    folder's name (quoted: a name like 2024 stays text), so a sweep's runs are one MLflow
+    experiment / W&B group, unless the plan names its own. A label, not a setting of the
+    model: a sweep folder renamed since goes on."""
+    keys = [o.split("=", 1)[0].strip() for o in plan.fixed] + [k for k, _ in plan.axes]
+    return [] if "log.group" in keys else [f"log.group={json.dumps(folder.name)}"]
+
+
+def point_overrides(plan: Plan, point: Point, folder: Path) -> list[str]:
+    """The overrides a point's run in the sweep folder `folder` is trained with."""
+    return [*point.overrides, *sweep_overrides(plan, folder)]
+
+
+def planned_recipe(plan: Plan, point: Point, folder: Path) -> recipes.Recipe:
+    """The resolved recipe of a point's run in the sweep folder `folder`: what its run
+    directory must hold to be that point. Imports the user code the plan names."""
+    return recipes.load(plan.recipe, point_overrides(plan, point, folder))
+
+
+def validate_points(plan: Plan) -> list[recipes.Recipe]:
+    """Every point's recipe, validated before anything runs (importing the user code the
+    plan names); returns them, or raises SweepError naming each bad point with its first
+    problem."""
+    bad, valid = [], []
     for p in plan.points:
         try:
-            recipes.load(plan.recipe, p.overrides)
+            valid.append(recipes.load(plan.recipe, p.overrides))
         except recipes.RecipeError as exc:
             lines = str(exc).splitlines()
             bad.append(f"{p.name}: {(lines[1] if len(lines) > 1 else lines[0]).strip()}")
@@ -154,6 +208,7 @@ def validate_points(plan: Plan) -> None:
         raise SweepError(f"{len(bad)} of {len(plan.points)} point(s) are not valid recipes; "
                          f"nothing was run\n  " + "\n  ".join(bad[:20]) +
                          (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+    return valid
 
 
 def continue_plan(folder: Path, plan: Plan) -> Plan:

@@ -4,11 +4,15 @@ directories.
 
 The run directories are the truth: a point is finished when its run's last checkpoint is
 `final` with its evaluation; DIR/sweep.json adds what a folder cannot say (a run that
-failed, with its last line; the attempts). The sweep holds DIR/.sweep.lock while it runs,
-so one command at a time drives a sweep. A first SIGINT or SIGTERM is passed to every
-running point, each of which saves an `interrupted` checkpoint and stops; the next sweep
-command resumes them. The points die with the sweep (Linux: they get SIGTERM when their
-parent dies, even of SIGKILL), so no orphan keeps a run locked.
+failed, with its last line; the attempts). A folder may have been sent by someone else, so
+before a run is resumed or counted, it must be the point the plan makes: the recipe the
+plan's recipe and overrides resolve to, and no user code but the plan's own (a sweep
+imports only the code its user named, unless --trust-code). The sweep holds
+DIR/.sweep.lock while it runs, so one command at a time drives a sweep. A first SIGINT or
+SIGTERM is passed to every running point, each of which saves an `interrupted` checkpoint
+and stops; the next sweep command resumes them. The points die with the sweep (Linux:
+they get SIGTERM when their parent dies, even of SIGKILL), so no orphan keeps a run
+locked; a point folder is never judged or moved while a live process still writes it.
 """
 
 from __future__ import annotations
@@ -24,13 +28,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
-from ..engine.checkpoint import checkpoints, is_finished
-from ..engine.rundir import live_holder
+from .. import recipe as recipes
+from ..engine.checkpoint import JSON_LIMIT, checkpoints, is_finished
+from ..engine.rundir import RECIPE, live_holder
 from ..engine.signals import StopOnSignal
-from ..files import free_name
-from .plan import Plan, Point, SweepError
+from ..errors import quote
+from ..files import free_name, read_json
+from ..implicit.settings import solver_refs
+from ..registry import is_import_path
+from .plan import Plan, Point, SweepError, planned_recipe, point_overrides, sweep_overrides
 
 INTERRUPTED_CODES = (130, 143, -signal.SIGINT, -signal.SIGTERM)
 LOGS = "logs"
@@ -59,19 +67,55 @@ def last_rows(run: Path) -> dict[str, dict]:
     return out
 
 
-def train_command(plan: Plan, point: Point, run: Path, resume: bool) -> list[str]:
-    """The `deqctl train` command of a point: a new run, or the resumption of its own."""
-    if resume:     # the sweep's user chose its recipe, user code included
-        return ["deqctl", "train", "--resume", str(run), "--trust-code", "--plain"]
-    return ["deqctl", "train", plan.recipe, *point.overrides, *_group(plan, run), "--out",
-            str(run), "--plain"]
+def train_command(plan: Plan, point: Point, run: Path, resume: bool,
+                  trust_code: bool = False) -> list[str]:
+    """The `deqctl train` command of a point: a new run, or the resumption of its own
+    (`trust_code`: its run names user code, checked to be what the user chose)."""
+    if resume:
+        return ["deqctl", "train", "--resume", str(run), *(["--trust-code"] * trust_code),
+                "--plain"]
+    return ["deqctl", "train", plan.recipe, *point_overrides(plan, point, run.parent),
+            "--out", str(run), "--plain"]
 
 
-def _group(plan: Plan, run: Path) -> list[str]:
-    """log.group = the sweep's folder name (quoted: a name like 2024 stays text), so a
-    sweep's runs are one MLflow experiment / W&B group, unless the plan names its own."""
-    keys = [o.split("=", 1)[0].strip() for o in plan.fixed] + [k for k, _ in plan.axes]
-    return [] if "log.group" in keys else [f"log.group={json.dumps(run.parent.name)}"]
+def user_refs(raw: object) -> dict[str, str]:
+    """{key: import path} of the user code a stored recipe names, read, never imported."""
+    if not isinstance(raw, dict):
+        return {}
+    named = [(f"{s}.name", raw[s].get("name")) for s in recipes.DEFAULT_NAMES
+             if isinstance(raw.get(s), dict)]
+    named += [(f"deq.{key}", ref) for key, ref in solver_refs(raw.get("deq"))]
+    return {key: ref for key, ref in named if isinstance(ref, str) and is_import_path(ref)}
+
+
+def differences(planned: recipes.Recipe, raw: object, labels: Collection[str] = ()
+                ) -> list[str]:
+    """The settings where a stored recipe is not `planned`, `labels` aside, compared as
+    resolved data (a recipe of built-in parts is validated, without importing, so that
+    defaults an older version left out are filled in); keys the planned recipe lacks are
+    counted, not named (they come from a file someone sent)."""
+    try:
+        raw = recipes.validate(recipes.migrate(raw), trust=False).model_dump(mode="json")
+    except (ValueError, TypeError):   # user code (compared as written), or invalid
+        raw = recipes.migrate(raw)
+    want = recipes.flat(planned.model_dump(mode="json"))
+    got = recipes.flat(raw) if isinstance(raw, dict) else {}
+    missing = object()
+    differ = [k for k in want if k not in labels and got.get(k, missing) != want[k]]
+    extra = sum(k not in want for k in got)
+    return differ + ([f"{extra} setting(s) of its own"] if extra else [])
+
+
+def code_records(checkpoint: Path) -> dict[str, object]:
+    """{key: recorded path} of the user code a checkpoint's meta.json says it imported: the
+    files a resume looks in first."""
+    try:
+        code = read_json(checkpoint / "meta.json", JSON_LIMIT).get("code")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(code, dict):
+        return {}
+    return {k: r.get("path") if isinstance(r, dict) else r for k, r in code.items()}
 
 
 def shell_command(plan: Plan, point: Point, folder: Path) -> str:
@@ -95,10 +139,12 @@ class SweepRunner:
     its own: a process started while another thread runs could deadlock before exec)."""
 
     def __init__(self, plan: Plan, folder: Path, *, jobs: int = 1, retry_failed: bool = False,
+                 trust_code: bool = False,
                  on_event: Callable[[str, Point, str], None] = lambda *a: None,
                  view: Callable[["SweepRunner"], None] = lambda r: None):
         self.plan, self.folder, self.jobs = plan, folder, jobs
-        self.retry_failed = retry_failed
+        self.retry_failed, self.trust_code = retry_failed, trust_code
+        self.trusted: set[str] = set()     # points whose resume imports (their own) user code
         self.on_event, self.view = on_event, view
         self.running: dict[str, Job] = {}
         self.interrupted = False
@@ -107,7 +153,12 @@ class SweepRunner:
     # -- what each point needs ------------------------------------------------------------
     def todo(self) -> list[tuple[Point, bool]]:
         """The points to run now, each with whether it resumes a run; the statuses of the
-        others brought up to date from their run directories."""
+        others brought up to date from their run directories. First waits for any live
+        process still writing a point folder (a point of a sweep just killed), then
+        checks every run there (SweepError, nothing moved or run: see `check_runs`)."""
+        for p in self.plan.points:
+            self._wait_released(p, self.folder / p.name)
+        self.check_runs()
         out = []
         for p in self.plan.points:
             run = self.folder / p.name
@@ -125,6 +176,74 @@ class SweepRunner:
                 p.status = "pending"
                 out.append((p, False))
         return out
+
+    def check_runs(self) -> None:
+        """Refuse (SweepError: a header, then one line per point) any point folder
+        holding a run that is not that point: another recipe, user code the plan does not
+        name, or (without --trust-code) user code recorded at other paths than the plan's,
+        which a resume would import. Nothing is imported, moved or run; the folder is left
+        as it is. Remembers the points whose resume may import their (planned) user code."""
+        bad = []
+        for p in self.plan.points:
+            run = self.folder / p.name
+            found = checkpoints(run)
+            if not found:          # nothing to resume or count: begun afresh (see todo)
+                continue
+            planned = planned_recipe(self.plan, p, self.folder)
+            problem = self._foreign(planned, run, found[-1], resumed=not is_finished(run))
+            if problem:
+                bad.append(f"{p.name}: {problem}".replace("\n", "\\n").replace("\r", "\\r"))
+            elif planned.user_code() or self.trust_code:
+                self.trusted.add(p.name)
+        if bad:
+            raise SweepError(
+                f"{len(bad)} of {len(self.plan.points)} point folder(s) hold a run that is "
+                f"not the sweep's; nothing was run, nothing moved (move each aside, or use "
+                f"another --out)\n  " + "\n  ".join(bad[:20]) +
+                (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+
+    def _foreign(self, planned: recipes.Recipe, run: Path, last: Path, resumed: bool
+                 ) -> str | None:
+        """Why the run in `run` (to be resumed from, or counted finished by, checkpoint
+        `last`) is not the point `planned`, or None when it is. What the sweep sets by
+        itself (its folder's name as log.group) is a label, and may differ."""
+        labels = {o.split("=", 1)[0] for o in sweep_overrides(self.plan, self.folder)}
+        mine = {key: part.ref for key, part in planned.user_code().items()}
+        for where in (run / RECIPE, last / RECIPE):
+            try:
+                raw = recipes.load_raw(where)
+            except recipes.RecipeError as exc:
+                return f"{where}: unreadable ({str(exc).splitlines()[0]})"
+            other = [(k, ref) for k, ref in user_refs(raw).items() if mine.get(k) != ref]
+            if other:
+                key, ref = other[0]
+                return (f"its run names user code the sweep does not ({key}={quote(ref)}); "
+                        f"not imported")
+            differ = differences(planned, raw, labels)
+            if differ:
+                return (f"{where}: not this point's recipe ({', '.join(differ[:6])}"
+                        f"{' ...' if len(differ) > 6 else ''} differ)")
+        wanted = {key: str(part.path) for key, part in planned.user_code().items()}
+        records = code_records(last)
+        if resumed and records != wanted and not self.trust_code:   # where a resume imports
+            key = next(k for k in sorted(records.keys() | wanted.keys(), key=str)
+                       if records.get(k) != wanted.get(k))
+            return (f"its run recorded user code {key if key in wanted else quote(key)} "
+                    f"from {quote(records.get(key))}, not {quote(wanted.get(key))} as the "
+                    f"sweep's recipe names; resuming would import it: --trust-code if you "
+                    f"trust this folder")
+        return None
+
+    def _wait_released(self, point: Point, run: Path) -> None:
+        """Return once no live process writes `run` (a point of a sweep just killed may
+        still be saving; a folder is never judged or moved under its writer), saying so
+        once however long it takes."""
+        holder = live_holder(run) if os.path.lexists(run) else None
+        if holder is not None:
+            self.on_event("note", point, f"waiting for {holder.describe()} to release {run}")
+        while holder is not None:
+            time.sleep(0.5)
+            holder = live_holder(run)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, queue: list[tuple[Point, bool]]) -> None:
@@ -154,12 +273,8 @@ class SweepRunner:
 
     def _start(self, point: Point, resume: bool) -> None:
         run = self.folder / point.name
-        holder = live_holder(run) if run.exists() else None
-        while holder is not None:         # a point of a sweep just killed, still saving
-            self.on_event("note", point, f"waiting for {holder.describe()} to release {run}")
-            time.sleep(1.0)
-            holder = live_holder(run)
-        argv = train_command(self.plan, point, run, resume)
+        self._wait_released(point, run)
+        argv = train_command(self.plan, point, run, resume, point.name in self.trusted)
         log_dir = self.folder / LOGS
         log_dir.mkdir(exist_ok=True)
         log = open(log_dir / f"{point.name}.log", "a", encoding="utf-8")
