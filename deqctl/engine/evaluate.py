@@ -10,6 +10,7 @@ import torch
 from ..data import Split, iterate_batches, num_batches
 from ..implicit import SolveSpec
 from ..models import DEQModel
+from ..models.adaptive import lazy_log_probs
 from ..tasks import Task
 from .device import autocast
 from .metrics import Accumulator, step_stats, with_stop_reason
@@ -32,7 +33,8 @@ def evaluate(model: DEQModel, task: Task, split: Split, batch_size: int, *,
         start = time.perf_counter()
         for i, (x, y) in enumerate(iterate_batches(split, batch_size, shuffle=False,
                                                    device=device)):
-            with autocast(device, precision):
+            # an adaptive softmax scores the targets without the (N, L, V) log-probs
+            with autocast(device, precision), lazy_log_probs(model):
                 out = model.run(x, solver=solver)
             acc.add(step_stats(out, task.loss(out.out.float(), y),
                                task.stats(out.out.float(), x, y)))

@@ -3,8 +3,10 @@ model), variational dropout masks, and one head per task. The cells live in
 transformer.py and tcn.py.
 
 Input: int64 token ids (N, L), or float values (N, L, C) in the data's own units.
-Output: lm (N, L, vocab) next-token logits; classify (N, classes) logits; forecast the
-target shape (e.g. (N, horizon, channels)) in the data's own units.
+Output: lm (N, L, vocab) next-token logits (with `model.adaptive`: log-probabilities, or
+while training the adaptive softmax's LazyLogProbs; models/adaptive.py); classify
+(N, classes) logits; forecast the target shape (e.g. (N, horizon, channels)) in the
+data's own units.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..data import DataInfo
 from ..options import Block
+from .adaptive import Adaptive, AdaptiveEmbedding, AdaptiveSoftmax
 
 
 MAX_AUTO_TOKENS = 32            # model.patch=auto: tokens of a sequence at most
@@ -100,13 +103,17 @@ class InputReader(nn.Module):
     patch separately, and on a few hundred sequences it memorises instead (Two Patterns,
     400 sequences: 84% test accuracy at 100% train in patches of 8; the convolution in
     patches of 4: 100%).
+    `adaptive`: an adaptive input embedding of the token ids (language models).
     Returns (N, ceil(L / patch), width)."""
 
-    def __init__(self, info: DataInfo, width: int, window: WindowNorm, patch: int = 1):
+    def __init__(self, info: DataInfo, width: int, window: WindowNorm, patch: int = 1,
+                 adaptive: Adaptive | None = None):
         super().__init__()
         self.tokens, self.patch = info.inputs == "tokens", patch
+        check_adaptive(adaptive, info)
         if self.tokens:
-            self.embed = nn.Embedding(info.vocab_size, width)
+            self.embed = nn.Embedding(info.vocab_size, width) if adaptive is None \
+                else AdaptiveEmbedding(info.vocab_size, width, adaptive)
             return
         self.register_buffer("mean", torch.tensor(info.mean))
         self.register_buffer("std", torch.tensor(info.std))
@@ -139,13 +146,24 @@ def patch_for(patch: int | str, info: DataInfo, name: str) -> int:
     return patch
 
 
+def check_adaptive(adaptive: Adaptive | None, info: DataInfo) -> None:
+    """Raise ValueError unless `model.adaptive` is unset or the data is tokens for lm."""
+    if adaptive is not None and (info.task != "lm" or info.inputs != "tokens"):
+        raise ValueError(f"model.adaptive: an adaptive embedding and softmax are for "
+                         f"language models over token ids; data {info.name} is "
+                         f"{info.inputs} for {info.task}")
+
+
 class TaskHead(nn.Module):
     """Features (N, T, width) of the fixed point -> the task's output; T is `tokens`, by
-    default the data's length (a flattening head needs it)."""
+    default the data's length (a flattening head needs it). `adaptive`: an adaptive
+    softmax (lm), reading the tensors of `embedding` (the InputReader's) when it ties."""
 
     def __init__(self, cfg: SequenceHead, info: DataInfo, width: int, causal: bool,
-                 window: WindowNorm, norm: bool = True, tokens: int | None = None):
+                 window: WindowNorm, norm: bool = True, tokens: int | None = None,
+                 adaptive: Adaptive | None = None, embedding: nn.Module | None = None):
         super().__init__()
+        check_adaptive(adaptive, info)
         if cfg.pool == "flatten" and info.task == "lm":
             raise ValueError("model.head.pool=flatten: a language model predicts at every "
                              "position; flatten is for classify and forecast")
@@ -154,7 +172,10 @@ class TaskHead(nn.Module):
         # a causal state sees the whole window only at its last position
         self.pool = "last" if causal and self.task == "forecast" and cfg.pool == "mean" else cfg.pool
         features = width * (tokens or info.length) if self.pool == "flatten" else width
-        if self.task == "lm":
+        if self.task == "lm" and adaptive is not None:
+            self.out = AdaptiveSoftmax(width, info.vocab_size, adaptive,
+                                       embedding if adaptive.tie else None)
+        elif self.task == "lm":
             self.out = nn.Linear(width, info.vocab_size)
         elif self.task == "classify":
             self.out = nn.Linear(features, info.num_classes)

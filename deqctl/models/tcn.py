@@ -25,6 +25,7 @@ from torch import nn
 from ..data import DataInfo
 from ..implicit import DEQ
 from ..options import Count, Positive, Rate
+from .adaptive import Adaptive
 from .base import DEQModel
 from .dropout import dropout, variational_mask
 from .norms import Norm, normalised
@@ -68,7 +69,8 @@ class TcnDEQ(DEQModel):
     """Input embedding -> causal input injection -> DEQ TrellisNet cell -> task head.
 
     `channels` (hidden; the state holds h and c), `kernel_size` (causal, over time),
-    `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead).
+    `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead), `adaptive` (lm:
+    adaptive input embedding and softmax; models/adaptive.py).
     """
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
@@ -76,17 +78,19 @@ class TcnDEQ(DEQModel):
 
     def __init__(self, info: DataInfo, deq: DEQ, *, channels: Annotated[int, Ge(4)] = 128,
                  kernel_size: Count = 2, norm: Norm = "weight", init_std: Positive | None = None,
-                 dropout: Rate = 0.0, head: SequenceHead = SequenceHead()):
+                 dropout: Rate = 0.0, head: SequenceHead = SequenceHead(),
+                 adaptive: Adaptive | None = None):
         check_inputs(info, "tcn_deq")
         super().__init__(info, deq)
         self.per_sample = not dropout
         d = channels
         self.dynamic_length = takes_any_length(info, head)
         window = WindowNorm(head.window_norm, info)
-        self.reader = InputReader(info, d, window)
+        self.reader = InputReader(info, d, window, adaptive=adaptive)
         self.inject_conv = nn.Conv1d(d, 4 * d, kernel_size)
         self.body = TrellisCell(d, kernel_size, norm, init_std, dropout)
-        self.head = TaskHead(head, info, d, True, window)
+        self.head = TaskHead(head, info, d, True, window, adaptive=adaptive,
+                             embedding=self.reader.embed)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         u = causal_conv(self.reader(x).transpose(1, 2), self.inject_conv)     # (N, 4d, L)

@@ -27,6 +27,7 @@ from torch import nn
 from ..data import DataInfo
 from ..implicit import DEQ
 from ..options import Count, Positive, Rate
+from .adaptive import Adaptive
 from .base import DEQModel
 from .dropout import dropout, variational_mask
 from .norms import Norm, normalised
@@ -87,7 +88,8 @@ class TransformerDEQ(DEQModel):
     `d_model`, `heads`, `d_ff` (feed-forward width), `norm_placement` (LayerNorm before
     or after each sublayer), `causal` (None: causal for lm and forecast, bidirectional
     for classify), `norm`, `init_std`, `dropout` (variational), `head` (SequenceHead),
-    `patch` (steps per token of value sequences, or auto; InputReader, patch_for).
+    `patch` (steps per token of value sequences, or auto; InputReader, patch_for),
+    `adaptive` (lm: adaptive input embedding and softmax; models/adaptive.py).
     """
 
     inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
@@ -96,7 +98,8 @@ class TransformerDEQ(DEQModel):
                  heads: Count = 4, d_ff: Annotated[int, Ge(8)] = 256,
                  norm_placement: Literal["pre", "post"] = "post", causal: bool | None = None,
                  norm: Norm = "weight", init_std: Positive | None = None, dropout: Rate = 0.0,
-                 head: SequenceHead = SequenceHead(), patch: Count | Literal["auto"] = 1):
+                 head: SequenceHead = SequenceHead(), patch: Count | Literal["auto"] = 1,
+                 adaptive: Adaptive | None = None):
         check_inputs(info, "transformer_deq")
         super().__init__(info, deq)
         self.per_sample = not dropout
@@ -109,11 +112,12 @@ class TransformerDEQ(DEQModel):
         # fixed-length, so export and predict take its data's length (the module itself
         # runs at any length)
         self.dynamic_length = takes_any_length(info, head) and patch == 1
-        self.reader = InputReader(info, d_model, window, patch)
+        self.reader = InputReader(info, d_model, window, patch, adaptive)
         self.body = AttentionCell(d_model, heads, d_ff, norm_placement == "pre", norm,
                                   init_std, dropout, causal)
         self.head = TaskHead(head, info, d_model, causal, window,
-                             tokens=info.length and math.ceil(info.length / patch))
+                             tokens=info.length and math.ceil(info.length / patch),
+                             adaptive=adaptive, embedding=self.reader.embed)
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         e = self.reader(x)

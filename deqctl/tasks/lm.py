@@ -1,5 +1,9 @@
 """`lm`: next-token prediction at every position. Cross-entropy in nats per token; bits
-per character (bpc = loss / ln 2, tokens being characters or bytes) and perplexity."""
+per character (bpc = loss / ln 2, tokens being characters or bytes) and perplexity.
+
+A model's output is next-token logits (N, L, V) (or log-probabilities: the same loss), or,
+from an adaptive softmax while training or evaluating, an object whose `nll(y)` is that
+loss computed from the targets without the (N, L, V) tensor (models/adaptive.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ class LanguageModel(Task):
     output_name = "logits"
     metrics = (Metric("bpc", "bpc", fmt_float), Metric("ppl", "ppl", fmt_float))
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, out, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            return out.nll(y)
         return F.cross_entropy(out.float().flatten(0, -2), y.flatten())
 
     def finish(self, row):
