@@ -84,8 +84,10 @@ SMALL_MODEL = {
     "sequential-mnist-deq": ["model.d_model=16", "model.heads=2", "model.d_ff=32"],
     "shakespeare-deq": ["model.d_model=16", "model.heads=2", "model.d_ff=32"],
     "co2-forecast-deq": ["model.d_model=8", "model.heads=2", "model.d_ff=16"],
+    "wikitext103-deq": ["model.d_model=16", "model.heads=2", "model.d_ff=32",
+                        "model.adaptive.cutoffs=[4,8]"],
 }
-SMALL_DATA = {"shakespeare-deq": ["data.seq_len=32"]}
+SMALL_DATA = {"shakespeare-deq": ["data.seq_len=32"], "wikitext103-deq": ["data.seq_len=16"]}
 
 
 # --- the commands, read from the README ---------------------------------------------------
@@ -529,7 +531,7 @@ def test_readme_command(case: Case, tmp_path, monkeypatch, request, inputs, read
 # needs the hub or a save_to_disk folder (tests/test_sources.py).
 KIND = {"mnist-5k": "image", "mnist": "image", "fashion-mnist": "image", "cifar10": "image",
         "imagefolder": "image", "sequential-mnist": "sequence", "shakespeare": "text",
-        "text": "text", "co2": "series", "csv": "series"}
+        "text": "text", "hf": "text", "co2": "series", "csv": "series"}
 LOCAL = {
     "image": {"npz": ["data.name=npz", "data.path=images.npz"],
               "imagefolder": ["data.name=imagefolder", "data.root=DIR"]},
