@@ -52,3 +52,16 @@ def test_a_classifier_recipe_names_its_classes():
 def test_a_wrong_key_is_one_line():
     result = runner.invoke(app, ["data", RECIPE, "data.nope=1"])
     assert result.exit_code == 2 and "data.nope" in result.output
+
+
+def test_json_stays_one_object_when_user_code_prints(tmp_path):
+    (tmp_path / "loud.py").write_text(
+        "print('hello from user code')\n"
+        "from deqctl.models.transformer import TransformerDEQ\n"
+        "class Loud(TransformerDEQ):\n    pass\n")
+    result = runner.invoke(app, ["data", SHAKESPEARE, f"model.name={tmp_path / 'loud.py'}:Loud",
+                                 f"data.root={tmp_path}", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"]["parameters"] > 0
+    assert "hello from user code" in result.stderr and "user code: model.name=" in result.stderr

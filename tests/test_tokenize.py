@@ -141,3 +141,26 @@ def test_a_word_model_trains_evaluates_and_generates(tmp_path):
     assert result.exit_code == 0, result.output
     text = json.loads(result.stdout)["text"]
     assert len(text.replace("\n", " ").split()) >= 4          # five words (or line ends)
+    assert text[0] in " \n"              # the first word is not glued to the prompt's last
+    blank = runner.invoke(app, ["generate", str(out), "--prompt", "   ", "--tokens", "2"])
+    assert blank.exit_code == 2 and "the prompt encodes to no tokens" in blank.output
+
+
+def test_generated_control_characters_never_reach_the_terminal(capsys):
+    from deqctl.cli.generate import _stream
+
+    _stream("ok\x1b[2J\x07\r\tend\n\x9b")
+    assert capsys.readouterr().out == "ok\ufffd[2J\ufffd\ufffd\tend\n\ufffd"
+
+
+def test_a_wordpiece_file_counts_its_own_unknown_token(tmp_path):
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+
+    hf = HF(models.WordPiece({"[UNK]": 0, "the": 1, "cat": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tokenizer.json"
+    path.write_text(hf.to_str())
+    from deqctl.data.tokenize import read_tokenizer_file
+
+    tok = read_tokenizer_file(path)
+    assert tok.unknown_id == 0 and tok.unknown_in(tok.encode("the zebra cat quux")) == 2

@@ -16,7 +16,7 @@ import torch
 
 from deqctl import recipe as recipes
 from deqctl.cli import app
-from deqctl.data import build_data, iterate_batches
+from deqctl.data import DataError, build_data, iterate_batches
 from deqctl.data import tokens as T
 
 from cli_helpers import CONFIGS, rows, runner
@@ -154,3 +154,75 @@ def test_ids_past_65536_are_stored_as_uint32(tmp_path):
     cache = T.TokenCache(tmp_path)
     ids, meta = cache.tokens(Wide(), T.Text("t", "fp", lambda: iter(["abc"])))
     assert meta["dtype"] == "uint32" and ids.tolist() == [69_999, 1, 65_536]
+
+
+# --- hostile input (found by a hostile test of this surface) ------------------------------
+
+
+def word_tokenizer_file(tmp_path, vocab: dict) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path = tmp_path / "tokenizer.json"
+    path.write_text(hf.to_str())
+    return str(path)
+
+
+def test_ids_with_gaps_size_the_vocabulary_and_ids_past_the_bound_are_refused(corpus, tmp_path):
+    sparse = word_tokenizer_file(tmp_path, {"<unk>": 0, "line": 70_000, "of": 5})
+    b = build_data(data(**corpus, tokenizer=sparse))
+    assert b.info.vocab_size == 70_001 and int(b.train.inputs.max()) == 70_000  # not cut to uint16
+    huge = word_tokenizer_file(tmp_path, {"<unk>": 0, "line": 4_000_000_000})
+    with pytest.raises(DataError, match=r"token ids must lie in 0 \.\. 16777215"):
+        build_data(data(**corpus, tokenizer=huge))
+
+
+def test_a_long_run_without_spaces_is_cut_into_pieces_before_bpe():
+    from deqctl.data.tokenize import LONGEST_RUN, train_tokenizer
+
+    tok = train_tokenizer("bpe", ["ab " * 50], vocab_size=260)
+    pieces = tok.hf.pre_tokenizer.pre_tokenize_str("x" * 1000 + " tail")
+    assert max(len(p) for p, _ in pieces) <= LONGEST_RUN         # training stays linear
+    assert tok.decode(tok.encode("x" * 1000 + " tail")) == "x" * 1000 + " tail"
+
+
+def test_a_read_only_cache_that_holds_the_entries_is_read(corpus, monkeypatch):
+    import errno
+
+    cfg = data(**corpus)
+    first = build_data(cfg)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    assert torch.equal(build_data(cfg).train.inputs, first.train.inputs)
+
+
+def test_damaged_cache_files_are_rebuilt_or_one_line(corpus):
+    cfg = data(**corpus, tokenizer="word")
+    clean = build_data(cfg)
+    folder = Path(corpus["root"]) / "tokens"
+    fitted = next(folder.glob("*.tokenizer.json"))
+    for damage in ("[1, 2]", '{"kind": "word"}', '{"kind": "byte", "vocab": null}'):
+        fitted.write_text(damage)                       # refitted, of the kind asked for
+        again = build_data(cfg)
+        assert again.info == clean.info and torch.equal(again.train.inputs, clean.train.inputs)
+    ids = next(p for p in folder.glob("*.ids"))
+    ids.unlink()
+    os.mkfifo(ids)                                      # refused, not waited on; rebuilt
+    (folder / f".{ids.name}.123.tmp").write_bytes(b"left by a killed builder")
+    done = subprocess.run([sys.executable, "-c", (
+        "from deqctl import recipe as r; from deqctl.data import build_data; "
+        f"build_data(r.validate({{'data': {dict(corpus, tokenizer='word')!r}}}).data)")],
+        timeout=60,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and ids.is_file() and not list(folder.glob(".*.tmp"))
+    for lock in folder.glob("*.lock"):
+        lock.unlink()
+        lock.mkdir()
+    with pytest.raises(DataError, match="token cache .*: Is a directory"):
+        build_data(cfg)

@@ -4,8 +4,10 @@ recipe's model and its parameter count (built on the meta device: no memory, no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from typing import Any, List, Optional
 
 import torch
@@ -28,11 +30,13 @@ def data_command(
     path, overrides = split_args(args)
     if path is None:
         fail("missing RECIPE.yaml (e.g. deqctl data configs/shakespeare-deq.yaml)", USAGE)
-    recipe = recipes.load(path, overrides)
-    if not as_json:
+    # what user code prints while it is imported or run goes to stderr: with --json,
+    # stdout holds the one JSON object and nothing else
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        recipe = recipes.load(path, overrides)
         say_user_code(recipe)
-    bundle = build_data(recipe.data)
-    model = _parameters(recipe, bundle)
+        bundle = build_data(recipe.data)
+        model = _parameters(recipe, bundle)
     report = describe(bundle, model)
     if as_json:
         typer.echo(json.dumps(report))

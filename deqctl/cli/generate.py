@@ -59,9 +59,13 @@ def generate(
     gen = Generator(src.model, solver=solver, device=src.device,
                     precision=src.recipe.runtime.precision, reuse=not no_reuse)
     ids, unknown = gen.encode(text)
+    if not ids:
+        fail("the prompt encodes to no tokens (only what the tokenizer drops, such as "
+             "spaces); give it at least one word", USAGE)
     if unknown:
-        typer.echo(f"warning: {unknown} character(s) of the prompt are not in the training "
-                   f"vocabulary; read as the unknown id 0", err=True)
+        tok = gen.tokenizer
+        typer.echo(f"warning: {unknown} {tok.unit}(s) of the prompt are not in the training "
+                   f"vocabulary; read as the unknown id {tok.unknown_id}", err=True)
     if not no_reuse and not gen.reuse:
         typer.echo("note: this model declares no causal time axis (or is an explicit "
                    "twin): every token is solved from the cold start", err=True)
@@ -103,10 +107,15 @@ def _report(out: list[Token], prompt_tokens: int, gen: Generator, solver: SolveS
             "summary": {**asdict(summary), "tokens_per_s": summary.tokens_per_s}}
 
 
+# control characters but line ends and tabs: a checkpoint someone sent must not drive the
+# terminal (ESC sequences, carriage returns over the prompt, bells)
+_CONTROLS = {c: "\ufffd" for c in [*range(0x20), 0x7f, *range(0x80, 0xa0)] if c not in (9, 10)}
+
+
 def _stream(text: str) -> None:
     """Write `text` to stdout now: the prompt and each token as it comes, all through the
-    one stream (so all in its one encoding)."""
-    sys.stdout.write(text)
+    one stream (so all in its one encoding), control characters shown as U+FFFD."""
+    sys.stdout.write(text.translate(_CONTROLS))
     sys.stdout.flush()
 
 

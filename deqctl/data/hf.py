@@ -54,6 +54,11 @@ def _open(src, cache_dir: str | None) -> Any:
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    try:        # the hub's retries are logged line by line: the failure is said once, below
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
     folder = Path(src.path).expanduser()
     try:
         if folder.is_dir():

@@ -70,7 +70,10 @@ def lm_bundle(name: str, texts: dict[str, Text], cfg, like: DataInfo | None) -> 
     facts = {k: {} for k in ("unknown_tokens", "tokens", "text_bytes", "token_files")}
     splits, notes = {}, []
     for part, text in texts.items():
-        ids, meta = cache.tokens(tok, text)
+        try:
+            ids, meta = cache.tokens(tok, text)
+        except TokenizerError as exc:
+            raise DataError(f"data.tokenizer: {exc} ({text.name})") from exc
         splits[part] = Split(*windows(ids, cfg.seq_len, f"{name} {part}"))
         facts["unknown_tokens"][part] = meta["unknown"]
         facts["tokens"][part], facts["text_bytes"][part] = meta["count"], meta["bytes"]

@@ -23,15 +23,20 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .base import DataError
+
 UNKNOWN = 0              # char vocabularies: the id of every character the training text lacks
 UNK, EOS = "<unk>", "<eos>"
 BUILT_IN = ("char", "byte")
 TRAINED = ("word", "bpe")
+LONGEST_RUN = 256        # bpe: characters without a space read as one piece, at most
+MAX_IDS = 2**24          # an embedding row per id: 16.7M ids is already 8.6G parameters at 512
 JSON_LIMIT = 64 * 2**20  # a tokenizer.json of GPT-2's 50k BPE is ~2 MB, a 267k-word vocab ~6 MB
 
 
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be built or read; str() is one line."""
+class TokenizerError(DataError, ValueError):
+    """A tokenizer that cannot be built, read or used; str() is one line. A data problem
+    (exit 2), and a ValueError to a reader of a stored data description."""
 
 
 class Tokenizer:
@@ -58,9 +63,10 @@ class Tokenizer:
         """How many of `ids` are the unknown id."""
         return 0 if self.unknown_id is None else int((np.asarray(ids) == self.unknown_id).sum())
 
-    def stream(self) -> Callable[[int], str]:
-        """Return a function turning one generated id after another into the text each
-        adds: bytes and subwords are held back while they end inside a character."""
+    def stream(self, before: list[int] = ()) -> Callable[[int], str]:
+        """Return a function turning one generated id after another (continuing the ids
+        `before`) into the text each adds: bytes and subwords are held back while they end
+        inside a character."""
         pending: list[int] = []
 
         def push(token: int) -> str:
@@ -114,7 +120,7 @@ class CharTokenizer(Tokenizer):
             return bytes(ids).decode("utf-8", errors="replace")
         return "".join(self.vocab[i - 1] if i > 0 else "\ufffd" for i in ids)
 
-    def stream(self) -> Callable[[int], str]:
+    def stream(self, before: list[int] = ()) -> Callable[[int], str]:
         if self.kind == "char":
             return lambda token: self.decode([token])
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -134,8 +140,13 @@ class HFTokenizer(Tokenizer):
                                  f"({str(exc).splitlines()[0][:120] if str(exc) else exc!r})") from exc
         self.kind, self.json = kind, json_text
         self.unit = "word" if kind == "word" else "token"
-        self.size = self.hf.get_vocab_size(with_added_tokens=True)
-        self.unknown_id = self.hf.token_to_id(UNK)
+        ids = self.hf.get_vocab(with_added_tokens=True).values()
+        self.size = max(ids, default=-1) + 1      # ids may leave gaps: the largest one counts
+        if not 0 < self.size <= MAX_IDS or min(ids) < 0:
+            raise TokenizerError(f"token ids must lie in 0 .. {MAX_IDS - 1} (this vocabulary "
+                                 f"holds {min(ids, default=0)} .. {self.size - 1})")
+        unk = getattr(self.hf.model, "unk_token", None) or UNK   # [UNK] in WordPiece files
+        self.unknown_id = self.hf.token_to_id(unk)
         self._eos = self.hf.token_to_id(EOS) if kind == "word" else None
 
     @property
@@ -144,7 +155,15 @@ class HFTokenizer(Tokenizer):
         return self.json
 
     def encode(self, text: str) -> np.ndarray:
-        """Return the ids of `text` (int64); `word` appends `<eos>` at each line end."""
+        """Return the ids of `text` (int64); `word` appends `<eos>` at each line end.
+        TokenizerError (one line) when the tokenizer cannot encode it."""
+        try:
+            return self._encode(text)
+        except Exception as exc:  # the library raises its own Exception (a missing [UNK], ...)
+            raise TokenizerError(f"the tokenizer cannot encode this text "
+                                 f"({str(exc).splitlines()[0][:120] if str(exc) else exc!r})") from exc
+
+    def _encode(self, text: str) -> np.ndarray:
         if self.kind != "word":
             # line by line: encode_batch spreads the lines over the library's threads
             lines = text.splitlines(keepends=True)
@@ -174,11 +193,11 @@ class HFTokenizer(Tokenizer):
                 words.append(word)
         return "\n".join([*lines, " ".join(words)])
 
-    def stream(self) -> Callable[[int], str]:
+    def stream(self, before: list[int] = ()) -> Callable[[int], str]:
         """Words one by one: a space before each but the first of a line."""
         if self.kind != "word":
-            return super().stream()
-        at_line_start = [True]
+            return super().stream(before)
+        at_line_start = [not before or before[-1] == self._eos]
 
         def push(token: int) -> str:
             word = self.hf.id_to_token(token) or UNK
@@ -202,7 +221,7 @@ def train_tokenizer(kind: str, lines: Iterable[str], *, vocab_size: int = 8192,
         for line in lines:
             chars.update(line)
         return CharTokenizer("char", "".join(sorted(chars)))
-    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer as HF, decoders, models, pre_tokenizers, trainers
 
     if kind == "word":
         hf = HF(models.WordLevel(unk_token=UNK))
@@ -213,7 +232,11 @@ def train_tokenizer(kind: str, lines: Iterable[str], *, vocab_size: int = 8192,
             special_tokens=[UNK, EOS], show_progress=False)
     elif kind == "bpe":
         hf = HF(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        # runs of LONGEST_RUN non-spaces (base64, DNA, minified code) become pieces of their
+        # own first: BPE training time grows with the square of a piece's length
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(rf"\S{{{LONGEST_RUN}}}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

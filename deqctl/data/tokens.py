@@ -18,6 +18,7 @@ size or hash no longer matches its description is rebuilt.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,14 +26,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
-from ..files import read_json, write_atomic
+from ..files import is_regular, open_regular, read_json, write_atomic
 from .base import DataError
-from .tokenize import Tokenizer, TokenizerError, of, train_tokenizer
+from .tokenize import Tokenizer, of, train_tokenizer
 
 FORMAT = "deqctl-tokens/1"
 CHUNK_CHARS = 1 << 22          # encode about 4M characters at a time: bounded memory
@@ -64,7 +65,7 @@ def text_file(path: Path, label: str) -> Text:
             with open(path, encoding="utf-8", newline="") as fh:
                 yield from _read_chunks(fh)
         except UnicodeDecodeError as exc:
-            raise DataError(f"{label} is not UTF-8 text (byte {exc.start} of a block)") from exc
+            raise DataError(f"{label} is not UTF-8 text") from exc
     return Text(label, "sha256:" + digest.hexdigest(), chunks, path.stat().st_size)
 
 
@@ -145,12 +146,16 @@ class TokenCache:
         key = _key({"kind": kind, "settings": settings, "text": train.fingerprint})
         path = self.folder / f"{key}.tokenizer.json"
         with self._lock(key):
-            if path.is_file():
-                with contextlib.suppress(OSError, ValueError, TokenizerError):
-                    stored = read_json(path, 2**27)
-                    return of(stored["kind"], stored["vocab"])
+            try:        # anything but a readable tokenizer of this kind is fitted again
+                stored = read_json(path, 2**27)
+                tok = of(stored["kind"], stored["vocab"])
+                if tok.kind == kind:
+                    return tok
+            except (OSError, ValueError, TypeError, KeyError):
+                pass
             tok = train_tokenizer(kind, _lines(train), **settings)
-            write_atomic(path, json.dumps({"kind": tok.kind, "vocab": tok.stored}))
+            self._write(lambda: write_atomic(path, json.dumps({"kind": tok.kind,
+                                                               "vocab": tok.stored})))
         return tok
 
     # -- token files ----------------------------------------------------------------------
@@ -163,7 +168,7 @@ class TokenCache:
         with self._lock(key):
             meta = _valid(path, meta_path)
             if meta is None:
-                meta = _build(tok, text, path, meta_path)
+                meta = self._write(lambda: _build(tok, text, path, meta_path))
         meta["path"] = str(path)
         dtype = np.dtype(meta["dtype"])
         ids = (np.memmap(path, dtype=dtype, mode="r") if meta["count"]
@@ -172,13 +177,35 @@ class TokenCache:
 
     @contextlib.contextmanager
     def _lock(self, key: str):
-        """Hold KEY.lock: one process builds an entry, the others wait, then reuse it."""
-        fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Hold KEY.lock: one process builds an entry, the others wait, then reuse it. A
+        cache that cannot be written (read-only) is still read, without the lock."""
+        try:
+            fd = os.open(self.folder / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise self._error(exc) from exc
+            yield
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            for stale in self.folder.glob(f".{key}.*.tmp"):  # a builder killed before us
+                stale.unlink(missing_ok=True)
             yield
         finally:
             os.close(fd)
+
+    def _write(self, build: Callable[[], Any]) -> Any:
+        """Run `build`, a write into the cache; one line naming the folder when it fails."""
+        try:
+            return build()
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc: OSError) -> DataError:
+        return DataError(f"token cache {self.folder}: {exc.strerror or exc} "
+                         f"({getattr(exc, 'filename', None) or ''}); set data.root or "
+                         f"DEQCTL_CACHE to a writable folder")
 
 
 def _key(what: dict) -> str:
@@ -186,16 +213,18 @@ def _key(what: dict) -> str:
 
 
 def _valid(path: Path, meta_path: Path) -> dict | None:
-    """The description of a complete, unaltered entry; None when it is missing, cut off or
-    edited (its size or the sha256 of its ids differ from what was written)."""
+    """The description of a complete, unaltered entry; None when it is missing, cut off,
+    edited (its size or the sha256 of its ids differ from what was written) or not a
+    regular file."""
     try:
         meta = read_json(meta_path, 2**20)
         dtype = np.dtype(meta["dtype"])
-        if meta.get("format") != FORMAT or path.stat().st_size != meta["count"] * dtype.itemsize:
+        if meta.get("format") != FORMAT or not is_regular(path) or \
+                path.stat().st_size != meta["count"] * dtype.itemsize:
             return None
+        return meta if _sha256(path) == meta["sha256"] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return meta if _sha256(path) == meta["sha256"] else None
 
 
 def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
@@ -229,7 +258,7 @@ def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:       # a FIFO put in its place is refused, not waited on
         for block in iter(lambda: fh.read(HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -244,9 +244,11 @@ class Trainer:
                         f"{len(self.data.train)} train / {len(self.data.test)} test; "
                         f"{self.total} steps")
         if self.model.deq.pretraining_left:
-            self.view.event(f"shallow pretraining: steps {self.state.step + 1} to "
-                            f"{r.deq.pretrain_steps} train the cell unrolled (depth "
-                            f"{r.deq.explicit_depth}), then implicitly")
+            last = min(r.deq.pretrain_steps, self.total)
+            self.view.event(f"shallow pretraining: steps {self.state.step + 1} to {last} "
+                            f"train the cell unrolled (depth {r.deq.explicit_depth})" +
+                            (", then implicitly" if last < self.total else
+                             ": every step of this run"))
         self.model.train()
 
     def epoch(self) -> None:

@@ -99,7 +99,7 @@ class Generator:
                  ) -> Iterator[Token]:
         """Yield `tokens` tokens continuing `prompt` (its last L ids are the first context)."""
         context, z, how = list(prompt[-self.window:]), None, "cold"
-        text_of = self.tokenizer.stream()     # a character split over tokens comes whole
+        text_of = self.tokenizer.stream(prompt)   # a character split over tokens comes whole
         for _ in range(tokens):
             token, z, res = self._next(context, z, how, sample)
             text = text_of(token)
