@@ -22,7 +22,7 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import IO, Any, BinaryIO, Iterator
 
 MB = 2**20
 
@@ -106,19 +106,27 @@ def free_name(folder: Path, stem: str, suffix: str = "") -> Path:
         k += 1
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` (a file deqctl owns) by `text` in one step: a crash leaves the old
-    content or the new, never a cut-off file."""
+@contextlib.contextmanager
+def replacing(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside `path` (a file deqctl owns) that replaces it in one step
+    once the block ends without an error: a crash leaves the old content or the new, never
+    a cut-off file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` (a file deqctl owns) by `text` in one step (see `replacing`)."""
+    with replacing(path) as fh:
+        fh.write(text)
 
 
 @dataclass

@@ -13,15 +13,9 @@ import pytest
 from deqctl.cli import app
 
 from cli_helpers import runner
+from test_hostile import one_line_exit_2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_line_exit_2(result) -> str:
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    return errors[0]
 
 
 def compare(*args) -> object:

@@ -21,7 +21,8 @@ from deqctl.cli import app
 from deqctl.predict import Failed, Item, Reader
 from deqctl.predict import inputs as predict_inputs
 
-from cli_helpers import CONFIGS, runner
+from cli_helpers import runner
+from test_predict import forecaster  # noqa: F401  (a fixture: one trained forecaster)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,18 +47,6 @@ def digit(path: Path, value: int = 128) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def forecaster(tmp_path_factory) -> Path:
-    """A 2-step CO2 forecaster reading windows of 8 weekly values (column co2, time
-    column date), forecasting 3."""
-    out = tmp_path_factory.mktemp("fc") / "run"
-    result = runner.invoke(app, [
-        "train", str(CONFIGS / "co2-forecast-deq.yaml"), "train.max_steps=2", "runtime.threads=1",
-        "data.window=8", "data.horizon=3", "data.season=4", "data.limit_train=32",
-        "data.limit_eval=16", "data.batch_size=16",
-        "model={name: tcn_deq, channels: 8, head: {pool: flatten}}", "--out", str(out), "--plain"])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 # --- 3: an output is never one of the inputs ------------------------------------------

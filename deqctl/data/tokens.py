@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ..files import is_regular, open_regular, read_json, write_atomic
+from ..files import is_regular, open_regular, read_json, replacing, write_atomic
 from .base import DataError
 from .tokenize import Tokenizer, of, train_tokenizer
 
@@ -230,25 +230,17 @@ def _valid(path: Path, meta_path: Path) -> dict | None:
 def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
     """Tokenize `text` chunk by chunk into `path` (atomically), then describe it."""
     dtype = np.dtype(np.uint16 if tok.size <= 2**16 else np.uint32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     started, count, unknown, size = time.perf_counter(), 0, 0, 0
     digest = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as out:
-            for chunk in text.chunks():
-                ids = tok.encode(chunk)
-                unknown += tok.unknown_in(ids)
-                size += len(chunk.encode("utf-8"))
-                data = ids.astype(dtype).tobytes()
-                digest.update(data)
-                out.write(data)
-                count += len(ids)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with replacing(path, "wb") as out:
+        for chunk in text.chunks():
+            ids = tok.encode(chunk)
+            unknown += tok.unknown_in(ids)
+            size += len(chunk.encode("utf-8"))
+            data = ids.astype(dtype).tobytes()
+            digest.update(data)
+            out.write(data)
+            count += len(ids)
     meta = {"format": FORMAT, "dtype": dtype.name, "count": count, "unknown": unknown,
             "bytes": size, "sha256": digest.hexdigest(), "text": text.name,
             "seconds": round(time.perf_counter() - started, 3)}
