@@ -79,8 +79,7 @@ VALUES = {"runtime.precision=P": ["runtime.precision=fp32", "runtime.precision=f
 SMALL_MODEL = {
     "mnist-deq": [o for o in tiny() if o.startswith("model.")],
     "cifar10-mdeq": ["model.channels=[8,16]", "model.groups=4", "model.head_width=16"],
-    "imagenet-mdeq": ["model.channels=[8,16]", "model.groups=4", "model.head_width=16",
-                      "model.stem_stride=1"],
+    "imagenet-mdeq": ["model.channels=[8,16]", "model.groups=4", "model.head_width=16"],
     "sequential-mnist-deq": ["model.d_model=16", "model.heads=2", "model.d_ff=32"],
     "shakespeare-deq": ["model.d_model=16", "model.heads=2", "model.d_ff=32"],
     "co2-forecast-deq": ["model.d_model=8", "model.heads=2", "model.d_ff=16"],
