@@ -49,7 +49,6 @@ class Text:
     name: str
     fingerprint: str
     chunks: Callable[[], Iterator[str]]
-    size: int | None = None                     # bytes, when known (a progress measure)
 
 
 def text_file(path: Path, label: str) -> Text:
@@ -66,7 +65,7 @@ def text_file(path: Path, label: str) -> Text:
                 yield from _read_chunks(fh)
         except UnicodeDecodeError as exc:
             raise DataError(f"{label} is not UTF-8 text") from exc
-    return Text(label, "sha256:" + digest.hexdigest(), chunks, path.stat().st_size)
+    return Text(label, "sha256:" + digest.hexdigest(), chunks)
 
 
 def _read_chunks(fh) -> Iterator[str]:
