@@ -11,7 +11,7 @@ Targets are int64 (N,) classes, int64 (N, L) next tokens, or float (N, ...) valu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -226,11 +226,16 @@ class Split:
     `augment` names the augmentation batches of this split may get: "shift" (random
     translation of the last two axes: digits, sequential digits) or "shift+flip"
     (photographs); None when augmentation means nothing for the data.
+
+    `per_token` holds what one token of a text split is in its raw text, e.g.
+    {"bytes_per_token": 4.4, "words_per_token": 0.83}: the divisors of a language model's
+    bits per byte and word perplexity (empty for other data).
     """
 
     inputs: torch.Tensor
     targets: torch.Tensor
     augment: str | None = None
+    per_token: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Fail at load time, not deep inside a training step, if a loader got a layout wrong.
@@ -253,12 +258,12 @@ class Split:
         # clone: a view would keep the whole (possibly large) dataset alive; rows of a
         # token file are read only as they are used, so theirs stay a view
         keep = (lambda a: a.clone() if isinstance(a, torch.Tensor) else a)
-        return Split(keep(part.inputs), keep(part.targets), self.augment)
+        return replace(self, inputs=keep(part.inputs), targets=keep(part.targets))
 
     def rows(self, part: slice) -> Split:
         """Return samples `part` as a view: nothing copied, nothing read."""
         view = (lambda a: a[part] if isinstance(a, torch.Tensor) else a.rows_view(part))
-        return Split(view(self.inputs), view(self.targets), self.augment)
+        return replace(self, inputs=view(self.inputs), targets=view(self.targets))
 
 
 @dataclass

@@ -67,16 +67,19 @@ def lm_bundle(name: str, texts: dict[str, Text], cfg, like: DataInfo | None) -> 
         raise DataError("data.files.train: required to train (the vocabulary comes from it)")
     if "test" not in texts:
         raise DataError("data.files.test: required (the split evaluation reports)")
-    facts = {k: {} for k in ("unknown_tokens", "tokens", "text_bytes", "token_files")}
+    facts = {k: {} for k in ("unknown_tokens", "tokens", "text_bytes", "text_words",
+                             "token_files")}
     splits, notes = {}, []
     for part, text in texts.items():
         try:
             ids, meta = cache.tokens(tok, text)
         except TokenizerError as exc:
             raise DataError(f"data.tokenizer: {exc} ({text.name})") from exc
-        splits[part] = Split(*windows(ids, cfg.seq_len, f"{name} {part}"))
+        splits[part] = Split(*windows(ids, cfg.seq_len, f"{name} {part}"),
+                             per_token=_per_token(meta))
         facts["unknown_tokens"][part] = meta["unknown"]
         facts["tokens"][part], facts["text_bytes"][part] = meta["count"], meta["bytes"]
+        facts["text_words"][part] = meta["words"]
         facts["token_files"][part] = meta["path"]
         if meta["unknown"]:
             notes.append(f"{name}: {meta['unknown']} {tok.unit}(s) of the {part} text are not "
@@ -89,6 +92,15 @@ def lm_bundle(name: str, texts: dict[str, Text], cfg, like: DataInfo | None) -> 
                     tokenizer=tok.kind, vocab=tok.stored)
     return DataBundle(info=info, train=splits.get("train"), test=splits["test"],
                       val=splits.get("val"), notes=notes, facts=facts)
+
+
+def _per_token(meta: dict) -> dict[str, float]:
+    """Bytes and words of a split's raw text per token: what its bits per byte and word
+    perplexity divide by (data.Split.per_token)."""
+    if not meta["count"]:
+        return {}
+    return {"bytes_per_token": meta["bytes"] / meta["count"],
+            "words_per_token": meta["words"] / meta["count"]}
 
 
 @source("shakespeare", TextTokens)

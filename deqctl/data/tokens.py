@@ -35,7 +35,7 @@ from ..files import is_regular, open_regular, read_json, replacing, write_atomic
 from .base import DataError
 from .tokenize import Tokenizer, of, train_tokenizer
 
-FORMAT = "deqctl-tokens/1"
+FORMAT = "deqctl-tokens/2"
 CHUNK_CHARS = 1 << 22          # encode about 4M characters at a time: bounded memory
 HASH_BLOCK = 1 << 24
 IN_MEMORY_TOKENS = 1 << 21     # a split this small is held as tensors (32 MB at most)
@@ -229,22 +229,35 @@ def _valid(path: Path, meta_path: Path) -> dict | None:
 def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
     """Tokenize `text` chunk by chunk into `path` (atomically), then describe it."""
     dtype = np.dtype(np.uint16 if tok.size <= 2**16 else np.uint32)
-    started, count, unknown, size = time.perf_counter(), 0, 0, 0
+    started, count, unknown, size, words = time.perf_counter(), 0, 0, 0, 0
     digest = hashlib.sha256()
     with replacing(path, "wb") as out:
         for chunk in text.chunks():
             ids = tok.encode(chunk)
             unknown += tok.unknown_in(ids)
-            size += len(chunk.encode("utf-8"))
+            raw = chunk.encode("utf-8")
+            size, words = size + len(raw), words + count_words(raw)
             data = ids.astype(dtype).tobytes()
             digest.update(data)
             out.write(data)
             count += len(ids)
     meta = {"format": FORMAT, "dtype": dtype.name, "count": count, "unknown": unknown,
-            "bytes": size, "sha256": digest.hexdigest(), "text": text.name,
+            "bytes": size, "words": words, "sha256": digest.hexdigest(), "text": text.name,
             "seconds": round(time.perf_counter() - started, 3)}
     write_atomic(meta_path, json.dumps(meta))
     return {**meta, "built": True}
+
+
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True
+
+
+def count_words(raw: bytes) -> int:
+    """Words as the `word` tokenizer counts them: runs of non-whitespace, plus one per
+    line end (its <eos>). Chunks are cut at whitespace, so counts of chunks add up."""
+    space = _SPACE[np.frombuffer(raw, dtype=np.uint8)]
+    starts = int(np.count_nonzero(~space[1:] & space[:-1])) + int(space.size > 0 and not space[0])
+    return starts + raw.count(b"\n")
 
 
 def _sha256(path: Path) -> str:

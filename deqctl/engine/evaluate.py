@@ -41,7 +41,7 @@ def evaluate(model: DEQModel, task: Task, split: Split, batch_size: int, *,
             if on_batch:
                 on_batch(i + 1, total)
         row = acc.reduce()
-        row = task.finish(with_stop_reason(merge(row) if merge else row))
+        row = task.finish(with_stop_reason(merge(row) if merge else row), split)
         elapsed = time.perf_counter() - start
     finally:           # an evaluation cut short by a signal leaves the model as it was
         model.train(was_training)

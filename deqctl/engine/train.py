@@ -409,7 +409,8 @@ class Trainer:
         s = self.state
         local = self.acc.reduce()
         local[K.loss_spikes] = self.spikes.count(self.acc.step_losses)
-        row = self.task.finish(with_stop_reason(merge_rows(self.group, local)))
+        row = self.task.finish(with_stop_reason(merge_rows(self.group, local)),
+                               self.data.train)
         now = self.clock.elapsed()
         row = {K.step: s.step, K.epoch: s.step / self.batches_per_epoch, K.split: "train",
                K.lr: self.lr, **row,

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data import DataInfo
+from ..data import DataInfo, Split
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,9 @@ class Task:
         averages them weighted by batch size, then `finish` derives the metrics."""
         return {}
 
-    def finish(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Return `row` (reduced statistics, "loss" the mean task loss) with the metrics."""
+    def finish(self, row: dict[str, Any], split: Split | None = None) -> dict[str, Any]:
+        """Return `row` (reduced statistics, "loss" the mean task loss, over `split` when
+        known) with the metrics."""
         return row
 
     def agree(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

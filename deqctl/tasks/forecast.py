@@ -56,7 +56,7 @@ class Forecast(Task):
             stats.update(_errors("snaive_", seasonal.reshape(y.shape), y))
         return stats
 
-    def finish(self, row):
+    def finish(self, row, split=None):
         for prefix in ("", *(f"{b}_" for b in BASELINES)):
             if f"{prefix}mse" in row:
                 row[f"{prefix}rmse"] = math.sqrt(row.pop(f"{prefix}mse"))
