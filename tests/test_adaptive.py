@@ -251,8 +251,8 @@ def test_an_adaptive_model_exports_its_full_log_probs(word_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "parity ok" in result.stdout
     program = torch.export.load(str(out)).module()
-    vocab = json.loads(json.loads((word_run / "checkpoints" / "final" / "meta.json")
-                                  .read_text())["data_info"]["vocab"])["model"]["vocab"]
+    vocab = json.loads((word_run / "checkpoints" / "final" / "tokenizer.json")
+                       .read_text())["model"]["vocab"]
     x = torch.randint(0, len(vocab), (2, 7))
     with torch.no_grad():
         logp = program(x)

@@ -5,6 +5,8 @@ A checkpoint folder holds
   model.safetensors   weights
   recipe.yaml         the resolved recipe (rebuilds the model)
   meta.json           data description, step, epoch, last metrics
+  tokenizer.json      a word, bpe or file tokenizer, as Hugging Face `tokenizers` reads
+                      it (its sha256 in meta.json: an edited or swapped file is refused)
   trainer.safetensors optimizer tensors and RNG states   (training checkpoints only)
   trainer.json        optimizer scalars, scheduler, data position
 """
@@ -12,6 +14,7 @@ A checkpoint folder holds
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -26,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from .. import recipe as recipes
 from ..data import DataInfo
 from ..errors import quote
-from ..files import FileRefused, is_regular, read_json
+from ..files import FileRefused, is_regular, read_json, read_text
 from ..models import DEQModel, ModelError, build_model
 from . import usercode
 from .bundle import bundle_metadata, read_bundle
@@ -34,6 +37,8 @@ from . import rundir
 from .rundir import is_run, live_holder
 
 JSON_LIMIT = 16 * 2**20     # meta.json, trainer.json: kilobytes in practice
+TOKENIZER = "tokenizer.json"
+TOKENIZER_LIMIT = 2**26     # DataInfo.vocab's bound; GPT-2's is 1.4 MB, WikiText-103's words 6 MB
 
 
 class CheckpointError(ValueError):
@@ -60,6 +65,10 @@ def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
         (tmp / "recipe.yaml").write_text(recipes.dump(recipe))
+        data_info, tokenizer = _without_tokenizer(data_info)
+        if tokenizer is not None:
+            (tmp / TOKENIZER).write_text(tokenizer, encoding="utf-8")
+            meta = {**meta, "tokenizer_sha256": _sha256(tokenizer)}
         (tmp / "meta.json").write_text(json.dumps({"data_info": data_info, **meta}, indent=2))
         if trainer is not None:
             tensors, scalars = trainer["tensors"], trainer["json"]
@@ -81,6 +90,40 @@ def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
     _fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _without_tokenizer(data_info: dict) -> tuple[dict, str | None]:
+    """(data_info without the tokenizer.json text, that text): a word, bpe or file
+    tokenizer is saved as its own file, which `tokenizers.Tokenizer.from_file` opens."""
+    if data_info.get("tokenizer") not in ("word", "bpe", "file") or not data_info.get("vocab"):
+        return data_info, None
+    return {k: v for k, v in data_info.items() if k != "vocab"}, data_info["vocab"]
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_meta_json(folder: Path) -> Any:
+    """meta.json of a checkpoint with its data description whole: the tokenizer.json
+    beside it put back as `vocab`, once its sha256 matches the one meta.json recorded.
+    CheckpointError when that file is missing, altered or from another run."""
+    meta = read_json(folder / "meta.json", JSON_LIMIT)
+    if not isinstance(meta, dict) or "tokenizer_sha256" not in meta:
+        return meta
+    path = folder / TOKENIZER
+    try:
+        text = read_text(path, TOKENIZER_LIMIT)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the model's tokenizer)") from None
+    except (OSError, ValueError) as exc:     # too large, not a regular file, not UTF-8
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if _sha256(text) != meta["tokenizer_sha256"]:
+        raise CheckpointError(f"{path}: not the tokenizer this model was trained with "
+                              f"(edited, or from another run); restore the checkpoint's own")
+    if isinstance(meta.get("data_info"), dict):
+        meta["data_info"]["vocab"] = text
+    return meta
 
 
 def _fsync(path: Path) -> None:
@@ -174,7 +217,7 @@ def read_meta(folder: Path, trust_code: bool = False, overrides: list[str] = ()
     CheckpointError saying so), found where the run recorded it, and warns when that
     source has changed since."""
     try:
-        meta = read_json(folder / "meta.json", JSON_LIMIT)
+        meta = _read_meta_json(folder)
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: meta.json missing") from None
     except (OSError, ValueError) as exc:
@@ -200,8 +243,10 @@ def read_settings(folder: Path) -> tuple[dict[str, Any], DataInfo]:
     """(the stored recipe, parsed but not validated, and the data description) of a
     checkpoint: enough to compare runs, importing nothing a run names."""
     try:
-        meta = read_json(folder / "meta.json", JSON_LIMIT)
+        meta = _read_meta_json(folder)
         info = DataInfo.from_dict(meta.get("data_info") if isinstance(meta, dict) else None)
+    except CheckpointError:
+        raise
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: meta.json is unreadable or malformed ({exc})") from None
     raw = _raw_recipe(folder)
@@ -324,7 +369,7 @@ def load_weights(folder: Path, model: torch.nn.Module, device: str | torch.devic
     weights = folder / "model.safetensors"
     check_header(_header(weights), _shapes(model), folder)
     model.load_state_dict(_finite_weights(weights, folder, device))
-    return read_json(folder / "meta.json", JSON_LIMIT)
+    return _read_meta_json(folder)
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple]:

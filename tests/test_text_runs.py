@@ -1,11 +1,13 @@
-"""Language-model metrics that compare across tokenizers (issue 30): perplexity per token,
-bits per byte of the raw text, perplexity per word; bits per character only where a token
-is a character or a byte."""
+"""Text models at the papers' scale (issue 30): metrics that compare across tokenizers
+(perplexity per token, bits per byte of the raw text, perplexity per word; bits per
+character only where a token is a character or a byte), and the tokenizer saved in every
+checkpoint as its own tokenizer.json, checked when it is read."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -103,3 +105,65 @@ def test_bits_per_byte_divide_the_loss_by_the_splits_own_text(runs, kind):
     train_rows = [r for r in rows(runs[kind]) if r["split"] == "train"]
     assert train_rows and all("bpb" in r for r in train_rows)
     assert np.isfinite([r["bpb"] for r in train_rows]).all()
+
+
+def final(run):
+    return run / "checkpoints" / "final"
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_the_checkpoint_holds_a_tokenizer_json_that_hugging_face_opens(runs, kind):
+    from tokenizers import Tokenizer
+    from deqctl.data.tokenize import of
+
+    ckpt = final(runs[kind])
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert "vocab" not in meta["data_info"] and len(meta["tokenizer_sha256"]) == 64
+    theirs = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    ours = of(kind, (ckpt / "tokenizer.json").read_text())
+    line = "the 3 cat sat on the mat"
+    assert theirs.encode(line).ids == ours.encode(line).tolist()
+    result = runner.invoke(app, ["generate", str(runs[kind]), "--prompt", "the cat", "--tokens", "3"])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_char_checkpoint_keeps_its_characters_in_meta(runs):
+    assert not (final(runs["char"]) / "tokenizer.json").exists()
+    assert json.loads((final(runs["char"]) / "meta.json").read_text())["data_info"]["vocab"]
+
+
+@pytest.mark.parametrize("damage", ["edited", "other run", "missing", "not utf-8", "folder"])
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_a_tokenizer_json_edited_or_from_another_run_is_one_line(runs, tmp_path, damage, command):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(final(runs["word"]), copy)
+    tok = copy / "tokenizer.json"
+    if damage == "edited":
+        tok.write_text(tok.read_text().replace('"cat"', '"dog"'))
+    elif damage == "other run":
+        shutil.copy(final(runs["bpe"]) / "tokenizer.json", tok)
+    elif damage == "missing":
+        tok.unlink()
+    elif damage == "not utf-8":
+        tok.write_bytes(b"\xff\xfe" + tok.read_bytes())
+    else:
+        tok.unlink()
+        tok.mkdir()
+    args = ["--json"] if command == "eval" else ["--prompt", "the", "--tokens", "2"]
+    result = runner.invoke(app, [command, str(copy), *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "tokenizer.json" in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_checkpoint_with_the_tokenizer_inside_meta_json_still_loads(runs, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(final(runs["word"]), copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["data_info"]["vocab"] = (copy / "tokenizer.json").read_text()
+    del meta["tokenizer_sha256"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    (copy / "tokenizer.json").unlink()
+    result = runner.invoke(app, ["eval", str(copy), "--json"])
+    assert result.exit_code == 0, result.output
