@@ -12,10 +12,12 @@ from typing import Any, List, Optional
 
 import torch
 import typer
+from rich.console import Console
 
 from .. import recipe as recipes
 from ..data import DataBundle, build_data
 from ..models import build_model
+from ..ui.work import work_shown_on
 from .common import USAGE, fail, say_user_code, split_args, user_errors
 
 
@@ -35,7 +37,8 @@ def data_command(
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         recipe = recipes.load(path, overrides)
         say_user_code(recipe)
-        bundle = build_data(recipe.data)
+        with work_shown_on(Console(stderr=True)):      # tokenizing a corpus takes minutes
+            bundle = build_data(recipe.data)
         model = _parameters(recipe, bundle)
     report = describe(bundle, model)
     if as_json:

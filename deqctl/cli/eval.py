@@ -16,6 +16,7 @@ from ..engine.evaluate import evaluate
 from ..implicit import SolveSpec
 from ..keys import SOLVER, K
 from ..inspect import Source, open_source
+from ..ui.work import work_shown_on
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from ..limits import ITER_LIMIT
 from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, strict_json, user_errors
@@ -45,9 +46,10 @@ def eval_command(
     src = open_source(path, overrides, trust_code=trust_code)
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
-    data = src.split(split.value)
-    solver = src.recipe.deq.eval_settings().spec()
     err = Console(stderr=True)
+    with work_shown_on(err):          # other text than the run's is tokenized first
+        data = src.split(split.value)
+    solver = src.recipe.deq.eval_settings().spec()
     out = Console()
     if not as_json:
         typer.echo(f"{src.label}: {split.value} split, {len(data)} samples; "

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from .. import progress
 from .. import recipe as recipes
 from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointWriteError
@@ -115,7 +116,7 @@ def _run(recipe, run_dir: Path, plan: Resume | None, plain: bool | None, group: 
     for warning in plan.warnings if plan else []:
         console.print(f"warning: {warning}", markup=False, soft_wrap=True)
     try:
-        with view:
+        with view, progress.shown_by(view.work):
             result = run_training(recipe, run_dir, view, resume=plan.folder if plan else None,
                                   group=group)
     except (TrainingDiverged, CheckpointWriteError, MetricsWriteError, TrackerError,

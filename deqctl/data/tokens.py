@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .. import progress
 from ..files import is_regular, open_regular, read_json, replacing, write_atomic
 from .base import DataError
 from .tokenize import Tokenizer, of, train_tokenizer
@@ -44,11 +45,13 @@ IN_MEMORY_TOKENS = 1 << 21     # a split this small is held as tensors (32 MB at
 @dataclass(frozen=True)
 class Text:
     """A split's text: `fingerprint` names its content; `chunks()` reads it again as
-    strings of whole lines, in order, each of about CHUNK_CHARS characters at most."""
+    strings of whole lines, in order, each of about CHUNK_CHARS characters at most;
+    `size` is its UTF-8 bytes when known (what progress is measured against)."""
 
     name: str
     fingerprint: str
     chunks: Callable[[], Iterator[str]]
+    size: int | None = None
 
 
 def text_file(path: Path, label: str) -> Text:
@@ -65,7 +68,7 @@ def text_file(path: Path, label: str) -> Text:
                 yield from _read_chunks(fh)
         except UnicodeDecodeError as exc:
             raise DataError(f"{label} is not UTF-8 text") from exc
-    return Text(label, "sha256:" + digest.hexdigest(), chunks)
+    return Text(label, "sha256:" + digest.hexdigest(), chunks, path.stat().st_size)
 
 
 def _read_chunks(fh) -> Iterator[str]:
@@ -113,9 +116,10 @@ def _line_chunks(lines: Iterable[str]) -> Iterator[str]:
         yield "".join(parts)
 
 
-def _lines(text: Text) -> Iterator[str]:
+def _lines(text: Text, advance: Callable[[int], None]) -> Iterator[str]:
     for chunk in text.chunks():
         yield from chunk.splitlines(keepends=True)
+        advance(len(chunk.encode("utf-8")))
 
 
 class TokenCache:
@@ -152,7 +156,9 @@ class TokenCache:
                     return tok
             except (OSError, ValueError, TypeError, KeyError):
                 pass
-            tok = train_tokenizer(kind, _lines(train), **settings)
+            with progress.tracked(f"fitting the {kind} tokenizer on {train.name}",
+                                  train.size) as advance:
+                tok = train_tokenizer(kind, _lines(train, advance), **settings)
             self._write(lambda: write_atomic(path, json.dumps({"kind": tok.kind,
                                                                "vocab": tok.stored})))
         return tok
@@ -231,7 +237,8 @@ def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
     dtype = np.dtype(np.uint16 if tok.size <= 2**16 else np.uint32)
     started, count, unknown, size, words = time.perf_counter(), 0, 0, 0, 0
     digest = hashlib.sha256()
-    with replacing(path, "wb") as out:
+    with replacing(path, "wb") as out, progress.tracked(f"tokenizing {text.name}",
+                                                        text.size) as advance:
         for chunk in text.chunks():
             ids = tok.encode(chunk)
             unknown += tok.unknown_in(ids)
@@ -241,6 +248,7 @@ def _build(tok: Tokenizer, text: Text, path: Path, meta_path: Path) -> dict:
             digest.update(data)
             out.write(data)
             count += len(ids)
+            advance(len(raw))
     meta = {"format": FORMAT, "dtype": dtype.name, "count": count, "unknown": unknown,
             "bytes": size, "words": words, "sha256": digest.hexdigest(), "text": text.name,
             "seconds": round(time.perf_counter() - started, 3)}

@@ -27,6 +27,7 @@ from rich.text import Text
 
 from ..keys import K
 from ..tasks.base import Metric, Task
+from .work import WorkBars
 from .fmt import (MISSING, _nonfinite, _num, fmt_fixed, fmt_float, fmt_int, fmt_ms, fmt_pair,
                   fmt_pct, fmt_sci)
 
@@ -190,7 +191,7 @@ class _Display:
 
     def __rich__(self) -> RenderableType:
         # Only the reference is read here: the table is rebuilt in log(), never per refresh.
-        return Group(self.view._table, self.view._progress)
+        return Group(self.view._table, self.view.work, self.view._progress)
 
 
 class TrainView:
@@ -213,6 +214,7 @@ class TrainView:
             MofNCompleteColumn(), TextColumn("steps"), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), console=self.console)
         self._task: TaskID = self._progress.add_task("train", total=total_steps, start=False)
+        self.work = WorkBars(self.console, self.plain, self.event)   # data work (tokenizing)
 
     def __enter__(self) -> "TrainView":
         if not self.plain:
