@@ -1,9 +1,15 @@
 """What every error message shares: a value a user (or a file someone sent) supplied is
-quoted short, so a one-line error stays one line whatever the value holds."""
+quoted short, so a one-line error stays one line whatever the value holds; an error
+raised inside a user's code names that code's file and line; and the whole chain of an
+error can be shown on request."""
 
 from __future__ import annotations
 
+import functools
 import reprlib
+import sysconfig
+import traceback
+from pathlib import Path
 from typing import Any
 
 QUOTE_LIMIT = 80
@@ -22,3 +28,48 @@ def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
         return text
     size = f", {len(value)} characters" if isinstance(value, str) else ""
     return f"{text[:limit - 3]}...{size}"
+
+
+def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of `exc`'s traceback that is a user's code: neither deqctl's nor
+    Python's nor an installed library's. It is the user's line that raised, or that called
+    the library call that raised (a bad argument to `nn.Linear`); None when no user code
+    was running."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if not frame.filename.startswith("<") and not _is_library(frame.filename):
+            return frame
+    return None
+
+
+def from_user_code(exc: BaseException) -> str | None:
+    """One line saying what `exc` is and where in a user's code it was raised, e.g.
+    "TypeError in user code at /x/cell.py:16 (in __init__): ..."; None when it was not."""
+    frame = user_frame(exc)
+    if frame is None:
+        return None
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"{type(exc).__name__} in user code at {frame.filename}:{frame.lineno} "
+            f"(in {frame.name}): {first}")
+
+
+@functools.lru_cache(maxsize=1)
+def _libraries() -> tuple[Path, ...]:
+    paths = sysconfig.get_paths()
+    found = {Path(paths[k]).resolve() for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    return (*found, Path(__file__).resolve().parent)          # ... and deqctl itself
+
+
+def _is_library(filename: str) -> bool:
+    path = Path(filename).resolve()
+    return any(path.is_relative_to(lib) for lib in _libraries())
+
+
+def with_whole_chain(exc: BaseException) -> BaseException:
+    """`exc` with every error it came from shown by `traceback`, even those a one-line
+    message hid with `raise ... from None` (DEQCTL_TRACEBACK=1 asks for all of them)."""
+    seen, link = set(), exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__suppress_context__ = False
+        link = link.__cause__ or link.__context__
+    return exc

@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,7 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.device import DeviceError
 from ..engine.rundir import RunDirError
 from ..engine.usercode import CodeChanged
+from ..errors import from_user_code, with_whole_chain
 from ..files import FileRefused, OutputError
 from ..models import ModelError
 from ..recipe import RecipeError
@@ -59,8 +61,10 @@ def user_errors(fn: Callable) -> Callable:
                 warnings.showwarning = _one_line
                 return fn(*args, **kwargs)
         except RecipeError as exc:     # a header line and one line per error, by design
+            _show_chain(exc)
             fail(str(exc), USAGE)
         except INPUT_ERRORS as exc:
+            _show_chain(exc)
             fail(one_line(str(exc)), USAGE)
         except typer.Exit:
             raise
@@ -68,13 +72,24 @@ def user_errors(fn: Callable) -> Callable:
             typer.echo("interrupted", err=True)
             sys.exit(INTERRUPTED)
         except Exception as exc:   # anything else: one line, the traceback on request
-            if os.environ.get("DEQCTL_TRACEBACK"):
-                raise
+            _show_chain(exc)
             first = (str(exc).strip().splitlines() or [""])[0][:300]
-            fail(f"{type(exc).__name__}: {first} (DEQCTL_TRACEBACK=1 shows the traceback)",
+            fail(one_line(from_user_code(exc) or f"{type(exc).__name__}: {first}")
+                 + ("" if _traceback_asked() else " (DEQCTL_TRACEBACK=1 shows the traceback)"),
                  FAILED)
 
     return wrapper
+
+
+def _traceback_asked() -> bool:
+    return os.environ.get("DEQCTL_TRACEBACK", "") not in ("", "0")
+
+
+def _show_chain(exc: BaseException) -> None:
+    """With DEQCTL_TRACEBACK=1: the traceback of `exc` and of every error it came from,
+    on stderr, before its one line."""
+    if _traceback_asked():
+        traceback.print_exception(with_whole_chain(exc), file=sys.stderr)
 
 
 def _one_line(message, category, *args, **kwargs) -> None:

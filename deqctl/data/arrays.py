@@ -200,12 +200,7 @@ def function_source(fn, ref: str):
     it returns the arrays an .npz would hold (NumPy arrays or tensors)."""
     def load(cfg, like: DataInfo | None = None) -> DataBundle:
         options = {p.name: getattr(cfg, p.name) for p in parameters(fn, 0)}
-        try:
-            arrays = fn(**options)
-        except Exception as exc:    # the user's code: say where it failed, in one line
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise DataError(f"data.name={ref}: the data function raised "
-                            f"{type(exc).__name__}: {first}") from None
+        arrays = fn(**options)       # what it raises is reported as the user's code's
         if not isinstance(arrays, dict) or not all(isinstance(k, str) for k in arrays):
             raise DataError(f"data.name={ref}: the data function must return a dict of "
                             f"arrays (x, y, x_test, y_test), got {type(arrays).__name__}")

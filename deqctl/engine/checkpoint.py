@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import recipe as recipes
 from ..data import DataInfo
-from ..errors import quote
+from ..errors import quote, user_frame
 from ..files import FileRefused, is_regular, read_json, read_text
 from ..models import DEQModel, ModelError, build_model
 from . import usercode
@@ -352,6 +352,8 @@ def rebuild(recipe: recipes.Recipe, data_info: dict, weights: Path, where: Path,
     except ModelError as exc:      # a stored recipe and data description that do not fit
         raise CheckpointError(f"{where}: {exc}") from None
     except (RuntimeError, TypeError, IndexError, ValueError) as exc:   # ... or do not build
+        if user_frame(exc) is not None:       # a trusted user model's own bug: theirs
+            raise
         raise CheckpointError(f"{where}: the stored recipe and data description do not "
                               f"build a model ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:80] if str(exc) else ''})") from None

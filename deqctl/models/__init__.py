@@ -58,7 +58,9 @@ def build_model(recipe, info: DataInfo) -> DEQModel:
     try:
         model = cls(info, DEQ(recipe.deq), **options_of(recipe.model))
     except ValueError as exc:
-        raise ModelError(str(exc)) from None
+        if part.user_code:       # the user's code raised: said as theirs, with its line
+            raise
+        raise ModelError(str(exc)) from exc
     if recipe.deq.forward.compact and not model.per_sample:
         raise ModelError(f"model.name={name} couples the samples of a batch (model.dropout > 0 "
                          f"draws one mask for the whole batch per forward pass); it cannot be "
