@@ -77,10 +77,11 @@ def test_mixed_precision_forward_keeps_the_implicit_gradient():
         assert info.forward.converged.all() and (info.forward.bf16_nfe > 0) == bool(until)
     assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()    # bf16 alone: ~1e-3
     mixed = dict(tol=1e-4, bf16_until=1e-2)
-    assert DEQ(forward=mixed, eval=dict(tol=1e-2)).eval_spec.bf16_until is None
     assert DEQ(forward=mixed, eval=dict(stop_mode="abs")).eval_spec.bf16_until is None
     assert DEQ(forward=mixed, eval=dict(tol=1e-3)).eval_spec.bf16_until == 1e-2
-    with pytest.raises(ValueError, match=r"forward.bf16_until: must be above tol \(0.01\)"):
+    with pytest.raises(ValueError, match=r"forward.bf16_until: must be above deq.eval.tol"):
+        DEQ(forward=mixed, eval=dict(tol=1e-2))
+    with pytest.raises(ValueError, match=r"forward.bf16_until: must be above deq.forward.tol \(0.01\)"):
         DEQ(forward=dict(tol=1e-2, bf16_until=1e-3))
 
 

@@ -64,17 +64,21 @@ def test_bf16_until_is_a_forward_setting_above_tol():
     r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2}}})
     assert r.deq.forward.spec().bf16_until == 1e-2
     assert r.deq.eval_settings().spec().bf16_until == 1e-2
-    # an eval tolerance at or above it leaves the eval solve in one precision
+    # another measure (stop_mode) leaves the eval solve in one precision
     r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2},
-                                  "eval": {"tol": 1e-2}}})
+                                  "eval": {"stop_mode": "abs", "tol": 0.1}}})
     assert r.deq.eval_settings().spec().bf16_until is None
-    # nor does a tolerance moved past it by a command (solve-trace --tol) or another measure
-    assert r.deq.forward.model_copy(update={"tol": 0.05}).spec().bf16_until is None
-    r = recipes.validate({"deq": {"forward": {"tol": 1e-4, "bf16_until": 1e-2},
-                                  "eval": {"stop_mode": "abs"}}})
-    assert r.deq.eval_settings().spec().bf16_until is None
-    with pytest.raises(recipes.RecipeError, match=r"deq.forward.bf16_until: must be above tol"):
-        recipes.validate({"deq": {"forward": {"tol": 1e-3, "bf16_until": 1e-3}}})
+    # one rule, one outcome: a tolerance at or above it is an error naming both keys
+    # (an eval tolerance was silently solved in one precision before)
+    for deq, tol_key in (({"forward": {"tol": 1e-3, "bf16_until": 1e-3}}, "deq.forward.tol"),
+                         ({"forward": {"tol": 1e-4, "bf16_until": 1e-2}, "eval": {"tol": 1e-2}},
+                          "deq.eval.tol")):
+        with pytest.raises(recipes.RecipeError) as err:
+            recipes.validate({"deq": deq})
+        assert f"bf16_until: must be above {tol_key}" in str(err.value)
+        assert "deq.forward.bf16_until=null" in str(err.value)
+    with pytest.raises(ValueError, match=r"bf16_until: must be above tol \(0.05\)"):
+        r.deq.forward.spec().but(tol=0.05)
     with pytest.raises(recipes.RecipeError, match="deq.backward.bf16_until: unknown key"):
         recipes.validate({"deq": {"backward": {"bf16_until": 1e-2}}})
 

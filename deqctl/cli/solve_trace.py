@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..implicit import SolveSpec
+from ..implicit.spec import bf16_problem
 from ..inspect import (EVAL_OVERRIDES, SolverTrace, TraceReport, is_recipe, open_source,
                        trace_model)
 from ..inspect.gradaudit import GradAudit, audit_gradient
@@ -89,6 +90,9 @@ def solve_trace(
     _check_solvers(names, src.recipe)
     x, y = src.batch("test", batch)
     update = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
+    if tol is not None and (problem := bf16_problem(
+            tol, src.recipe.deq.eval_settings().bf16_until, "--tol")):
+        fail(f"deq.forward.bf16_until: {problem}", USAGE)
     fwd = _specs(src.recipe.deq.eval_settings(), names, update)
     bwd = _specs(src.recipe.deq.backward, names, update) if backward else []
     console = Console()

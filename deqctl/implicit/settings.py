@@ -22,7 +22,7 @@ from ..errors import quote
 from ..options import Block, Bool, Float, Int, OptionsError, validate
 from ..registry import Part, PartError, TrustError
 from ..solvers import SOLVERS, knob_block
-from .spec import SolveSpec
+from .spec import SolveSpec, bf16_problem
 
 StopMode = Literal["abs", "rel"]
 
@@ -71,16 +71,14 @@ class ForwardSettings(SolverSettings):
     @classmethod
     def _above_tol(cls, v: float | None, info: ValidationInfo) -> float | None:
         tol = info.data.get("tol")
-        if v is not None and tol is not None and v <= tol:
-            raise ValueError(f"must be above tol ({tol:g}): bf16 is only for the early "
-                             f"iterations")
+        problem = bf16_problem(tol, v, "deq.forward.tol") if tol is not None else None
+        if problem:
+            raise ValueError(problem)
         return v
 
     def spec(self) -> SolveSpec:
-        """As SolverSettings.spec, with bf16_until while it is above tol (an override such
-        as an eval or trace tolerance may have moved tol past it)."""
-        above = self.bf16_until is not None and self.bf16_until > self.tol
-        return super().spec().but(bf16_until=self.bf16_until if above else None)
+        """As SolverSettings.spec, with bf16_until."""
+        return super().spec().but(bf16_until=self.bf16_until)
 
 
 class BackwardSettings(SolverSettings):
@@ -168,6 +166,10 @@ class DEQSettings(Block):
         if self.pretrain_steps and self.mode != "implicit":
             raise ValueError(f"pretrain_steps must be 0 with mode={self.mode} (it trains an "
                              f"implicit model unrolled first; this one is explicit throughout)")
+        if self.eval.tol is not None and self.eval_settings().bf16_until is not None:
+            problem = bf16_problem(self.eval.tol, self.forward.bf16_until, "deq.eval.tol")
+            if problem:       # the eval solve inherits bf16_until in the same measure
+                raise ValueError(f"forward.bf16_until: {problem}")
         b = self.backward
         if b.shine and not (b.mode == "ift" and self.forward.solver == "broyden"
                             and not self.forward.compact):

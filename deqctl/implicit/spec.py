@@ -15,6 +15,17 @@ from ..solvers import SolveResult, check_knobs, solve, solver_part
 STOP_MODES = ("abs", "rel")
 
 
+def bf16_problem(tol: float, bf16_until: float | None, tol_key: str) -> str | None:
+    """The bf16_until rule, written once: bf16 is for a solve's early iterations, so the
+    residual it stops at must lie above the solve's tolerance. Returns what is wrong, for
+    the caller to put after the key of bf16_until (`tol_key` names the tolerance), or
+    None when the pair is fine."""
+    if bf16_until is None or bf16_until > tol:
+        return None
+    return (f"must be above {tol_key} ({tol:g}): bf16 is only for the early iterations "
+            f"(deq.forward.bf16_until=null solves in one precision)")
+
+
 @dataclass(frozen=True)
 class SolveSpec:
     """Settings of one solve. `solver` is a registered name, an import path or a solver
@@ -43,9 +54,11 @@ class SolveSpec:
             raise ValueError(f"tol must be a finite number > 0, got {self.tol!r}")
         if self.bf16_until is not None and (
                 isinstance(self.bf16_until, bool) or not isinstance(self.bf16_until, (int, float))
-                or not self.tol < self.bf16_until < math.inf):
-            raise ValueError(f"bf16_until must be None or a number above tol ({self.tol:g}), "
-                             f"got {self.bf16_until!r}")
+                or not self.bf16_until < math.inf):
+            raise ValueError(f"bf16_until must be None or a finite number, got {self.bf16_until!r}")
+        problem = bf16_problem(self.tol, self.bf16_until, "tol")
+        if problem:
+            raise ValueError(f"bf16_until: {problem}")
         if self.check_every is not None and self.check_every < 1:
             raise ValueError(f"check_every must be >= 1 or None, got {self.check_every!r}")
         object.__setattr__(self, "fn", fn)
