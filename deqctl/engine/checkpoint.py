@@ -34,10 +34,10 @@ from ..models import DEQModel, ModelError, build_model
 from . import usercode
 from .bundle import bundle_metadata, read_bundle
 from . import rundir
-from .rundir import is_run, live_holder
+from .rundir import (CHECKPOINTS, META, RECIPE, TOKENIZER, TRAINER_SCALARS, TRAINER_TENSORS,
+                     WEIGHTS, is_run, live_holder)
 
 JSON_LIMIT = 16 * 2**20     # meta.json, trainer.json: kilobytes in practice
-TOKENIZER = "tokenizer.json"
 TOKENIZER_LIMIT = 2**26     # DataInfo.vocab's bound; GPT-2's is 1.4 MB, WikiText-103's words 6 MB
 
 
@@ -63,18 +63,18 @@ def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
     try:
         tmp.mkdir(parents=True)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
-        (tmp / "recipe.yaml").write_text(recipes.dump(recipe))
+        save_file(state, tmp / WEIGHTS)
+        (tmp / RECIPE).write_text(recipes.dump(recipe))
         data_info, tokenizer = _without_tokenizer(data_info)
         if tokenizer is not None:
             (tmp / TOKENIZER).write_text(tokenizer, encoding="utf-8")
             meta = {**meta, "tokenizer_sha256": _sha256(tokenizer)}
-        (tmp / "meta.json").write_text(json.dumps({"data_info": data_info, **meta}, indent=2))
+        (tmp / META).write_text(json.dumps({"data_info": data_info, **meta}, indent=2))
         if trainer is not None:
             tensors, scalars = trainer["tensors"], trainer["json"]
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
-                      tmp / "trainer.safetensors")
-            (tmp / "trainer.json").write_text(json.dumps(scalars, indent=2))
+                      tmp / TRAINER_TENSORS)
+            (tmp / TRAINER_SCALARS).write_text(json.dumps(scalars, indent=2))
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
@@ -108,7 +108,7 @@ def _read_meta_json(folder: Path) -> Any:
     """meta.json of a checkpoint with its data description whole: the tokenizer.json
     beside it put back as `vocab`, once its sha256 matches the one meta.json recorded.
     CheckpointError when that file is missing, altered or from another run."""
-    meta = read_json(folder / "meta.json", JSON_LIMIT)
+    meta = read_json(folder / META, JSON_LIMIT)
     if not isinstance(meta, dict) or "tokenizer_sha256" not in meta:
         return meta
     path = folder / TOKENIZER
@@ -144,7 +144,7 @@ def _fsync(path: Path) -> None:
 def step_of(folder: Path) -> int | None:
     """The training step recorded inside a checkpoint, or None if its meta is unreadable."""
     try:
-        step = read_json(folder / "meta.json", JSON_LIMIT).get("step")
+        step = read_json(folder / META, JSON_LIMIT).get("step")
     except (OSError, ValueError, AttributeError):
         return None
     return step if is_count(step) else None
@@ -160,12 +160,12 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     inside each (not by name or file time, which copies change), `final` last among equals.
     A save in progress or cut off (NAME.tmp) is skipped; NAME.old stands in for NAME when
     a crash came between the two renames of a save."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
     found = {}
     for c in folder.iterdir():
-        if c.suffix not in ("", ".old") or not (c / "model.safetensors").is_file():
+        if c.suffix not in ("", ".old") or not (c / WEIGHTS).is_file():
             continue          # NAME.tmp: a save in progress; NAME.superseded*: set aside
         name = c.stem if c.suffix == ".old" else c.name
         if c.suffix == ".old" and (folder / name).exists():
@@ -183,7 +183,7 @@ def is_finished(run_dir: str | Path) -> bool:
     if not found or found[-1].name != "final":
         return False
     try:
-        return isinstance(read_json(found[-1] / "meta.json", JSON_LIMIT).get("metrics"), dict)
+        return isinstance(read_json(found[-1] / META, JSON_LIMIT).get("metrics"), dict)
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -202,7 +202,7 @@ def resolve(path: str | Path) -> Path:
     """Map a run directory or a checkpoint folder to the checkpoint folder to load: for a
     run, the checkpoint of the latest step (`final` among equals)."""
     p = _existing(path)
-    if (p / "model.safetensors").is_file():
+    if (p / WEIGHTS).is_file():
         return p
     found = checkpoints(p)
     if found:
@@ -234,7 +234,7 @@ def read_meta(folder: Path, trust_code: bool = False, overrides: list[str] = ()
 
 def _raw_recipe(folder: Path) -> Any:
     try:
-        return recipes.load_raw(folder / "recipe.yaml")
+        return recipes.load_raw(folder / RECIPE)
     except recipes.RecipeError as exc:
         raise CheckpointError(f"{folder}: stored recipe is unreadable: {exc}") from None
 
@@ -282,7 +282,7 @@ def load_model(path: str | Path, overrides: list[str] = (), device: str | torch.
     """
     folder = resolve(path)
     recipe, meta = read_meta(folder, trust_code, overrides)
-    model = rebuild(recipe, meta["data_info"], folder / "model.safetensors", folder, device)
+    model = rebuild(recipe, meta["data_info"], folder / WEIGHTS, folder, device)
     return model, recipe, meta
 
 
@@ -306,7 +306,7 @@ def open_model(path: str | Path, overrides: list[str] = (), device: str | torch.
         except ValueError as exc:
             raise CheckpointError(str(exc)) from None
         if not is_bundle:        # a checkpoint's own model.safetensors: load its folder
-            if p.name != "model.safetensors" or not rundir.is_checkpoint(p.parent):
+            if p.name != WEIGHTS or not rundir.is_checkpoint(p.parent):
                 raise CheckpointError(f"{p}: a safetensors file without deqctl's metadata, and "
                                       f"not a checkpoint's model.safetensors; deqctl reads run "
                                       f"dirs, checkpoints and `deqctl export --format "
@@ -368,7 +368,7 @@ def load_weights(folder: Path, model: torch.nn.Module, device: str | torch.devic
                  ) -> dict[str, Any]:
     """Load a checkpoint's weights into `model` (built from its recipe); returns its meta.
     CheckpointError when they do not fit it or hold NaN/inf."""
-    weights = folder / "model.safetensors"
+    weights = folder / WEIGHTS
     check_header(_header(weights), _shapes(model), folder)
     model.load_state_dict(_finite_weights(weights, folder, device))
     return _read_meta_json(folder)
@@ -434,8 +434,8 @@ def check_header(header: dict[str, tuple], expected: dict[str, tuple], where: Pa
 def load_trainer(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return (tensors, scalars) saved by a training checkpoint."""
     try:
-        tensors = _load_regular(folder / "trainer.safetensors")
-        scalars = read_json(folder / "trainer.json", JSON_LIMIT)
+        tensors = _load_regular(folder / TRAINER_TENSORS)
+        scalars = read_json(folder / TRAINER_SCALARS, JSON_LIMIT)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: trainer state missing or corrupt, cannot resume "
                               f"({exc})") from None

@@ -13,7 +13,7 @@ from ..files import free_name, read_text, write_atomic
 from ..yamlio import MAX_BYTES
 from . import checkpoint
 from .metrics import read_rows
-from .rundir import METRICS, RECIPE
+from .rundir import CHECKPOINTS, METRICS, RECIPE
 
 # Settings a resumed run may change. Everything else changes shapes, the data order, the
 # optimizer or what the saved state means, and would silently break the run.
@@ -58,7 +58,7 @@ def continue_run(run_dir: Path, folder: Path, recipe: recipes.Recipe, state: Any
 def run_of(checkpoint: Path) -> Path | None:
     """The run directory a checkpoint folder belongs to (RUN/checkpoints/NAME), or None."""
     parent = checkpoint.parent
-    if parent.name == "checkpoints" and (parent.parent / "recipe.yaml").is_file():
+    if parent.name == CHECKPOINTS and (parent.parent / RECIPE).is_file():
         return parent.parent
     return None
 

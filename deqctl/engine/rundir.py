@@ -27,8 +27,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 RECIPE, METRICS, CHECKPOINTS, LOCK = "recipe.yaml", "metrics.jsonl", "checkpoints", ".lock"
+# a checkpoint folder, CHECKPOINTS/NAME/ (engine.checkpoint): its recipe is RECIPE too
+WEIGHTS, META, TOKENIZER = "model.safetensors", "meta.json", "tokenizer.json"
+TRAINER_TENSORS, TRAINER_SCALARS = "trainer.safetensors", "trainer.json"
 TRACKER_IDS = "trackers.json"   # the tracker runs a resume continues (engine.trackers)
-RUN_ENTRIES = (RECIPE, METRICS, CHECKPOINTS, "tensorboard", "wandb", TRACKER_IDS, LOCK)
+TENSORBOARD, WANDB = "tensorboard", "wandb"     # the trackers' own folders
+RUN_ENTRIES = (RECIPE, METRICS, CHECKPOINTS, TENSORBOARD, WANDB, TRACKER_IDS, LOCK)
 RUNS = Path("runs")
 
 
@@ -39,7 +43,7 @@ class RunDirError(ValueError):
 
 def is_checkpoint(folder: Path) -> bool:
     """True for a checkpoint folder (weights and meta.json)."""
-    return (folder / "model.safetensors").is_file() and (folder / "meta.json").is_file()
+    return (folder / WEIGHTS).is_file() and (folder / META).is_file()
 
 
 def is_run(folder: Path) -> bool:
@@ -306,7 +310,7 @@ def check_own_files(run_dir: Path) -> None:
     real folders, no symlinks (a run folder someone sent could point its metrics, lock
     or checkpoints at files elsewhere, which a resume would then write or delete)."""
     kinds = {RECIPE: stat.S_ISREG, METRICS: stat.S_ISREG, LOCK: stat.S_ISREG,
-             CHECKPOINTS: stat.S_ISDIR, "tensorboard": stat.S_ISDIR, "wandb": stat.S_ISDIR,
+             CHECKPOINTS: stat.S_ISDIR, TENSORBOARD: stat.S_ISDIR, WANDB: stat.S_ISDIR,
              TRACKER_IDS: stat.S_ISREG}
     entries = [(run_dir / name, kind) for name, kind in kinds.items()]
     folder = run_dir / CHECKPOINTS

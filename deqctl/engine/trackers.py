@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 from ..errors import quote
 from ..files import FileRefused, is_regular, read_json, write_atomic
 from ..recipe import RecipeError, flat
-from .rundir import TRACKER_IDS
+from .rundir import TENSORBOARD, TRACKER_IDS
 
 STATUSES = ("finished", "interrupted", "failed")
 
@@ -93,7 +93,7 @@ class TensorBoardSink:
                  resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
         # purge_step: on resume, TensorBoard drops what an earlier attempt logged from there
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD),
                                     purge_step=None if resume_step is None else resume_step + 1)
         self.ids: dict[str, str] = {}
 

@@ -32,7 +32,7 @@ from typing import Callable, Collection
 
 from .. import recipe as recipes
 from ..engine.checkpoint import JSON_LIMIT, checkpoints, is_finished
-from ..engine.rundir import RECIPE, live_holder
+from ..engine.rundir import META, METRICS, RECIPE, live_holder
 from ..engine.signals import StopOnSignal
 from ..errors import quote
 from ..files import free_name, read_json
@@ -47,7 +47,7 @@ TAIL_BYTES = 16384
 
 def last_rows(run: Path) -> dict[str, dict]:
     """The last train and test rows of a run's metrics.jsonl (its tail only), for the view."""
-    path = run / "metrics.jsonl"
+    path = run / METRICS
     try:
         with open(path, "rb") as fh:
             start = max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES)
@@ -110,7 +110,7 @@ def code_records(checkpoint: Path) -> dict[str, object]:
     """{key: recorded path} of the user code a checkpoint's meta.json says it imported: the
     files a resume looks in first."""
     try:
-        code = read_json(checkpoint / "meta.json", JSON_LIMIT).get("code")
+        code = read_json(checkpoint / META, JSON_LIMIT).get("code")
     except (OSError, ValueError, AttributeError):
         return {}
     if not isinstance(code, dict):
