@@ -12,9 +12,13 @@ any number of workers, and from any start position (a resume mid-epoch is bit-ex
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import io
 import math
 import os
+import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,6 +33,7 @@ WORKER_TIMEOUT_S = 300   # a batch no worker delivers in this long: a hung worke
 STATS_SAMPLE = 5000      # images the channel mean/std are computed over (evenly spaced)
 _SAMPLE = 2              # generator stream of per-sample augmentation (batches: 0, 1)
 _BILINEAR = 2
+_PR_SET_PDEATHSIG = 1    # prctl(2)
 
 
 # --- references ----------------------------------------------------------------------
@@ -228,10 +233,14 @@ class ImageFiles:
                 x = self.decode(positions, augment)
                 yield x.pin_memory() if pin else x
             return
+        # a generator of its own: the workers' base seed (nothing here draws from it) would
+        # otherwise come from the global RNG, and the epoch a resume starts again would
+        # draw it twice, shifting every later dropout mask and Jacobian probe
         batches = torch.utils.data.DataLoader(
             _Planned(self, augment), sampler=list(plan), batch_size=None,
             num_workers=self.workers, pin_memory=pin, timeout=WORKER_TIMEOUT_S,
-            worker_init_fn=_one_thread, persistent_workers=False)
+            worker_init_fn=functools.partial(_start_worker, os.getpid()),
+            persistent_workers=False, generator=torch.Generator())
         it = iter(batches)
         for _ in range(len(plan)):
             try:
@@ -259,9 +268,17 @@ class _Planned(torch.utils.data.Dataset):
             return str(exc)
 
 
-def _one_thread(_: int) -> None:
-    """Each worker decodes with one thread: the main process's torch threads and the
-    workers share the cores (see deqctl.engine.device.budget_threads)."""
+def _start_worker(parent: int, _: int) -> None:
+    """Each worker dies with the process that started it (Linux): one left behind by a
+    SIGKILL holds that process's open files (the run's lock: its resume is refused) until
+    torch's watchdog looks, up to 5 s later. Each decodes with one thread: the main
+    process's torch threads and the workers share the cores (see
+    deqctl.engine.device.budget_threads)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):       # no prctl: the watchdog
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:                 # it died before the line above
+            os._exit(0)
     torch.set_num_threads(1)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
