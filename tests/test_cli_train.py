@@ -182,3 +182,19 @@ def test_evaluating_more_often_leaves_training_bit_identical(tmp_path):
         train_rows.append([{k: r[k] for k in keep} for r in rows(out) if r["split"] == "train"])
         assert sum(r["split"] == "test" for r in rows(out)) == 4 // every
     assert len(train_rows[0]) == 4 and train_rows[0] == train_rows[1]
+
+
+def test_a_warm_started_run_resumes_bit_exactly(tmp_path):
+    """deq.warm_start starts each solve from the previous batch's z*: a checkpoint keeps
+    that state, so the resumed run's solves start where the uninterrupted run's did."""
+    run = tmp_path / "warm"
+    result = train(RECIPE, *TINY, "deq.warm_start=true", "train.max_steps=6",
+                   "train.save_every=3", "--out", str(run))
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again"
+    result = train("--resume", str(run / "checkpoints" / "step-000003"), "--out", str(again))
+    assert result.exit_code == 0, result.output
+    keys = ("loss", "fwd_nfe", "fwd_rel_residual", "grad_norm")
+    original = {r["step"]: [r[k] for k in keys] for r in rows(run) if r["split"] == "train"}
+    resumed = {r["step"]: [r[k] for k in keys] for r in rows(again) if r["split"] == "train"}
+    assert resumed == {s: v for s, v in original.items() if s > 3}

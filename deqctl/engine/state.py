@@ -121,11 +121,12 @@ def check_optimizer(opt: torch.optim.Optimizer, fresh: list[dict[str, Any]]) -> 
                 raise ValueError(f"optimizer state {key} holds NaN, inf or a negative step")
 
 
-def trainer_payload(state: TrainerState, opt: torch.optim.Optimizer, scaler, cache
-                    ) -> dict[str, Any]:
-    """What a training checkpoint stores besides the weights: {"tensors", "json"}."""
+def trainer_payload(state: TrainerState, opt: torch.optim.Optimizer, scaler, cache,
+                    warm: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a training checkpoint stores besides the weights: {"tensors", "json"};
+    `warm` is the model's warm-start state (DEQModel.warm_tensors)."""
     tensors, opt_json = optimizer_state(opt)
-    return {"tensors": {**tensors, **rng_state(), **(cache.tensors() if cache else {})},
+    return {"tensors": {**tensors, **rng_state(), **(cache.tensors() if cache else {}), **warm},
             "json": {"state": state.to_json(), "optimizer": opt_json,
                      "scaler": scaler.state_dict() if scaler else None}}
 

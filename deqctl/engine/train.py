@@ -22,11 +22,11 @@ from typing import Any, Protocol
 import torch
 
 from .. import recipe as recipes
-from ..data import DataError, build_data, iterate_batches, num_batches
+from ..data import DataBundle, DataError, Split, build_data, iterate_batches, num_batches
 from ..files import write_atomic
 from ..implicit.cache import FixedPointCache
 from ..keys import K
-from ..models import ModelOutput, build_model
+from ..models import DEQModel, ModelOutput, build_model
 from ..tasks import Task, task_for
 from . import checkpoint, rundir, trackers, usercode
 from .checkpoint import CheckpointError, CheckpointWriteError
@@ -107,6 +107,25 @@ class Trainer:
         self.group, self.callbacks = group, tuple(callbacks)
         self.state, self.acc = TrainerState(), Accumulator()
         self.spikes = LossSpikes()
+        # made by setup(), before any file is touched
+        self.device: torch.device | None = None
+        self.data: DataBundle | None = None
+        self.task: Task | None = None
+        self.model: DEQModel | None = None
+        self.opt: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None       # fp16 only
+        self.amp: contextlib.AbstractContextManager | None = None
+        self.batches_per_epoch = self.total = 0
+        self.test_part: Split | None = None                   # this rank's test samples
+        # made by open_run(), once the run folder is held
+        self.metrics: JsonlSink | None = None                 # rank 0 alone writes
+        self.trackers: Trackers | None = None
+        self.memory: PeakMemory | None = None
+        self.clock: TrainClock | None = None
+        self.last_ok, self.last_wall = 0, 0.0                 # where the current row began
+        # while training
+        self.stop: StopOnSignal | None = None
+        self.lr = recipe.optim.lr
 
     # -- the phases ---------------------------------------------------------------------
 
@@ -180,6 +199,7 @@ class Trainer:
         try:     # the files may have been edited or sent by anyone: one line, no traceback
             self.state = restore_trainer(tensors, scalars, self.opt, self.scaler,
                                          self.model.fixed_point_cache, self.device)
+            self.model.load_warm({k: v.to(self.device) for k, v in tensors.items()})
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError,
                 AssertionError) as exc:
             why = str(exc).splitlines()[0][:80] if str(exc) else ""
@@ -188,7 +208,7 @@ class Trainer:
                                   f"resume") from None
         s = self.state
         self._check_restored(folder, meta)
-        self.model.deq.step, self.model.deq._last_nfe = s.deq_step, s.deq_last_nfe
+        self.model.deq.step, self.model.deq.last_nfe = s.deq_step, s.deq_last_nfe
         if s.step >= self.total and meta.get("metrics") is not None:
             return meta["metrics"]
         if len(s.pending) == self.group.world:    # this rank's steps since the last row
@@ -227,7 +247,6 @@ class Trainer:
         if group.writer:               # the disk that will hold the checkpoints
             _check_free_space(self.run_dir, self.opt, self.model)
         barrier(group)                 # every rank got this far before rank 0 writes anything
-        self.metrics = self.trackers = None
         if group.writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # trackers first: a store that refuses leaves the new folder as it was
@@ -461,11 +480,12 @@ class Trainer:
             return folder
         s.wall_s = self.clock.elapsed()
         s.row_start, s.row_start_wall = self.last_ok, self.last_wall
-        s.deq_step, s.deq_last_nfe = self.model.deq.step, self.model.deq._last_nfe
+        s.deq_step, s.deq_last_nfe = self.model.deq.step, self.model.deq.last_nfe
         meta = {"step": s.step, "epoch": s.step / self.batches_per_epoch, "metrics": final,
                 "code": usercode.records(self.recipe.user_code())}
         checkpoint.save(folder, self.model, self.recipe, self.data.info.as_dict(), meta,
-                        trainer_payload(s, self.opt, self.scaler, self.model.fixed_point_cache))
+                        trainer_payload(s, self.opt, self.scaler, self.model.fixed_point_cache,
+                                        self.model.warm_tensors()))
         self.view.event(f"saved checkpoint {folder}")
         barrier(group)
         return folder

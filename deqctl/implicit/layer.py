@@ -152,7 +152,8 @@ class DEQ(nn.Module):
         self.pretrain_steps = settings.pretrain_steps
         self.step = 0                      # training calls so far (Jacobian-reg cadence,
                                            # shallow pretraining); saved in checkpoints
-        self._last_nfe: int | None = None  # spreads fixed-point-correction snapshots
+        self.last_nfe: int | None = None   # the last training solve's NFE: spreads the
+                                           # fixed-point-correction snapshots; saved too
 
     def forward(self, cell: Cell, u: torch.Tensor, z0: State,
                 solver: SolveSpec | None = None, eager_cell: Cell | None = None
@@ -185,7 +186,7 @@ class DEQ(nn.Module):
             res = fwd.run(cell_map(cell, u), z0, snapshot_at=snapshots)
         info = DEQInfo(forward=res)
         if self.training:
-            self._last_nfe = res.nfe
+            self.last_nfe = res.nfe
         if not torch.is_grad_enabled():
             return res.z, info
 
@@ -259,7 +260,7 @@ class DEQ(nn.Module):
         k = self.fp_correction
         if k == 0:
             return ()
-        span = min(self._last_nfe or fwd.max_iter, fwd.max_iter)
+        span = min(self.last_nfe or fwd.max_iter, fwd.max_iter)
         return tuple(sorted({max(1, round(span * (i + 1) / (k + 1))) for i in range(k)}))
 
     def _attach_ift(self, z_out: torch.Tensor, z_in: torch.Tensor, info: DEQInfo

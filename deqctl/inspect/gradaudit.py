@@ -107,7 +107,7 @@ def _gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor, see
               ) -> tuple[dict[str, torch.Tensor], Any]:
     """{parameter name: gradient of the task loss} by the model's own DEQ layer, in
     training mode (its training solve and backward rule) with the same dropout masks."""
-    was_training, step, warm = model.training, model.deq.step, model._warm
+    was_training, step, warm = model.training, model.deq.step, model.warm_state
     model.train()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -116,7 +116,7 @@ def _gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor, see
         task.loss(out.out, y).backward()
     finally:
         model.train(was_training)
-        model.deq.step, model._warm = step, warm     # the audit is not a training step
+        model.deq.step, model.warm_state = step, warm     # the audit is not a training step
     grads = {n: (p.grad.detach().double().flatten() if p.grad is not None
                  else torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
              for n, p in model.named_parameters() if p.requires_grad}

@@ -57,7 +57,9 @@ class DEQModel(nn.Module):
         self.info = info
         self.deq = deq
         self.warm_start = deq.settings.warm_start
-        self._warm: torch.Tensor | None = None
+        # deq.warm_start: the last training batch's fixed point, where the next solve
+        # starts when shapes match; a checkpoint keeps it (warm_tensors / load_warm)
+        self.warm_state: torch.Tensor | tuple[torch.Tensor, ...] | None = None
         self.fixed_point_cache: FixedPointCache | None = None   # set by the trainer
         self.compiled_cell = None    # torch.compile(self.cell) when runtime.compile is on
 
@@ -104,16 +106,16 @@ class DEQModel(nn.Module):
              ) -> ModelOutput:
         u = self.inject(x)
         z0 = self.init_state(u)
-        if self.training and self.warm_start and self._warm is not None \
-                and _shapes(self._warm) == _shapes(z0):
-            z0 = self._warm
+        if self.training and self.warm_start and self.warm_state is not None \
+                and _shapes(self.warm_state) == _shapes(z0):
+            z0 = self.warm_state
         cache = self.fixed_point_cache if self.training and index is not None else None
         if cache is not None:
             z0 = cache.start(index, z0)
         cell = self.compiled_cell or self.cell
         z, info = self.deq(cell, u, z0, solver=solver, eager_cell=self.cell)
         if self.training and self.warm_start:
-            self._warm = _detach(info.forward.z)
+            self.warm_state = _detach(info.forward.z)
         if cache is not None:
             cache.store(index, info.forward.z)
         corrections = [(w, self.decode(zk, x)) for w, zk in info.corrections]
@@ -122,9 +124,32 @@ class DEQModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).out
 
+    def warm_tensors(self) -> dict[str, torch.Tensor]:
+        """warm_state as a checkpoint's named tensors: "warm", or "warm.0", "warm.1", ...
+        for a packed (tuple) state."""
+        state = self.warm_state
+        if isinstance(state, tuple):
+            return {f"warm.{i}": t for i, t in enumerate(state)}
+        return {} if state is None else {"warm": state}
+
+    def load_warm(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set warm_state from a checkpoint's tensors (none there: no warm state)."""
+        parts, i = [], 0
+        while f"warm.{i}" in tensors:
+            parts.append(tensors[f"warm.{i}"])
+            i += 1
+        state = tensors.get("warm", tuple(parts) or None)
+        if any(not bool(torch.isfinite(t).all()) for t in _tensors(state)):
+            raise ValueError("the warm-start state holds NaN or inf")
+        self.warm_state = state
+
 
 def _shapes(z) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in (z if isinstance(z, (tuple, list)) else (z,))]
+
+
+def _tensors(z) -> tuple[torch.Tensor, ...]:
+    return tuple(z) if isinstance(z, (tuple, list)) else () if z is None else (z,)
 
 
 def _detach(z):

@@ -183,17 +183,6 @@ def plain_line(row: Row, stop_mode: str = "rel", metrics: Sequence[Metric] = ())
 # --------------------------------------------------------------------------- the view
 
 
-class _Display:
-    """Renderable that the Live refreshes: the current table above the progress bar."""
-
-    def __init__(self, view: "TrainView") -> None:
-        self.view = view
-
-    def __rich__(self) -> RenderableType:
-        # Only the reference is read here: the table is rebuilt in log(), never per refresh.
-        return Group(self.view._table, self.view.work, self.view._progress)
-
-
 class TrainView:
     """Context manager that shows training progress: Rich Live on a terminal, plain lines otherwise."""
 
@@ -220,7 +209,7 @@ class TrainView:
         if not self.plain:
             # start_task resets the clock so "elapsed" counts from here, not from __init__.
             self._progress.start_task(self._task)
-            self._live = Live(_Display(self), console=self.console, refresh_per_second=4)
+            self._live = Live(self, console=self.console, refresh_per_second=4)
             self._live.__enter__()
         return self
 
@@ -230,6 +219,11 @@ class TrainView:
             self._live.refresh()  # final state (last rows, last step) stays on screen
             self._live.__exit__(exc_type, exc, tb)
             self._live = None
+
+    def __rich__(self) -> RenderableType:
+        """What the Live shows on each refresh: the table above the data-work bars and the
+        progress bar. The table is rebuilt in log(), never per refresh."""
+        return Group(self._table, self.work, self._progress)
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
