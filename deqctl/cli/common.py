@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import sys
 import traceback
@@ -120,12 +119,3 @@ def progress_bar(console: Console) -> Progress:
                     disable=not console.is_terminal)
 
 
-def strict_json(obj):
-    """`obj` with NaN and inf as null, so that json.dumps writes strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [strict_json(v) for v in obj]
-    return obj

@@ -19,7 +19,8 @@ from ..ui import plot_groups, plot_runs
 from ..ui.fmt import fmt_float, fmt_int, fmt_pct
 from ..files import Output, check_outputs
 from ..inspect.report import render
-from .common import USAGE, fail, strict_json, user_errors
+from ..numbers import strict_json
+from .common import USAGE, fail, user_errors
 from .compare_groups import group_table, lr_lines, paired_lines
 
 

@@ -19,7 +19,8 @@ from ..inspect import Source, open_source
 from ..ui.work import work_shown_on
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from ..limits import ITER_LIMIT
-from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, strict_json, user_errors
+from ..numbers import strict_json
+from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, user_errors
 
 class SplitName(str, Enum):
     test = "test"

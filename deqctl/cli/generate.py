@@ -19,7 +19,8 @@ from ..inspect import open_source
 from ..implicit import SolveSpec
 from ..predict.generate import Generator, Sampler, Summary, Token
 from ..ui.fmt import fmt_pct, fmt_sci
-from .common import TRUST_CODE, USAGE, fail, split_args, strict_json, user_errors
+from ..numbers import strict_json
+from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
 
 GENERATE_OVERRIDES = ("deq.eval", "runtime")
 PROMPT_LIMIT = 2**20          # bytes of a prompt file: far beyond any context window

@@ -21,8 +21,9 @@ from ..files import Output
 from ..inspect import open_source
 from ..predict import Failed, Predictor, Reader
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
+from ..numbers import strict_json
 from .common import (FAILED, INTERRUPTED, TRUST_CODE, USAGE, fail, one_line, progress_bar,
-                     strict_json, user_errors)
+                     user_errors)
 
 # test-time settings only: the weights fix the model, the inputs replace the data
 PREDICT_OVERRIDES = ("deq.eval", "runtime", "data.eval_batch_size", "data.layout")

@@ -7,12 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from pydantic import Field
 
 from ..errors import quote
 from ..options import Block, Int
-from .base import DataBundle, DataError, DataInfo, Split
+from .base import DataBundle, DataError, DataInfo
 from .arrays import MAX_CLASSES
 from .images import lazy_bundle, lazy_splits
 from .registry import source

@@ -18,7 +18,7 @@ from .base import DataBundle, DataError, DataInfo, Split
 from .images import EMBEDDED
 from .registry import source
 from .settings import TextTokens
-from .tokenize import BUILT_IN, TokenizerError, kind_of, of, read_tokenizer_file
+from .tokenize import TokenizerError, kind_of, of, read_tokenizer_file
 from .tokens import Text, TokenCache, text_file, windows
 
 

@@ -3,7 +3,6 @@ its recipe, and the task its checkpoint's data description implies)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from ..engine import checkpoint
 from ..engine.checkpoint import CheckpointError
 from ..engine.metrics import read_rows
 from ..engine.rundir import METRICS, RECIPE, in_progress
+from ..numbers import finite, strict_json
 from ..recipe import flat, load_raw
 from ..tasks import Metric, Task, task_for
 
@@ -50,7 +50,7 @@ class RunSummary:
                 "converged_start", "converged_end", "test_converged", "target_step",
                 "target_wall_s", "finished", "diverged", "spikes")
         return {"name": self.name, "path": str(self.path),
-                **{k: _finite(getattr(self, k)) for k in keys}}
+                **{k: strict_json(getattr(self, k)) for k in keys}}
 
 
 def run_rows(run: Path, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -101,7 +101,7 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
     train = [r for r in rows if r.get(K.split) == "train"]
     evals = [r for r in rows if r.get(K.split) == "test"]
     key = task.headline.key
-    scores = [r[key] for r in evals if _num(r.get(key)) is not None]
+    scores = [r[key] for r in evals if finite(r.get(key)) is not None]
     best = (max if task.headline.higher_is_better else min)(scores) if scores else None
     s = RunSummary(
         name=run.name, path=run, task=task, mode=_get(recipe, "deq.mode", "implicit"),
@@ -110,21 +110,21 @@ def summarise(run: str | Path, target: tuple[str, float] | None = None,
         steps=max((r.get(K.step, 0) for r in rows), default=0),
         wall_s=_max(rows, K.wall_s), peak_mem_mb=_max(rows, K.peak_mem_mb),
         fwd_nfe=_mean(train, K.fwd_nfe),
-        converged_start=_num(train[0].get(K.fwd_converged)) if train else None,
-        converged_end=_num(train[-1].get(K.fwd_converged)) if train else None,
-        test_converged=_num(evals[-1].get(K.fwd_converged)) if evals else None,
+        converged_start=finite(train[0].get(K.fwd_converged)) if train else None,
+        converged_end=finite(train[-1].get(K.fwd_converged)) if train else None,
+        test_converged=finite(evals[-1].get(K.fwd_converged)) if evals else None,
         train=train, evals=evals, settings=flat(recipe) if isinstance(recipe, dict) else {})
     s.finished = checkpoint.is_finished(run)
     # a run that diverged stopped at a train row whose loss is not a number
-    s.diverged = not s.finished and bool(train) and _num(train[-1].get(K.loss)) is None
+    s.diverged = not s.finished and bool(train) and finite(train[-1].get(K.loss)) is None
     counts = [r[K.loss_spikes] for r in train if isinstance(r.get(K.loss_spikes), int)]
     s.spikes = sum(counts) if counts else None
     if target is not None:
         metric = metric_for(task, target[0])
         for r in evals:
-            v = _num(r.get(metric.key))
+            v = finite(r.get(metric.key))
             if v is not None and (v >= target[1] if metric.higher_is_better else v <= target[1]):
-                s.target_step, s.target_wall_s = r.get(K.step), _num(r.get(K.wall_s))
+                s.target_step, s.target_wall_s = r.get(K.step), finite(r.get(K.wall_s))
                 break
     return s
 
@@ -156,25 +156,11 @@ def same_task(runs: list[RunSummary]) -> None:
         raise ValueError(f"runs of different tasks cannot be compared ({listing})")
 
 
-def _num(v: Any) -> float | None:
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return None
-    try:
-        v = float(v)
-    except OverflowError:          # an integer beyond any float: not a metric
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _finite(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def _max(rows: list[dict], key: str) -> float | None:
-    vals = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+    vals = [v for v in (finite(r.get(key)) for r in rows) if v is not None]
     return max(vals) if vals else None
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
-    vals = [v for v in (_num(r.get(key)) for r in rows) if v is not None]
+    vals = [v for v in (finite(r.get(key)) for r in rows) if v is not None]
     return sum(vals) / len(vals) if vals else None

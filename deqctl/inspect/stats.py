@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from ..numbers import finite
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -54,12 +56,8 @@ def estimate(values: Iterable[float | None],
 def paired(a: dict[Any, float | None], b: dict[Any, float | None]) -> tuple[Estimate | None, list]:
     """The Estimate of b - a over the keys (seeds) both hold a finite value for, and
     those keys."""
-    shared = [k for k in a if k in b and _finite(a[k]) and _finite(b[k])]
+    shared = [k for k in a if k in b and finite(a[k]) is not None and finite(b[k]) is not None]
     return estimate(b[k] - a[k] for k in shared), shared
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def t_quantile(p: float, df: int) -> float:

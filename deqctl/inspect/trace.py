@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..implicit import SolveSpec, adjoint_map, cell_map
 from ..models import DEQModel
+from ..numbers import finite
 from ..solvers import packing_of
 from ..tasks import Task
 from .spectral import linear_rate, spectral_radius
@@ -47,9 +48,9 @@ class SolverTrace:
         (median over the batch) and their per-iteration maxima; NaN becomes null."""
         return {"nfe": self.nfe, "converged": self.converged, "time_s": self.time_s,
                 "time_to_tol_s": self.time_to_tol_s,
-                "abs_residual": _num(self.abs_residual), "rel_residual": _num(self.rel_residual),
-                "abs_trace": _nums(self.abs_median), "rel_trace": _nums(self.rel_median),
-                "abs_trace_max": _nums(self.abs_max), "rel_trace_max": _nums(self.rel_max)}
+                "abs_residual": finite(self.abs_residual), "rel_residual": finite(self.rel_residual),
+                "abs_trace": _finites(self.abs_median), "rel_trace": _finites(self.rel_median),
+                "abs_trace_max": _finites(self.abs_max), "rel_trace_max": _finites(self.rel_max)}
 
 
 @dataclass
@@ -73,8 +74,8 @@ class TraceReport:
         out: dict[str, Any] = {
             "batch": self.batch, "settings": _settings(self.forward_settings),
             "solvers": {k: t.to_json() for k, t in self.forward.items()},
-            "spectral_radius": _num(rho.max()), "spectral_radius_median": _num(rho.median()),
-            "spectral_radius_per_sample": _nums(rho.tolist()), "spectral_radius_at": self.spectral_from,
+            "spectral_radius": finite(rho.max()), "spectral_radius_median": finite(rho.median()),
+            "spectral_radius_per_sample": _finites(rho.tolist()), "spectral_radius_at": self.spectral_from,
             "fixed_point_rate": None, "fixed_point_rate_median": None}
         if self.fixed_point_rate is not None:
             out["fixed_point_rate"], out["fixed_point_rate_median"] = _nan_stats(self.fixed_point_rate)
@@ -155,7 +156,7 @@ def trace_model(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
     # cached(): the normalised weights are computed once, not on every f call.
     with parametrize.cached():
         fwd = compare_solvers(f, z0, forward)
-        best = min(fwd.values(), key=lambda t: (-t.converged, _finite(t.rel_residual)))
+        best = min(fwd.values(), key=lambda t: (-t.converged, _or_inf(t.rel_residual)))
         z_star = best.z
         rho = spectral_radius(lambda z: cell(z, u), z_star, iters=power_iters)
         rate = None
@@ -221,17 +222,13 @@ def _nan_stats(t: torch.Tensor) -> tuple[float | None, float | None]:
     return float(t.max()), float(t.median())
 
 
-def _num(v: float | torch.Tensor) -> float | None:
-    v = float(v)
-    return v if math.isfinite(v) else None
+def _finites(values: list[float]) -> list[float | None]:
+    return [finite(v) for v in values]
 
 
-def _nums(values: list[float]) -> list[float | None]:
-    return [_num(v) for v in values]
-
-
-def _finite(v: float) -> float:
-    return v if math.isfinite(v) else float("inf")
+def _or_inf(v: float) -> float:
+    """`v` for ranking: NaN (which compares as nothing) ranks as infinitely bad."""
+    return math.inf if finite(v) is None else v
 
 
 def _settings(s: SolveSpec | None) -> dict[str, Any] | None:

@@ -6,20 +6,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from ..numbers import number
+
 MISSING = "-"
 
 
-def _num(v: Any) -> float | None:
-    """Return ``v`` as a float, or None when it is missing or not a number."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _nonfinite(x: float) -> str | None:
+def nonfinite_name(x: float) -> str | None:
     """Return "nan"/"inf"/"-inf" for non-finite ``x``, else None."""
     if math.isnan(x):
         return "nan"
@@ -30,10 +22,10 @@ def _nonfinite(x: float) -> str | None:
 
 def _fmt(v: Any, spec: str) -> str:
     """Return ``v`` formatted with ``spec``, "inf"/"nan" as words, or "-" when missing."""
-    x = _num(v)
+    x = number(v)
     if x is None:
         return MISSING
-    return _nonfinite(x) or format(x, spec)
+    return nonfinite_name(x) or format(x, spec)
 
 
 def fmt_int(v: Any) -> str:
@@ -58,10 +50,10 @@ def fmt_sci(v: Any, digits: int = 1) -> str:
 
 def fmt_pct(v: Any) -> str:
     """Return a fraction 0..1 as a percentage ("91.2%", exactly 1 -> "100%"), or "-"."""
-    x = _num(v)
+    x = number(v)
     if x is None:
         return MISSING
-    bad = _nonfinite(x)
+    bad = nonfinite_name(x)
     if bad:
         return bad
     if x == 1.0:
@@ -73,10 +65,10 @@ def fmt_pct(v: Any) -> str:
 
 def fmt_ms(seconds: Any) -> str:
     """Return a duration in seconds as milliseconds ("41", "3.2"), or "-"."""
-    x = _num(seconds)
+    x = number(seconds)
     if x is None:
         return MISSING
-    bad = _nonfinite(x)
+    bad = nonfinite_name(x)
     if bad:
         return bad
     ms = x * 1000.0
@@ -85,6 +77,6 @@ def fmt_ms(seconds: Any) -> str:
 
 def fmt_pair(a: Any, b: Any, fa: Callable[[Any], str], fb: Callable[[Any], str]) -> str:
     """Return "mean/max" ("9.4/14"); just the mean when max is missing; "-" when both are."""
-    if _num(b) is None:
+    if number(b) is None:
         return fa(a)
     return f"{fa(a)}/{fb(b)}"

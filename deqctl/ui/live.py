@@ -28,7 +28,8 @@ from rich.text import Text
 from ..keys import K
 from ..tasks.base import Metric, Task
 from .work import WorkBars
-from .fmt import (MISSING, _nonfinite, _num, fmt_fixed, fmt_float, fmt_int, fmt_ms, fmt_pair,
+from ..numbers import number
+from .fmt import (MISSING, nonfinite_name, fmt_fixed, fmt_float, fmt_int, fmt_ms, fmt_pair,
                   fmt_pct, fmt_sci)
 
 # Styles in one place so the table and tests agree on what "highlighted" means.
@@ -44,7 +45,7 @@ Row = Mapping[str, Any]
 
 def _above(v: Any, tol: float) -> bool:
     """Return True when ``v`` exceeds ``tol``; NaN counts as above (it never converged)."""
-    x = _num(v)
+    x = number(v)
     return x is not None and (math.isnan(x) or x > tol)
 
 
@@ -59,7 +60,7 @@ def _fwd_flagged(row: Row, fwd_tol: float, stop_mode: str) -> bool:
     """Return True when the worst forward residual in the batch is above the tolerance."""
     mean, mx, _ = _fwd_residual(row, stop_mode)
     # The max is what the tolerance is about; fall back to the mean when only that was logged.
-    return _above(mx if _num(mx) is not None else mean, fwd_tol)
+    return _above(mx if number(mx) is not None else mean, fwd_tol)
 
 
 def _is_eval(row: Row) -> bool:
@@ -81,9 +82,9 @@ def _notes(row: Row, labelled: bool = False) -> str:
     parts = []
     if row.get(K.fwd_stop):
         parts.append(f"stop {row[K.fwd_stop]}" if labelled else str(row[K.fwd_stop]))
-    if (_num(row.get(K.fallbacks)) or 0) > 0:
+    if (number(row.get(K.fallbacks)) or 0) > 0:
         parts.append(f"fallbacks {fmt_int(row[K.fallbacks])}" if labelled else f"fb {fmt_int(row[K.fallbacks])}")
-    if (_num(row.get(K.nonfinite)) or 0) > 0:
+    if (number(row.get(K.nonfinite)) or 0) > 0:
         parts.append(f"nonfinite {fmt_int(row[K.nonfinite])}")
     return " ".join(parts) or MISSING
 
@@ -103,15 +104,15 @@ def row_cells(row: Row, *, fwd_tol: float, bwd_tol: float, stop_mode: str = "rel
               metrics: Sequence[Metric] = ()) -> list[Text]:
     """Return the styled table cells of one row, in ``columns(metrics)`` order."""
     fwd_mean, fwd_max, _ = _fwd_residual(row, stop_mode)
-    conv = _num(row.get(K.fwd_converged))
-    nonfinite = (_num(row.get(K.nonfinite)) or 0) > 0
+    conv = number(row.get(K.fwd_converged))
+    nonfinite = (number(row.get(K.nonfinite)) or 0) > 0
     notes_style = STYLE_BAD if nonfinite or row.get(K.fwd_stop) == "nonfinite" else (
-        STYLE_WARN if (_num(row.get(K.fallbacks)) or 0) > 0 else "")
-    loss = _num(row.get(K.loss))
+        STYLE_WARN if (number(row.get(K.fallbacks)) or 0) > 0 else "")
+    loss = number(row.get(K.loss))
     return [
         Text(_step_label(row)),
         Text(fmt_fixed(row.get(K.epoch), 2)),
-        Text(fmt_float(row.get(K.loss)), style=STYLE_BAD if loss is not None and _nonfinite(loss) else ""),
+        Text(fmt_float(row.get(K.loss)), style=STYLE_BAD if loss is not None and nonfinite_name(loss) else ""),
         *(Text(m.fmt(row.get(m.key))) for m in metrics if m.column),
         Text(fmt_sci(row.get(K.lr))),
         Text(fmt_pair(row.get(K.fwd_nfe), row.get(K.fwd_nfe_max), fmt_fixed, fmt_int)),
@@ -151,7 +152,7 @@ def plain_line(row: Row, stop_mode: str = "rel", metrics: Sequence[Metric] = ())
     lr or backward stats); a single missing value inside a group prints as "-".
     """
     def present(*keys: str) -> bool:
-        return any(_num(row.get(k)) is not None for k in keys)
+        return any(number(row.get(k)) is not None for k in keys)
 
     fwd_mean, fwd_max, label = _fwd_residual(row, stop_mode)
     res_keys = (K.fwd_abs_residual, K.fwd_abs_residual_max) if label == "abs" else (
