@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import Split
-from ..keys import over_ranks
+from ..keys import K, over_ranks
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def merge_rows(group: Group, row: dict[str, Any]) -> dict[str, Any]:
         return row
     rows: list[dict[str, Any]] = [{} for _ in range(group.world)]
     dist.all_gather_object(rows, row)
-    n = [r.get("n", 0) for r in rows]
+    n = [r.get(K.n, 0) for r in rows]
     total = sum(n) or 1
     out: dict[str, Any] = {}
     for key, value in row.items():

@@ -12,6 +12,7 @@ from ..implicit import SolveSpec
 from ..models import DEQModel
 from ..models.adaptive import lazy_log_probs
 from ..tasks import Task
+from ..keys import K
 from .device import autocast
 from .metrics import Accumulator, step_stats, with_stop_reason
 
@@ -45,4 +46,5 @@ def evaluate(model: DEQModel, task: Task, split: Split, batch_size: int, *,
         elapsed = time.perf_counter() - start
     finally:           # an evaluation cut short by a signal leaves the model as it was
         model.train(was_training)
-    return {"split": split_name, **row, "samples_per_s": row["n"] / elapsed, "eval_time_s": elapsed}
+    return {K.split: split_name, **row, K.samples_per_s: row[K.n] / elapsed,
+            K.eval_time_s: elapsed}

@@ -25,30 +25,30 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tenso
     the task's own statistics (`Task.stats`) and the solver's."""
     fwd, bwd = out.info.forward, out.info.backward
     stats: dict[str, Any] = {
-        "loss": loss.detach().float(),
+        K.loss: loss.detach().float(),
         **{k: v.detach().float() for k, v in task.items()},
-        "n": int(fwd.sample_nfe.numel()),
-        "fwd_nfe": fwd.sample_nfe.float().mean(),
-        "fwd_nfe_max": fwd.nfe,
-        "fwd_abs_residual": fwd.abs_residual.float().mean(),
-        "fwd_abs_residual_max": fwd.abs_residual.float().max(),
-        "fwd_rel_residual": fwd.rel_residual.float().mean(),
-        "fwd_rel_residual_max": fwd.rel_residual.float().max(),
-        "fwd_converged": fwd.converged.float().mean(),
-        "nonfinite": (fwd.status == NONFINITE).sum(),
-        "fallbacks": fwd.fallbacks.sum(),
+        K.n: int(fwd.sample_nfe.numel()),
+        K.fwd_nfe: fwd.sample_nfe.float().mean(),
+        K.fwd_nfe_max: fwd.nfe,
+        K.fwd_abs_residual: fwd.abs_residual.float().mean(),
+        K.fwd_abs_residual_max: fwd.abs_residual.float().max(),
+        K.fwd_rel_residual: fwd.rel_residual.float().mean(),
+        K.fwd_rel_residual_max: fwd.rel_residual.float().max(),
+        K.fwd_converged: fwd.converged.float().mean(),
+        K.nonfinite: (fwd.status == NONFINITE).sum(),
+        K.fallbacks: fwd.fallbacks.sum(),
     }
     if fwd.bf16_nfe:       # a mixed-precision solve: how many of fwd_nfe_max ran in bf16
-        stats["fwd_nfe_bf16"] = fwd.bf16_nfe
+        stats[K.fwd_nfe_bf16] = fwd.bf16_nfe
     if out.info.jac_loss is not None:   # ||df/dz||_F^2 / dim, on the steps that estimate it
-        stats["jac_loss"] = out.info.jac_loss.detach().float()
+        stats[K.jac_loss] = out.info.jac_loss.detach().float()
     if bwd is not None:
-        stats["bwd_nfe"] = bwd.nfe
-        stats["bwd_rel_residual"] = bwd.rel_residual.float().mean()
-        stats["bwd_rel_residual_max"] = bwd.rel_residual.float().max()
+        stats[K.bwd_nfe] = bwd.nfe
+        stats[K.bwd_rel_residual] = bwd.rel_residual.float().mean()
+        stats[K.bwd_rel_residual_max] = bwd.rel_residual.float().max()
     elif out.info.backward_steps is not None:   # phantom / jfb: no equation solved, no residual
-        stats["bwd_nfe"] = out.info.backward_steps
-        stats["bwd_rel_residual"] = stats["bwd_rel_residual_max"] = math.nan
+        stats[K.bwd_nfe] = out.info.backward_steps
+        stats[K.bwd_rel_residual] = stats[K.bwd_rel_residual_max] = math.nan
     return stats
 
 
@@ -90,9 +90,9 @@ class Accumulator:
         out: dict[str, Any] = {}
         i = 0
         for k in keys:
-            col, sizes = host[i:i + len(cols[k])], [r["n"] for r in cols[k]]
+            col, sizes = host[i:i + len(cols[k])], [r[K.n] for r in cols[k]]
             i += len(col)
-            if k == "loss":           # the loss-spike detector reads them, no second transfer
+            if k == K.loss:           # the loss-spike detector reads them, no second transfer
                 self.step_losses = col
             how = over_batches(k)
             if how == "max":
@@ -102,7 +102,7 @@ class Accumulator:
             else:  # weighted by batch size, so a short last batch counts for what it holds
                 out[k] = sum(c * n for c, n in zip(col, sizes)) / sum(sizes)
         self.rows = []
-        if "loss" not in keys:
+        if K.loss not in keys:
             self.step_losses = []
         return out
 
