@@ -8,8 +8,8 @@ with it. On a generated corpus (Zipf-distributed words, lines of 5-20 words):
    steps, its token files prepared by the run itself) on a small corpus and on the large one;
    the ratio large / small is the target (<= 1.10).
 
-    python bench/tokens.py                      # 10 MB against 100 MB: ~6 min on 2 cores
-    python bench/tokens.py --big-mb 1000        # the issue's 1 GB: ~25 min
+    python bench/tokens.py                      # 10 MB against 100 MB: ~8 min on 2 cores
+    python bench/tokens.py --big-mb 1000        # the issue's 1 GB: ~40 min
 
 Figures are ratios measured in the same run; absolute times vary with the machine.
 """
@@ -95,6 +95,9 @@ def peak_rss_of_training(train: Path, test: Path, steps: int, workdir: Path) -> 
            "data.name=text", f"data.files.train={train}", f"data.files.test={test}",
            "data.tokenizer=bpe", f"data.vocab_size={VOCAB_SIZE}", f"data.root={workdir / 'cache'}",
            "data.limit_eval=64", f"train.max_steps={steps}", "train.log_every=50",
+           # a small model: the memory that could grow with the corpus is the data's
+           "model.d_model=64", "model.heads=4", "model.d_ff=128", "data.seq_len=64",
+           "data.batch_size=16", "runtime.precision=fp32", "runtime.threads=2",
            "--out", str(workdir / f"run-{train.stem}"), "--plain"]
     probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
