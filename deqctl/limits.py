@@ -1,4 +1,4 @@
-"""Documented upper bounds (README, "bounded resources"): a solve, unrolled twin or sweep
+"""Documented upper bounds (docs/robustness.md, "Input limits"): a solve, unrolled twin or sweep
 point of more iterations than these is a typo or a hostile file, and would run for days."""
 
 ITER_LIMIT = 10_000        # max_iter, unrolled depth, phantom steps, --sweep-iters, ...

@@ -1,7 +1,8 @@
-"""Every command the README shows runs in a test.
+"""Every command the README and the docs/ pages show runs in a test.
 
-The commands are read from README.md when the tests are collected: the `deqctl ...` lines
-of its fenced code blocks (continuation lines joined, `# comments` dropped, `a && b` split)
+The commands are read from README.md and docs/*.md (together "the README" below: a command
+that moves from one page to another stays tested) when the tests are collected: the
+`deqctl ...` lines of their fenced code blocks (continuation lines joined, `# comments` dropped, `a && b` split)
 and its inline `deqctl ...` spans, including `.venv/bin/deqctl ...` and `torchrun ... -m
 deqctl ...`. A usage synopsis (a `[optional]` or `a|b` token) is skipped; a command that
 cannot run here is in EXEMPT, with its reason; every other one runs as written, in a
@@ -39,12 +40,20 @@ from cli_helpers import CONFIGS, runner, tiny
 
 REPO = Path(__file__).parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
+
+
+def readme_text() -> str:
+    """The README and every docs/ page, each page's code spans and blocks kept to itself."""
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    return "\n\n".join(page.read_text(encoding="utf-8") for page in pages)
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Commands the README shows that cannot run here, with the reason (each is a skipped test
-# case saying so; whitespace as " ".join(command.split())). An entry no longer in the
-# README fails test_every_exemption_is_still_in_the_readme.
+# Commands the README or a docs/ page shows that cannot run here, with the reason (each is
+# a skipped test case saying so; whitespace as " ".join(command.split())). An entry no
+# longer in any of them fails test_every_exemption_is_still_in_the_readme.
 EXEMPT = {
     # WikiText-2 from the Hugging Face hub (the hf source reading a save_to_disk folder
     # offline is tested in tests/test_sources.py)
@@ -205,7 +214,7 @@ def cases(text: str) -> list:
     return out
 
 
-CASES = cases(README.read_text(encoding="utf-8"))
+CASES = cases(readme_text())
 RUNNABLE = [p.values[0] for p in CASES if not p.marks]
 
 
@@ -481,7 +490,7 @@ def torchrun(case: Case, cwd: Path) -> Finished:
 
 def test_the_readme_shows_the_commands_this_file_runs():
     """The parser finds the README's commands: if this fails, it stopped finding them."""
-    commands = readme_commands(README.read_text(encoding="utf-8"))
+    commands = readme_commands(readme_text())
     subs = {Case(c, c).sub for c in commands if not is_synopsis(c) and c not in EXEMPT}
     assert {"train", "eval", "solve-trace", "export", "compare", "predict",
             "generate", "sweep"} <= subs, commands
@@ -491,8 +500,34 @@ def test_the_readme_shows_the_commands_this_file_runs():
 
 
 def test_every_exemption_is_still_in_the_readme():
-    commands = readme_commands(README.read_text(encoding="utf-8"))
+    commands = readme_commands(readme_text())
     assert not set(EXEMPT) - set(commands), set(EXEMPT) - set(commands)
+
+
+def _anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_docs_page_is_linked_and_every_relative_link_resolves():
+    """The README links each docs/ page, and a page moved or a heading renamed breaks no
+    link: every relative `](target#anchor)` names a file that exists and a heading in it."""
+    readme = README.read_text(encoding="utf-8")
+    unlinked = [p.name for p in DOCS.glob("*.md") if f"](docs/{p.name})" not in readme]
+    assert not unlinked, f"README's Documentation list lacks {unlinked}"
+    broken = []
+    for page in [README, *sorted(DOCS.glob("*.md"))]:
+        prose = FENCE.sub("", page.read_text(encoding="utf-8"))
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):                    # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            headings = re.findall(r"^#+\s+(.*)$", FENCE.sub("", dest.read_text(
+                encoding="utf-8")), re.M) if dest.suffix == ".md" and dest.is_file() else []
+            if not dest.exists() or (anchor and anchor not in map(_anchor, headings)):
+                broken.append(f"{page.relative_to(REPO)}: {target}")
+    assert not broken, broken
 
 
 @pytest.mark.parametrize("case", CASES)
