@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import recipe as recipes
 from ..data import DataInfo
+from ..data.tokenize import BUILT_IN
 from ..errors import quote, user_frame
 from ..files import FileRefused, is_regular, read_json, read_text
 from ..models import DEQModel, ModelError, build_model
@@ -95,7 +96,7 @@ def save(folder: Path, model: DEQModel, recipe: recipes.Recipe, data_info: dict,
 def _without_tokenizer(data_info: dict) -> tuple[dict, str | None]:
     """(data_info without the tokenizer.json text, that text): a word, bpe or file
     tokenizer is saved as its own file, which `tokenizers.Tokenizer.from_file` opens."""
-    if data_info.get("tokenizer") not in ("word", "bpe", "file") or not data_info.get("vocab"):
+    if data_info.get("tokenizer") in (None, *BUILT_IN) or not data_info.get("vocab"):
         return data_info, None
     return {k: v for k, v in data_info.items() if k != "vocab"}, data_info["vocab"]
 

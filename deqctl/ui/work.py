@@ -19,11 +19,11 @@ PLAIN_EVERY_S = 30.0
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
-    return ""
+    return f"{n:.1f} GB"
 
 
 class WorkBars:
