@@ -7,7 +7,10 @@
 2. workers: the same 4000 digits written to an image folder (28x28 grey PNGs, a folder per
    class) and read with data.workers=2, and with 0, against the digits in memory
    (target: workers=2 / memory <= 1.10). Beside the runs at --threads, one with
-   data.workers=2 and runtime.threads unset shows the share deqctl picks itself.
+   data.workers=2 and runtime.threads unset shows the share deqctl picks itself;
+3. decoding: where the workers are busy: 4000 RGB JPEGs of 160x160 pixels, decoded with
+   data.augment=imagenet (RandomResizedCrop to 28) by 2 workers, torch at 2 threads against
+   torch at 1 (the cores less the workers). Whether torch should give the workers its cores.
 
 Every run is `deqctl train` in a fresh process, --steps steps, no evaluation before the
 final one (100 test samples). Runs are interleaved (A, B, A, B, ...), --repeats each; a
@@ -16,6 +19,7 @@ a variant's the median over its runs; the spread is the range of the per-repeat 
 
     python bench/train_speed.py                   # 3 repeats of 100 steps: ~18 min on 2 cores
     python bench/train_speed.py --only workers --repeats 5
+    python bench/train_speed.py --only decoding
 
 Needs git (the base worktree), Linux (/proc/stat) and a machine otherwise idle: each run
 says how many cores other processes kept busy meanwhile. Two torch threads on 2 cores slow
@@ -52,6 +56,23 @@ def export_digits(root: Path) -> Path:
             folder = root / part / str(y)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(x[0].numpy()).save(folder / f"{i:05d}.png")
+    return root
+
+
+def export_photos(root: Path, n: int = 4000, side: int = 160) -> Path:
+    """root/{train,test}/<class>/NNNNN.jpg: `n` smooth random RGB pictures (a tenth for
+    test) in 10 classes, JPEG-encoded, so that decoding and cropping cost what photos do."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        part = "test" if i % 10 == 0 else "train"
+        folder = root / part / str(i % 7)
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, size=(side // 8, side // 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((side, side), Image.BICUBIC).save(folder / f"{i:05d}.jpg",
+                                                                         quality=90)
     return root
 
 
@@ -157,7 +178,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="runtime.threads of every run")
-    p.add_argument("--only", choices=["small", "workers"])
+    p.add_argument("--only", choices=["small", "workers", "decoding"])
     a = p.parse_args()
     quiet = [f"train.max_steps={a.steps}", "train.eval_every_epoch=false", "train.eval_every=0",
              "data.limit_eval=100"]
@@ -165,9 +186,9 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory(prefix="deqctl-train-speed-") as tmp:
         tmp = Path(tmp)
-        if a.only != "workers":
+        if a.only in (None, "small"):
             out["small"] = small_path(a.base, common, a.repeats, tmp)
-        if a.only != "small":
+        if a.only in (None, "workers"):
             folder = ["data.name=imagefolder", f"data.root={export_digits(tmp / 'digits')}"]
             runs = interleaved({"memory": (ROOT, common),
                                 "folder-workers2": (ROOT, common + folder + ["data.workers=2"]),
@@ -177,6 +198,15 @@ def main() -> None:
             out["workers"] = report(runs, "memory")
             print(f"workers: folder (2 workers) / memory "
                   f"{out['workers']['folder-workers2']['ratio']:.3f} (target <= 1.10)")
+        if a.only in (None, "decoding"):
+            photos = ["data.name=imagefolder", f"data.root={export_photos(tmp / 'photos')}",
+                      "data.augment=imagenet", "data.image_size=28", "data.workers=2"]
+            runs = interleaved({"torch-2-threads": (ROOT, quiet + photos + ["runtime.threads=2"]),
+                                "torch-1-thread": (ROOT, quiet + photos + ["runtime.threads=1"]),
+                                "workers-0": (ROOT, quiet + photos[:-1] + ["data.workers=0",
+                                                                           "runtime.threads=2"])},
+                               a.repeats, tmp)
+            out["decoding"] = report(runs, "torch-2-threads")
     print(json.dumps(out))
 
 

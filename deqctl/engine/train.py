@@ -159,14 +159,14 @@ class Trainer:
         """Device, data, task, model, optimizer: everything before any file is touched."""
         r, group = self.recipe, self.group
         torch.manual_seed(r.seed)
-        threads = budget_threads(r.runtime.threads, getattr(r.data, "workers", 0))
+        device, reason = pick_device(r.runtime.device)
+        threads = budget_threads(r.runtime.threads, getattr(r.data, "workers", 0), device)
         if r.runtime.deterministic:
             torch.use_deterministic_algorithms(True)
-        device, reason = pick_device(r.runtime.device, threads)
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())   # this rank's GPU
         self.device = device
-        self.view.event(f"device: {device} ({reason})" + (f"; {group.world} processes"
+        self.view.event(f"device: {device} ({reason}; {threads})" + (f"; {group.world} processes"
                                                            if group.active else ""))
         self.data = build_data(r.data)
         if self.data.train is None:
