@@ -269,11 +269,43 @@ def test_the_audit_flags_gradients_that_are_not_the_implicit_one(backward, below
     assert w.rel_error > 0.05
 
 
-def test_the_audit_says_when_its_reference_is_not_exact():
+class _PartlyContracting(_Linear):
+    """z -> W z + U x (rate 0.9), but z -> z + U x where |U x| is large: those samples
+    have no fixed point."""
+
+    def cell(self, z, u):
+        return torch.where(u.norm(dim=1, keepdim=True) > 20, z, z @ self.W.T) + u
+
+
+def test_the_audit_says_when_no_sample_has_a_fixed_point():
     _, _, _, audit = _audit({"mode": "ift"}, _Drifting)
-    assert (audit.samples, audit.inexact) == (8, 8)
-    assert "did not converge for 8 of 8 samples" in audit.line()
-    assert audit.to_json()["inexact_samples"] == 8
+    assert (audit.samples, audit.inexact) == (8, 8) and audit.overall is None
+    assert "no sample of 8 has a fixed point" in audit.line()
+    assert audit.to_json()["inexact_samples"] == 8 and audit.to_json()["cosine"] is None
+
+
+def test_the_audit_s_cosine_counts_only_the_samples_with_a_fixed_point():
+    """A sample without a fixed point has no exact gradient: in the cosine, it made an
+    exact backward rule look wrong (issue 32). It is counted apart."""
+    from deqctl.data import DataInfo
+    from deqctl.inspect.gradaudit import audit_gradient
+    from deqctl.tasks import task_for
+    info = DataInfo(name="t", task="classify", inputs="image", shape=(1, 2, 2), num_classes=2)
+    solve = {"solver": "anderson", "max_iter": 200, "tol": 1e-9}
+    model = _PartlyContracting(info, deqctl.DEQ(forward=solve, backward={**solve, "mode": "ift"}))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 2, 2, generator=g), torch.randint(0, 2, (8,), generator=g)
+    x[:3] *= 100 / (x[:3].flatten(1) @ model.U.detach().T).norm(dim=1).view(3, 1, 1, 1)
+    audit = audit_gradient(model, task_for(info), x, y)
+    assert (audit.samples, audit.inexact) == (8, 3)
+    assert audit.overall.cosine > 0.99999 and audit.overall.rel_error < 1e-5, audit.line()
+    assert "over the 5 of 8 samples with a fixed point" in audit.line()
+    assert "3 have none" in audit.line()
+    whole = audit.to_json()
+    assert whole["inexact_samples"] == 3 and whole["no_fixed_point_fraction"] == 3 / 8
+    assert audit.failures(min_cos=0.9999, max_no_fixed_point=0.5) == []
+    assert audit.failures(min_cos=0.9999, max_no_fixed_point=0.25) == [
+        "--max-no-fixed-point 0.25: 3 of 8 samples have no fixed point"]
 
 
 def test_solve_trace_grad_prints_the_audit_and_min_cos_sets_the_exit_code(run, tmp_path):
@@ -287,6 +319,9 @@ def test_solve_trace_grad_prints_the_audit_and_min_cos_sets_the_exit_code(run, t
     result = runner.invoke(app, ["solve-trace", str(run), "--solvers", "anderson",
                                  "--min-cos", "1.0"])
     assert result.exit_code == 1 and "error: --min-cos 1" in result.output
+    result = runner.invoke(app, ["solve-trace", str(run), "--solvers", "anderson",
+                                 "--max-no-fixed-point", "0.5"])
+    assert result.exit_code == 0, result.output
 
 
 def test_a_trained_model_s_backward_rule_can_be_audited_as_another(run, tmp_path):

@@ -54,7 +54,11 @@ def solve_trace(
     grad: bool = typer.Option(False, "--grad", help="audit the training gradient against "
                               "the exact implicit one (float64, tight solves)"),
     min_cos: Optional[float] = typer.Option(None, "--min-cos", min=-1.0, max=1.0,
-                                            help="with --grad: exit 1 below this cosine"),
+                                            help="with --grad: exit 1 below this cosine "
+                                                 "(over the samples with a fixed point)"),
+    max_no_fixed_point: Optional[float] = typer.Option(
+        None, "--max-no-fixed-point", min=0.0, max=1.0, metavar="FRACTION",
+        help="with --grad: exit 1 when more samples than this have no fixed point"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a PNG of residual vs iteration"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the traces as JSON"),
     force: bool = typer.Option(False, "--force", help="replace --plot / --json files that exist"),
@@ -70,6 +74,7 @@ def solve_trace(
                      "--tol": tol is not None, "--backward": backward,
                      "--power-iters": power_iters is not None, "--starts": starts > 0,
                      "--grad": grad, "--min-cos": min_cos is not None,
+                     "--max-no-fixed-point": max_no_fixed_point is not None,
                      "--plot": plot is not None}
     names = [s.strip() for s in (solvers or SOLVERS_DEFAULT).split(",") if s.strip()]
     if not names:
@@ -113,7 +118,8 @@ def solve_trace(
     unique = path_independence(src.model, src.task, x, fwd, starts) if starts else None
     if unique is not None:
         typer.echo(_starts_line(unique, fwd))
-    audit = audit_gradient(src.model, src.task, x, y) if grad or min_cos is not None else None
+    audit = (audit_gradient(src.model, src.task, x, y)
+             if grad or min_cos is not None or max_no_fixed_point is not None else None)
     if audit is not None:
         console.print(_grad_table(audit))
         typer.echo(audit.line())
@@ -123,9 +129,9 @@ def solve_trace(
         _write_json(outputs["json"], src, path, {
             **report.to_json(), "starts": unique.to_json() if unique is not None else None,
             "grad": audit.to_json() if audit is not None else None})
-    if audit is not None and min_cos is not None and audit.overall.cosine < min_cos:
-        fail(f"--min-cos {min_cos:g}: the training gradient's cosine is "
-             f"{audit.overall.cosine:.4f}", 1)
+    failures = audit.failures(min_cos, max_no_fixed_point) if audit is not None else []
+    if failures:
+        fail("; ".join(failures), 1)
 
 
 def _header(src: Source, x: torch.Tensor) -> None:

@@ -4,7 +4,9 @@ training solve's tolerance), against the exact implicit gradient: the same model
 float64, both solves to a tight tolerance. A backward solve that silently returns zeros,
 or a rule that is further from the implicit gradient than its user thinks, shows here.
 Where the map does not contract, the reference's own solves do not converge and there is
-no exact implicit gradient to be near: the audit counts those samples and says so.
+no exact implicit gradient to be near: the audit compares the gradients over the samples
+with a fixed point, and counts the others apart, so a bad gradient and a sample with no
+fixed point never hide in one number.
 """
 
 from __future__ import annotations
@@ -35,38 +37,70 @@ class GroupReport:
 @dataclass
 class GradAudit:
     rule: str                  # e.g. "ift (anderson, tol 0.001 rel, max_iter 20)"
-    overall: GroupReport
+    overall: GroupReport | None          # over the samples with a fixed point; None: none has
     groups: list[GroupReport]
     adjoint_residual: float | None       # the recipe's adjoint solve, max relative residual
     exact_residual: float | None         # the reference's (how exact the reference is)
     samples: int
     inexact: int               # samples whose reference forward or adjoint missed TIGHT's tol
 
+    @property
+    def no_fixed_point(self) -> float:
+        """The fraction of samples with no fixed point (no exact gradient)."""
+        return self.inexact / self.samples
+
     def line(self) -> str:
+        if self.overall is None:
+            return (f"{self.rule}: no sample of {self.samples} has a fixed point (the "
+                    f"reference's solves did not converge): no exact gradient to compare with")
         text = (f"{self.rule}: cosine {self.overall.cosine:.4f} against the exact implicit "
                 f"gradient (relative error {self.overall.rel_error:.2e})")
         if self.inexact:
-            text += (f"; but the reference's solves did not converge for {self.inexact} of "
-                     f"{self.samples} samples (no fixed point the map contracts to there): "
-                     f"no exact gradient to compare with")
+            text += (f" over the {self.samples - self.inexact} of {self.samples} samples with a "
+                     f"fixed point; {self.inexact} have none (the reference's solves did not "
+                     f"converge there: no exact gradient to compare with)")
         return text
 
+    def failures(self, min_cos: float | None, max_no_fixed_point: float | None) -> list[str]:
+        """What falls short of `solve-trace --min-cos` and `--max-no-fixed-point`."""
+        out = []
+        if min_cos is not None and (self.overall is None or self.overall.cosine < min_cos):
+            out.append(f"--min-cos {min_cos:g}: " + (
+                "no sample has a fixed point to judge the gradient on" if self.overall is None
+                else f"the training gradient's cosine is {self.overall.cosine:.4f}"))
+        if max_no_fixed_point is not None and self.no_fixed_point > max_no_fixed_point:
+            out.append(f"--max-no-fixed-point {max_no_fixed_point:g}: {self.inexact} of "
+                       f"{self.samples} samples have no fixed point")
+        return out
+
     def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, **self.overall.to_json(), "group": None,
+        overall = (self.overall.to_json() if self.overall is not None
+                   else {"cosine": None, "rel_error": None})
+        return {"rule": self.rule, **overall, "group": None,
                 "groups": [g.to_json() for g in self.groups],
                 "adjoint_residual": self.adjoint_residual, "exact_residual": self.exact_residual,
-                "samples": self.samples, "inexact_samples": self.inexact}
+                "samples": self.samples, "inexact_samples": self.inexact,
+                "no_fixed_point_fraction": self.no_fixed_point}
 
 
 def audit_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
                    seed: int = 0) -> GradAudit:
-    """The recipe's gradient of task.loss on (x, y) against the exact implicit one.
-    ValueError for an explicit baseline: it has no fixed point, so no implicit gradient."""
+    """The recipe's gradient of task.loss on (x, y) against the exact implicit one, over
+    the samples with a fixed point (those whose reference solves converged). ValueError for
+    an explicit baseline: it has no fixed point, so no implicit gradient."""
     if model.deq.mode == "baseline":
         raise ValueError("deq.mode=baseline: an explicit network has no fixed point, so "
                          "no implicit gradient to audit its gradient against")
-    got, info = _gradient(model, task, x, y, seed)
     exact, exact_info = exact_gradient(model, task, x, y, seed)
+    fixed = (exact_info.forward.converged & exact_info.backward.converged).cpu()
+    samples, inexact = len(fixed), int((~fixed).sum())
+    if inexact:                               # the loss over the others, and its gradients
+        keep = fixed.nonzero().squeeze(1)
+        x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+        exact, exact_info = exact_gradient(model, task, x, y, seed) if len(keep) else ({}, None)
+    if inexact == samples:
+        return GradAudit(_rule(model.deq), None, [], None, None, samples, inexact)
+    got, info = _gradient(model, task, x, y, seed)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     groups: dict[str, list[str]] = {}
     for n in names:
@@ -74,9 +108,8 @@ def audit_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor
     reports = [_compare(g, [got[n] for n in ns], [exact[n] for n in ns])
                for g, ns in groups.items()]
     overall = _compare("all", [got[n] for n in names], [exact[n] for n in names])
-    converged = exact_info.forward.converged & exact_info.backward.converged
     return GradAudit(_rule(model.deq), overall, reports, _residual(info), _residual(exact_info),
-                     len(converged), int((~converged).sum()))
+                     samples, inexact)
 
 
 def exact_gradient(model: DEQModel, task: Task, x: torch.Tensor, y: torch.Tensor,
