@@ -42,6 +42,8 @@ TABLE = (
     Key("nonfinite", "sum", "sum", "all", "samples whose solve hit NaN/inf"),
     Key("fallbacks", "sum", "sum", "all", "Anderson least-squares fallbacks"),
     Key("jac_loss", "mean", "mean", "jacobian_reg", "Hutchinson ||df/dz||_F^2 / dim"),
+    Key("depth", "mean", "same", "recurrent", "applications of the cell drawn per training "
+        "step (deq.mode=recurrent), mean"),
     Key("bwd_nfe", "mean", "mean", "train", "adjoint iterations (phantom/jfb: fixed steps)"),
     Key("bwd_rel_residual", "mean", "mean", "ift", "relative residual of the adjoint solve"),
     Key("bwd_rel_residual_max", "max", "max", "ift", "... max over samples"),

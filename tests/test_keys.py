@@ -29,9 +29,20 @@ def produced(tmp_path_factory) -> tuple[list[dict], list[dict]]:
     return [r for r in every if r["split"] == "train"], [r for r in every if r["split"] != "train"]
 
 
+@pytest.fixture(scope="module")
+def recurrent_rows(tmp_path_factory) -> list[dict]:
+    """The training rows of a run in deq.mode=recurrent (its keys need that mode)."""
+    out = tmp_path_factory.mktemp("keys") / "recurrent"
+    result = train(RECIPE, *TINY, "deq.mode=recurrent", "deq.recurrent.depth=3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return [r for r in rows(out) if r["split"] == "train"]
+
+
 @pytest.mark.parametrize("key", TABLE, ids=lambda k: k.name)
-def test_every_key_of_the_table_is_produced_where_it_says(produced, key):
+def test_every_key_of_the_table_is_produced_where_it_says(produced, key, request):
     train_rows, eval_rows = produced
+    if key.when == "recurrent":
+        train_rows = request.getfixturevalue("recurrent_rows")
     where = {"all": train_rows + eval_rows, "train": train_rows, "eval": eval_rows}.get(
         key.when, train_rows)                 # conditions: switched on for training in ON
     assert where and all(key.name in r for r in where), key

@@ -565,7 +565,8 @@ def test_readme_command(case: Case, tmp_path, monkeypatch, request, inputs, read
 # needs the hub or a save_to_disk folder (tests/test_sources.py).
 KIND = {"mnist-5k": "image", "mnist": "image", "fashion-mnist": "image", "cifar10": "image",
         "imagefolder": "image", "sequential-mnist": "sequence", "shakespeare": "text",
-        "text": "text", "hf": "text", "co2": "series", "csv": "series"}
+        "text": "text", "hf": "text", "co2": "series", "csv": "series",
+        "prefix-sums": "algorithmic"}
 LOCAL = {
     "image": {"npz": ["data.name=npz", "data.path=images.npz"],
               "imagefolder": ["data.name=imagefolder", "data.root=DIR"]},
@@ -575,6 +576,7 @@ LOCAL = {
     "series": {"csv": ["data.name=csv", "data.path=load.csv", "data.time_column=when",
                        "data.columns=[load,temp]"],
                "npz": ["data.name=npz", "data.path=forecast.npz"]},
+    "algorithmic": {},         # generated: no file of this kind to move to
 }
 
 

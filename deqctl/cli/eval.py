@@ -122,7 +122,9 @@ def _summary_table(row: dict[str, Any], src: Source, s: SolveSpec) -> Table:
 
 
 def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolveSpec) -> Table:
-    table = Table(title=f"anytime inference: {s.solver}, tol {s.tol:g} {s.stop_mode}")
+    # a recurrent model applies its cell exactly max_iter times: no solver, no early stop
+    how = "recurrent depth" if src.recipe.deq.mode == "recurrent" else s.solver
+    table = Table(title=f"anytime inference: {how}, tol {s.tol:g} {s.stop_mode}")
     metrics = [m for m in src.task.metrics if m.column]
     for col in ("max_iter", "NFE", "NFE max", f"{s.stop_mode} res", "conv", "loss",
                 *(m.label for m in metrics), "samp/s"):

@@ -102,10 +102,10 @@ def solve_trace(
     bwd = _specs(src.recipe.deq.backward, names, update) if backward else []
     console = Console()
     _header(src, x)
-    if src.recipe.deq.mode == "unrolled":
-        typer.echo(f"{src.recipe.deq.describe_eval()}: it answers with "
-                   f"{src.recipe.deq.explicit_depth} applications of its cell; the traces "
-                   f"solve that cell to its fixed point")
+    if (deq := src.recipe.deq).fixed_depth:
+        depth = deq.explicit_depth if deq.mode == "unrolled" else deq.eval_settings().max_iter
+        typer.echo(f"{deq.describe_eval()}: it answers with {depth} applications of its cell; "
+                   f"the traces solve that cell to its fixed point")
     report = trace_model(src.model, src.task, x, y, fwd, bwd,
                          power_iters=power_iters or POWER_ITERS_DEFAULT)
     fwd, bwd = fwd[0], (bwd[0] if bwd else None)

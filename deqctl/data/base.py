@@ -5,7 +5,8 @@ Inputs come in three kinds, each with its dtypes:
 - image:    uint8 (N, C, H, W) pixels (batches arrive as float in [0, 1]) or float (N, C, H, W)
 - tokens:   int64 (N, L) token ids
 - sequence: float (N, L, C) values, or uint8 (N, L, C) pixels (sequential MNIST)
-Targets are int64 (N,) classes, int64 (N, L) next tokens, or float (N, ...) values.
+Targets are int64 (N,) classes, int64 (N, L) next tokens, int64 (N, L) classes per
+position (tag), or float (N, ...) values.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..errors import quote
 
-TASKS = ("classify", "lm", "forecast")
+TASKS = ("classify", "lm", "forecast", "tag")
 INPUTS = ("image", "tokens", "sequence")
 
 
@@ -36,11 +37,11 @@ class DataInfo:
     """
 
     name: str
-    task: str                                   # classify | lm | forecast
+    task: str                                   # classify | lm | forecast | tag
     inputs: str                                 # image | tokens | sequence
     shape: tuple[int, ...]                      # one input: (C, H, W) | (L,) | (L, C)
-    num_classes: int | None = None              # classify
-    classes: tuple[str, ...] = ()               # classify: class i's name (i when unnamed)
+    num_classes: int | None = None              # classify, tag (classes per position)
+    classes: tuple[str, ...] = ()               # classify, tag: class i's name (i when unnamed)
     tokenizer: str | None = None                # lm: "char" | "byte" | "word" | "bpe" | "file"
     vocab: str | None = None                    # char: id i + 1 is vocab[i], 0 unknown;
                                                 # word, bpe, file: the tokenizer.json
@@ -163,12 +164,14 @@ class DataInfo:
                        f"{self.channels} input channel(s) and {targets} target channel(s)")
         if self.season is not None and (self.length is None or self.season > self.length):
             out.append(f"season {self.season} is longer than the window {self.length}")
-        if self.task == "classify" and self.num_classes is None:
-            out.append("a classifier's description needs num_classes")
+        if self.task in ("classify", "tag") and self.num_classes is None:
+            out.append(f"a {self.task} description needs num_classes")
         if self.classes and len(self.classes) != self.num_classes:
             out.append(f"{len(self.classes)} class names for {self.num_classes} classes")
         if self.task == "lm" and self.vocab_size is None:
             out.append("a language model's description needs its tokenizer and vocab")
+        elif self.inputs == "tokens" and self.vocab_size is None:
+            out.append("token inputs need their tokenizer and vocab")
         return out
 
 

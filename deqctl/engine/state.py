@@ -73,7 +73,9 @@ class TrainerState:
                   "pending must be lists of rows of numbers, each with its n": isinstance(
                       s.pending, list) and all(isinstance(rank, list) and all(
                           isinstance(r, dict) and _count(r.get("n")) and all(
-                              isinstance(v, (int, float)) and math.isfinite(v)
+                              # NaN: a value the step has not (an explicit mode's adjoint
+                              # residual), as in its metrics row
+                              isinstance(v, (int, float)) and not math.isinf(v)
                               for v in r.values()) for r in rank)
                       for rank in s.pending),
                   "recent_losses must be lists of at most 50 finite numbers": isinstance(

@@ -176,6 +176,7 @@ class Trainer:
         self.task = task_for(self.data.info)
         self.view.set_task(self.task)
         self.model = build_model(r, self.data.info).to(device)
+        self.model.deq.seed = r.seed         # deq.mode=recurrent draws depths from (seed, step)
         self.opt = build_optimizer(self.model.parameters(), r.optim)
         self.batches_per_epoch = num_batches(self.data.train, r.data.batch_size, drop_last=False)
         self.total = total_steps(r, self.batches_per_epoch)
@@ -338,8 +339,11 @@ class Trainer:
         else:
             self.opt.step()
         with torch.no_grad():
-            self.acc.add({**step_stats(out, task_loss, self.task.stats(out.out, x, y)),
-                          K.skipped_steps: (~finite).int(), K.grad_norm: grad_norm})
+            stats = {**step_stats(out, task_loss, self.task.stats(out.out, x, y)),
+                     K.skipped_steps: (~finite).int(), K.grad_norm: grad_norm}
+            if out.info.depth is not None:       # deq.mode=recurrent: this step's draw
+                stats[K.depth] = out.info.depth
+            self.acc.add(stats)
         s.step, s.pos, s.logged = s.step + 1, s.pos + 1, []
         if s.pos == self.batches_per_epoch:
             s.epoch, s.pos = s.epoch + 1, 0

@@ -37,6 +37,7 @@ class DEQInfo:
     corrections: list[tuple[float, torch.Tensor]] = field(default_factory=list)
     jac_loss: torch.Tensor | None = None
     backward_steps: int | None = None    # phantom / jfb: the fixed cost of their backward
+    depth: int | None = None             # recurrent mode: applications of the cell drawn
 
 
 def cell_map(cell: Cell, u: torch.Tensor) -> Callable:
@@ -121,9 +122,14 @@ class DEQ(nn.Module):
     its loss; `fp_correction` {states, gamma}: earlier solver states in info.corrections;
     `mode` "unrolled" with `unrolled` {depth}: the explicit twin of the same cell,
     back-propagated through every application ("baseline": one application, for a model
-    whose cell is a whole explicit network); `pretrain_steps`: that twin trains the first
-    N steps of an implicit model (shallow pretraining); `warm_start`. Errors name the key and list
-    the valid choices. A validated `DEQSettings` may be passed instead.
+    whose cell is a whole explicit network); `mode` "recurrent" with `recurrent` {depth,
+    distribution, sigma, backprop, max_depth}: recurrent-depth training, each training
+    call applies the cell a number of times drawn from (`seed`, `step`) and back-propagates
+    through the last `backprop` applications; evaluation applies it the eval settings'
+    max_iter times (the mean depth unless deq.eval.max_iter is set); `pretrain_steps`: that
+    twin trains the first N steps of an implicit model (shallow pretraining); `warm_start`.
+    Errors name the key and list the valid choices. A validated `DEQSettings` may be passed
+    instead.
 
     Call as `z, info = deq(cell, u, z0)`; `cell(z, u)` must return a tensor shaped like z.
     """
@@ -151,7 +157,10 @@ class DEQ(nn.Module):
         self.unrolled_depth = settings.explicit_depth
         self.pretrain_steps = settings.pretrain_steps
         self.step = 0                      # training calls so far (Jacobian-reg cadence,
-                                           # shallow pretraining); saved in checkpoints
+                                           # shallow pretraining, recurrent depth draws);
+                                           # saved in checkpoints
+        self.seed = 0                      # recurrent mode draws from (seed, step); the
+                                           # trainer sets the recipe's
         self.last_nfe: int | None = None   # the last training solve's NFE: spreads the
                                            # fixed-point-correction snapshots; saved too
 
@@ -176,8 +185,16 @@ class DEQ(nn.Module):
     def _forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
                  solver: SolveSpec | None, eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
+        if self.mode == "recurrent":
+            depth = self.settings.recurrent_depth(self.seed, self.step) if self.training \
+                else fwd.max_iter
+            backprop = min(self.settings.recurrent.backprop or depth, depth)
+            z, info = self._unrolled(cell, u, z0, fwd, eager_cell, depth, backprop)
+            info.depth = depth
+            return z, info
         if self.mode in ("unrolled", "baseline") or self.pretraining:
-            return self._unrolled(cell, u, z0, fwd, eager_cell)
+            depth = self.unrolled_depth
+            return self._unrolled(cell, u, z0, fwd, eager_cell, depth, depth)
         snapshots = self._snapshot_points(fwd) if self.training else ()
 
         # cached(): weight/spectral norm are computed once per solve, not once per f call,
@@ -224,15 +241,20 @@ class DEQ(nn.Module):
         return self.training and self.pretraining_left > 0
 
     def _unrolled(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor, spec: SolveSpec,
-                  eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
-        """The explicit twin: a fixed-depth network that reuses the cell, whatever the
-        solver settings of this call (they only give the tolerance its statistics use)."""
+                  eager_cell: Cell, depth: int, backprop: int) -> tuple[torch.Tensor, DEQInfo]:
+        """`depth` applications of the cell with gradients through the last `backprop`
+        (the twin: all of them; recurrent mode: the first depth - backprop run without a
+        graph, as Huginn trains). The solver settings of this call only give the tolerance
+        its statistics use."""
         z = prev = z0
-        for _ in range(self.unrolled_depth):
+        with torch.no_grad():
+            for _ in range(depth - backprop):
+                prev, z = z, cell(z, u)
+        for _ in range(backprop):
             prev, z = z, cell(z, u)
-        info = DEQInfo(forward=last_step_result(z, prev, self.unrolled_depth, spec))
+        info = DEQInfo(forward=last_step_result(z, prev, depth, spec))
         if torch.is_grad_enabled():
-            info.backward_steps = self.unrolled_depth      # backprop through every application
+            info.backward_steps = backprop
             if self.training and self._jac_due():
                 info.jac_loss = self._jacobian_loss(eager_cell, u, z.detach())
         if self.training:

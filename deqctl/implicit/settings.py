@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+import numpy as np
 from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from ..limits import ITER_LIMIT
@@ -129,6 +130,23 @@ class UnrolledSettings(Block):
                               "cell (None: deq.forward.max_iter)")
 
 
+class RecurrentSettings(Block):
+    depth: Float | None = Field(None, gt=0, le=ITER_LIMIT, description="mean applications "
+                                "of the cell per training step (None: deq.forward.max_iter); "
+                                "rounded, the test-time depth unless deq.eval.max_iter is set")
+    distribution: Literal["fixed", "poisson-lognormal"] = Field(
+        "fixed", description="fixed: every step applies the cell `depth` times; "
+        "poisson-lognormal: each step draws tau ~ Normal(log(depth) - sigma^2/2, sigma), "
+        "then Poisson(exp(tau)) applications, at least 1 (Huginn)")
+    sigma: Float = Field(0.5, gt=0, description="spread of the log-normal rate "
+                         "(poisson-lognormal)")
+    backprop: Int | None = Field(None, ge=1, le=ITER_LIMIT, description="gradients through "
+                                 "the last k applications only; the ones before run without "
+                                 "a graph (None: through every application)")
+    max_depth: Int | None = Field(None, ge=1, le=ITER_LIMIT, description="the most "
+                                  "applications a step may draw")
+
+
 class BaselineSettings(Block):
     width: Int = Field(64, ge=4, le=4096, description="GRU hidden size / CNN channels")
     layers: Int | None = Field(None, ge=1, le=16, description="GRU layers (default 1) / CNN "
@@ -136,10 +154,12 @@ class BaselineSettings(Block):
 
 
 class DEQSettings(Block):
-    mode: Literal["implicit", "unrolled", "baseline"] = Field(
+    mode: Literal["implicit", "unrolled", "recurrent", "baseline"] = Field(
         "implicit", description="implicit: solve for the fixed point, implicit gradients; "
         "unrolled: the explicit twin, the same cell applied deq.unrolled.depth times with "
-        "backprop through every application; baseline: a standard explicit network of the "
+        "backprop through every application; recurrent: recurrent-depth training, the cell "
+        "applied a number of times drawn per step (deq.recurrent), backprop through the "
+        "last deq.recurrent.backprop of them; baseline: a standard explicit network of the "
         "task's kind in place of model.* (a GRU for sequences, a small CNN for images, a "
         "linear forecaster for series; deq.baseline), trained by the same loop")
     unrolled: UnrolledSettings = UnrolledSettings()
@@ -157,6 +177,7 @@ class DEQSettings(Block):
     pretrain_steps: Int = Field(0, ge=0, description="shallow pretraining: the first N "
                                 "training steps train the cell unrolled (deq.unrolled.depth "
                                 "applications, backprop through each), then implicitly")
+    recurrent: RecurrentSettings = RecurrentSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> "DEQSettings":
@@ -170,6 +191,8 @@ class DEQSettings(Block):
             problem = bf16_problem(self.eval.tol, self.forward.bf16_until, "deq.eval.tol")
             if problem:       # the eval solve inherits bf16_until in the same measure
                 raise ValueError(f"forward.bf16_until: {problem}")
+        if self.mode == "recurrent":
+            self._check_recurrent()
         b = self.backward
         if b.shine and not (b.mode == "ift" and self.forward.solver == "broyden"
                             and not self.forward.compact):
@@ -178,10 +201,48 @@ class DEQSettings(Block):
                              "inverse estimate)")
         return self
 
+    def _check_recurrent(self) -> None:
+        """ValueError naming the deq.recurrent key whose value the others rule out."""
+        r, mean = self.recurrent, self.recurrent_mean
+        named = f"recurrent.depth ({mean:g})" if r.depth is not None else \
+            f"the depth (deq.forward.max_iter={mean:g}, recurrent.depth unset)"
+        if r.distribution == "fixed" and mean != int(mean):
+            raise ValueError(f"recurrent.depth must be a whole number with distribution=fixed "
+                             f"(got {mean:g}; poisson-lognormal takes a mean)")
+        if r.max_depth is not None and r.max_depth < mean:
+            raise ValueError(f"recurrent.max_depth ({r.max_depth}) must be at least {named}")
+        if r.backprop is not None and r.distribution == "fixed" and r.backprop > mean:
+            raise ValueError(f"recurrent.backprop ({r.backprop}) must be at most {named}")
+        if r.backprop is not None and r.max_depth is not None and r.backprop > r.max_depth:
+            raise ValueError(f"recurrent.backprop ({r.backprop}) must be at most "
+                             f"recurrent.max_depth ({r.max_depth})")
+
+    @property
+    def recurrent_mean(self) -> float:
+        """Mean applications of the cell per training step in recurrent mode."""
+        return self.recurrent.depth or float(self.forward.max_iter)
+
+    def recurrent_depth(self, seed: int, step: int) -> int:
+        """Applications of the cell at training step `step` in recurrent mode: the depth
+        (fixed) or a Poisson-lognormal draw with that mean, between 1 and max_depth. A pure
+        function of (seed, step): a resumed run draws what the run never stopped drew, and
+        every rank of torchrun draws the same."""
+        r, mean = self.recurrent, self.recurrent_mean
+        cap = r.max_depth or ITER_LIMIT
+        if r.distribution == "fixed":
+            return int(mean)
+        rng = np.random.default_rng((seed, step))
+        tau = rng.normal(np.log(mean) - r.sigma ** 2 / 2, r.sigma)
+        rate = np.exp(min(tau, np.log(cap)))      # a far tail would overflow Poisson
+        return int(min(max(rng.poisson(rate), 1), cap))
+
     def eval_settings(self) -> ForwardSettings:
         """The forward settings with deq.eval's fields applied on top (bf16_until only in
-        the forward's stop mode: it is a residual in that measure)."""
+        the forward's stop mode: it is a residual in that measure). A recurrent model's
+        max_iter is its test-time depth: deq.eval.max_iter, else the rounded mean depth."""
         overrides = {k: v for k, v in self.eval.model_dump().items() if v is not None}
+        if self.mode == "recurrent" and "max_iter" not in overrides:
+            overrides["max_iter"] = max(1, round(self.recurrent_mean))
         if overrides.get("stop_mode", self.forward.stop_mode) != self.forward.stop_mode:
             overrides["bf16_until"] = None
         return self.forward.model_copy(update=overrides)
@@ -193,6 +254,13 @@ class DEQSettings(Block):
         deq.unrolled.depth."""
         return 1 if self.mode == "baseline" else self.unrolled.depth or self.forward.max_iter
 
+    @property
+    def fixed_depth(self) -> bool:
+        """Whether the model answers with a set number of applications of its cell from its
+        start (the twin, recurrent depth) rather than a solve for its fixed point: where it
+        starts changes the answer, and its traces solve a cell it never solves itself."""
+        return self.mode in ("unrolled", "recurrent")
+
     def describe_eval(self) -> str:
         """What answers at test time, for status lines: an implicit model's eval solver, an
         explicit twin's depth, or a baseline's single pass."""
@@ -200,6 +268,8 @@ class DEQSettings(Block):
             return "explicit baseline, no solve"
         if self.mode == "unrolled":
             return f"explicit twin, depth {self.explicit_depth}"
+        if self.mode == "recurrent":
+            return f"recurrent depth, {self.eval_settings().max_iter} applications of its cell"
         return f"eval solver {self.eval_settings().spec().describe()}"
 
     def specs(self) -> tuple[SolveSpec, SolveSpec, SolveSpec]:

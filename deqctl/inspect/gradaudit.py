@@ -167,6 +167,10 @@ def _compare(name: str, got: list[torch.Tensor], exact: list[torch.Tensor]) -> G
 def _rule(deq: DEQ) -> str:
     if deq.mode == "unrolled":
         return f"unrolled ({deq.unrolled_depth} steps)"
+    if deq.mode == "recurrent":
+        r = deq.settings.recurrent
+        return (f"recurrent ({r.distribution} depth {deq.settings.recurrent_mean:g}, "
+                f"backprop {r.backprop or 'all'})")
     if deq.backward_mode == "phantom":
         return f"phantom ({deq.phantom_steps} steps, tau {deq.phantom_tau:g})"
     if deq.backward_mode == "jfb":

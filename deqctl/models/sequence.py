@@ -5,8 +5,8 @@ transformer.py and tcn.py.
 Input: int64 token ids (N, L), or float values (N, L, C) in the data's own units.
 Output: lm (N, L, vocab) next-token logits (with `model.adaptive`: log-probabilities, or
 while training the adaptive softmax's LazyLogProbs; models/adaptive.py); classify
-(N, classes) logits; forecast the target shape (e.g. (N, horizon, channels)) in the
-data's own units.
+(N, classes) logits; tag (N, L, classes) logits at every position; forecast the target
+shape (e.g. (N, horizon, channels)) in the data's own units.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class SequenceHead(Block):
 
     pool: Literal["mean", "last", "flatten"] = Field(
         "mean", description="classify / forecast: how the sequence's states become one "
-        "vector (flatten: all positions, fixed length; causal forecasts default to last)")
+        "vector (flatten: all positions, fixed length; causal forecasts default to last); "
+        "lm and tag read every position apart")
     window_norm: Literal["none", "last", "last_std"] = Field(
         "last", description="forecast: read each continued channel relative to the "
         "window's last value (last), also in units of the window's spread (last_std, as "
@@ -136,13 +137,14 @@ class InputReader(nn.Module):
 def patch_for(patch: int | str, info: DataInfo, name: str) -> int:
     """The model's steps per token: `patch`, or for "auto" the fewest that leave at most
     MAX_AUTO_TOKENS tokens (1 up to that length), so one recipe keeps its cost and its
-    attention span on longer sequences. Token ids and language models: one per step."""
-    per_step = info.inputs == "tokens" or info.task == "lm"
+    attention span on longer sequences. Token ids, language models and taggers (an
+    output per step): one per step."""
+    per_step = info.inputs == "tokens" or info.task in ("lm", "tag")
     if patch == "auto":
         return 1 if per_step else math.ceil(info.length / MAX_AUTO_TOKENS)
     if patch > 1 and per_step:
-        raise ValueError(f"model.patch={patch}: {name} reads token ids and language models "
-                         "one step per token; patches are for value sequences")
+        raise ValueError(f"model.patch={patch}: {name} reads token ids, language models "
+                         "and taggers one step per token; patches are for value sequences")
     return patch
 
 
@@ -164,9 +166,10 @@ class TaskHead(nn.Module):
                  adaptive: Adaptive | None = None, embedding: nn.Module | None = None):
         super().__init__()
         check_adaptive(adaptive, info)
-        if cfg.pool == "flatten" and info.task == "lm":
-            raise ValueError("model.head.pool=flatten: a language model predicts at every "
-                             "position; flatten is for classify and forecast")
+        if cfg.pool == "flatten" and info.task in ("lm", "tag"):
+            what = "a language model" if info.task == "lm" else "a tagger"
+            raise ValueError(f"model.head.pool=flatten: {what} predicts at every position "
+                             f"(and so reads any length); flatten is for classify and forecast")
         self.task = info.task
         self.norm = nn.LayerNorm(width) if norm else nn.Identity()
         # a causal state sees the whole window only at its last position
@@ -177,6 +180,8 @@ class TaskHead(nn.Module):
                                        embedding if adaptive.tie else None)
         elif self.task == "lm":
             self.out = nn.Linear(width, info.vocab_size)
+        elif self.task == "tag":
+            self.out = nn.Linear(width, info.num_classes)
         elif self.task == "classify":
             self.out = nn.Linear(features, info.num_classes)
         else:
@@ -187,7 +192,7 @@ class TaskHead(nn.Module):
             self.window = window
 
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.task == "lm":
+        if self.task in ("lm", "tag"):            # an output at every position
             return self.out(self.norm(h))
         if self.pool == "flatten":
             y = self.out(self.norm(h).flatten(1))
@@ -203,7 +208,8 @@ class TaskHead(nn.Module):
 
 
 def causal_for(cfg_causal: bool | None, info: DataInfo) -> bool:
-    """The recipe's model.causal, or by task: causal for lm and forecast."""
+    """The recipe's model.causal, or by task: causal for lm and forecast, bidirectional
+    for classify and tag (a tag may depend on the whole sequence)."""
     if cfg_causal is None:
         return info.task in ("lm", "forecast")
     if not cfg_causal and info.task == "lm":
@@ -214,7 +220,7 @@ def causal_for(cfg_causal: bool | None, info: DataInfo) -> bool:
 
 def takes_any_length(info: DataInfo, head: SequenceHead) -> bool:
     """Whether a sequence model reads inputs of any length: a forecast reads a fixed
-    window, and a flattening head every position of one."""
+    window, and a flattening head every position of one (lm and tag refuse it)."""
     return info.task != "forecast" and head.pool != "flatten"
 
 

@@ -73,7 +73,7 @@ class TcnDEQ(DEQModel):
     adaptive input embedding and softmax; models/adaptive.py).
     """
 
-    inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
+    inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast", "tag")
     time_axis = 2                                       # causal over L of (N, 2d, L)
 
     def __init__(self, info: DataInfo, deq: DEQ, *, channels: Annotated[int, Ge(4)] = 128,

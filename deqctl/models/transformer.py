@@ -92,7 +92,7 @@ class TransformerDEQ(DEQModel):
     `adaptive` (lm: adaptive input embedding and softmax; models/adaptive.py).
     """
 
-    inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast")
+    inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "forecast", "tag")
 
     def __init__(self, info: DataInfo, deq: DEQ, *, d_model: Annotated[int, Ge(8)] = 128,
                  heads: Count = 4, d_ff: Annotated[int, Ge(8)] = 256,

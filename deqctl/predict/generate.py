@@ -88,7 +88,7 @@ class Generator:
         self.window = model.info.length
         self.keep = max(1, self.window // 2)
         self.axis = model.time_axis
-        self.reuse = reuse and self.axis is not None and model.deq.mode != "unrolled"
+        self.reuse = reuse and self.axis is not None and not model.deq.settings.fixed_depth
 
     def encode(self, prompt: str) -> tuple[list[int], int]:
         """(the prompt's token ids, how many characters are not in the vocabulary)."""

@@ -1,5 +1,5 @@
-"""Tasks by name: classify, lm, forecast. The data decides the task (DataInfo.task); a new
-task is one module with a Task subclass, registered here."""
+"""Tasks by name: classify, lm, forecast, tag. The data decides the task (DataInfo.task); a
+new task is one module with a Task subclass, registered here."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from .base import Metric, Task
 from .classify import Classify
 from .forecast import Forecast
 from .lm import LanguageModel
+from .tag import Tag
 
-TASKS: dict[str, type[Task]] = {"classify": Classify, "lm": LanguageModel, "forecast": Forecast}
+TASKS: dict[str, type[Task]] = {"classify": Classify, "lm": LanguageModel, "forecast": Forecast,
+                                "tag": Tag}
 
 
 def task_for(info: DataInfo) -> Task:
