@@ -30,26 +30,61 @@ def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
     return f"{text[:limit - 3]}...{size}"
 
 
+def text_of(exc: BaseException) -> str:
+    """str(exc), or a stand-in naming its type when its own `__str__` fails: a user's
+    exception can raise anything from there, and its error line must still be printed."""
+    try:
+        return str(exc)
+    except (Exception, SystemExit):
+        return f"(its message could not be shown: {type(exc).__name__}.__str__ failed)"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of `exc`'s text, at most `limit` characters."""
+    return (text_of(exc).strip().splitlines() or [""])[0][:limit]
+
+
 def user_frame(exc: BaseException) -> traceback.FrameSummary | None:
     """The innermost frame of `exc`'s traceback that is a user's code: neither deqctl's nor
     Python's nor an installed library's. It is the user's line that raised, or that called
     the library call that raised (a bad argument to `nn.Linear`); None when no user code
     was running."""
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if not frame.filename.startswith("<") and not _is_library(frame.filename):
-            return frame
-    return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = _user_index(frames)
+    return None if at is None else frames[at]
 
 
 def from_user_code(exc: BaseException) -> str | None:
     """One line saying what `exc` is and where in a user's code it was raised, e.g.
-    "TypeError in user code at /x/cell.py:16 (in __init__): ..."; None when it was not."""
-    frame = user_frame(exc)
-    if frame is None:
+    "TypeError in user code at /x/cell.py:16 (in __init__): ..."; None when it was not.
+    An exit (SystemExit, another BaseException) is the user's only when none of deqctl's
+    code ran below their line: deqctl's own signal handler, which ends a run with
+    SystemExit, may well interrupt a user's forward."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = _user_index(frames)
+    if at is None:
         return None
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if not isinstance(exc, Exception) and any(_is_deqctl(f.filename) for f in frames[at + 1:]):
+        return None
+    frame = frames[at]
+    said = _exit_text(exc) if isinstance(exc, SystemExit) else first_line(exc)
     return (f"{type(exc).__name__} in user code at {frame.filename}:{frame.lineno} "
-            f"(in {frame.name}): {first}")
+            f"(in {frame.name}): {said}")
+
+
+def _exit_text(exc: SystemExit) -> str:
+    """What a user's sys.exit(...) said: its message, or the exit code it asked for."""
+    if isinstance(exc.code, str):
+        return first_line(exc)
+    return f"exit code {0 if exc.code is None else quote(exc.code)}"
+
+
+def _user_index(frames: traceback.StackSummary) -> int | None:
+    for i in range(len(frames) - 1, -1, -1):
+        name = frames[i].filename
+        if not name.startswith("<") and not _is_library(name):
+            return i
+    return None
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,6 +97,11 @@ def _libraries() -> tuple[Path, ...]:
 def _is_library(filename: str) -> bool:
     path = Path(filename).resolve()
     return any(path.is_relative_to(lib) for lib in _libraries())
+
+
+def _is_deqctl(filename: str) -> bool:
+    return not filename.startswith("<") and \
+        Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent)
 
 
 def with_whole_chain(exc: BaseException) -> BaseException:

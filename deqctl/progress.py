@@ -29,10 +29,33 @@ class Display(Protocol):
 _display: ContextVar[Display | None] = ContextVar("deqctl_progress", default=None)
 
 
+class _SideChannel:
+    """`display`, until writing to it fails (its reader gone: a closed pipe, a full disk):
+    from then on progress is not shown, and the work goes on. Progress is a side channel;
+    it must never cost the work or its result."""
+
+    def __init__(self, display: Display):
+        self.display: Display | None = display
+
+    def update(self, label: str, done: int, total: int | None) -> None:
+        self._show(lambda d: d.update(label, done, total))
+
+    def finish(self, label: str) -> None:
+        self._show(lambda d: d.finish(label))
+
+    def _show(self, call: Callable[[Display], None]) -> None:
+        if self.display is not None:
+            try:
+                call(self.display)
+            except OSError:
+                self.display = None
+
+
 @contextlib.contextmanager
 def shown_by(display: Display | None) -> Iterator[None]:
-    """Report the progress of work run inside the block to `display`."""
-    token = _display.set(display)
+    """Report the progress of work run inside the block to `display`; the first OSError
+    writing it turns progress off for the rest of the block."""
+    token = _display.set(None if display is None else _SideChannel(display))
     try:
         yield
     finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import select
 import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import typer
 from rich.console import Console
@@ -19,16 +21,17 @@ from ..engine.checkpoint import CheckpointError
 from ..engine.device import DeviceError
 from ..engine.rundir import RunDirError
 from ..engine.usercode import CodeChanged
-from ..errors import from_user_code, with_whole_chain
+from ..errors import first_line, from_user_code, text_of, with_whole_chain
 from ..files import FileRefused, OutputError
 from ..models import ModelError
 from ..recipe import RecipeError
 
 USAGE, FAILED, INTERRUPTED = 2, 1, 130
 
-# errors in what the user asked for: usage, exit 2
-INPUT_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, DeviceError,
-                RunDirError, OutputError, FileRefused, FileNotFoundError)
+# deqctl's own errors in what the user asked for, and a missing file: usage, exit 2
+DEQCTL_ERRORS = (RecipeError, DataError, ModelError, CheckpointError, DeviceError,
+                 RunDirError, OutputError, FileRefused)
+INPUT_ERRORS = (*DEQCTL_ERRORS, FileNotFoundError)
 
 
 TRUST_CODE = typer.Option(False, "--trust-code", help="import the user code (model, solver "
@@ -50,7 +53,8 @@ def fail(message: str, code: int) -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorate a command so input errors exit 2 and runtime failures exit 1, no traceback."""
+    """Decorate a command so input errors exit 2 and runtime failures exit 1, no traceback;
+    whatever a user's code raised or exited with names its file and line, exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -59,25 +63,34 @@ def user_errors(fn: Callable) -> Callable:
                 warnings.simplefilter("always", CodeChanged)
                 warnings.showwarning = _one_line
                 return fn(*args, **kwargs)
-        except RecipeError as exc:     # a header line and one line per error, by design
-            _show_chain(exc)
-            fail(str(exc), USAGE)
-        except INPUT_ERRORS as exc:
-            _show_chain(exc)
-            fail(one_line(str(exc)), USAGE)
         except typer.Exit:
             raise
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             sys.exit(INTERRUPTED)
-        except Exception as exc:   # anything else: one line, the traceback on request
+        except BaseException as exc:
+            said = _error_line(exc)
+            if said is None:        # an exit of deqctl's or a library's: it stands
+                raise
             _show_chain(exc)
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            fail(one_line(from_user_code(exc) or f"{type(exc).__name__}: {first}")
-                 + ("" if _traceback_asked() else " (DEQCTL_TRACEBACK=1 shows the traceback)"),
-                 FAILED)
+            fail(*said)
 
     return wrapper
+
+
+def _error_line(exc: BaseException) -> tuple[str, int] | None:
+    """The error line of `exc` and its exit code; None for an exit not raised by user code."""
+    hint = "" if _traceback_asked() else " (DEQCTL_TRACEBACK=1 shows the traceback)"
+    where = None if isinstance(exc, DEQCTL_ERRORS) else from_user_code(exc)
+    if where is not None:       # a user's OSError is theirs, not a missing input
+        return one_line(where) + hint, FAILED
+    if isinstance(exc, RecipeError):     # a header line and one line per error, by design
+        return text_of(exc), USAGE
+    if isinstance(exc, INPUT_ERRORS):
+        return one_line(text_of(exc)), USAGE
+    if not isinstance(exc, Exception):
+        return None
+    return one_line(f"{type(exc).__name__}: {first_line(exc)}") + hint, FAILED
 
 
 def _traceback_asked() -> bool:
@@ -99,6 +112,41 @@ def one_line(message: str) -> str:
     """`message` on one line: a name holding a newline (a folder, a path) cannot forge a
     second `error:` line."""
     return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
+@contextlib.contextmanager
+def reader_may_leave() -> Iterator[None]:
+    """A reader that stops reading what a command prints (`deqctl eval RUN | head -1`,
+    `deqctl generate RUN | head -c 100`) has what it wanted: the command stops there,
+    quietly, with exit 0 (as the shell's own tools end in a pipeline), never with a
+    BrokenPipeError. As a decorator (under @user_errors) it covers a whole command."""
+    try:
+        yield
+    except (BrokenPipeError, SystemExit) as exc:
+        # a Rich console ends the process itself on a broken pipe: SystemExit(1), raised
+        # while handling the BrokenPipeError
+        if isinstance(exc, SystemExit) and not isinstance(exc.__context__, BrokenPipeError):
+            raise
+        if isinstance(exc, BrokenPipeError) and not _stdout_reader_gone():
+            raise       # another pipe (user code's socket, a subprocess): a real failure
+        try:    # Python flushes stdout once more at exit: into /dev/null that cannot fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (AttributeError, OSError, ValueError):    # not a file (an in-process test)
+            pass
+        raise typer.Exit(0) from None
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (poll reports an error on its write
+    end); True where that cannot be told (no poll, stdout not a file)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 def split_args(args: list[str] | None) -> tuple[str | None, list[str]]:

@@ -20,11 +20,12 @@ from ..ui.fmt import fmt_float, fmt_int, fmt_pct
 from ..files import Output, check_outputs
 from ..inspect.report import render
 from ..numbers import strict_json
-from .common import USAGE, fail, user_errors
+from .common import USAGE, fail, reader_may_leave, user_errors
 from .compare_groups import group_table, lr_lines, paired_lines
 
 
 @user_errors
+@reader_may_leave()        # `deqctl compare RUNS | head`: the reader has what it wanted
 def compare(
     runs: List[Path] = typer.Argument(..., help="run directories or sweep folders (e.g. a DEQ "
                                       "and its deq.mode=unrolled twin, over seeds)"),

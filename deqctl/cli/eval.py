@@ -20,7 +20,8 @@ from ..ui.work import work_shown_on
 from ..ui.fmt import fmt_float, fmt_pct, fmt_sci
 from ..limits import ITER_LIMIT
 from ..numbers import strict_json
-from .common import TRUST_CODE, USAGE, fail, progress_bar, split_args, user_errors
+from .common import (TRUST_CODE, USAGE, fail, progress_bar, reader_may_leave, split_args,
+                     user_errors)
 
 class SplitName(str, Enum):
     test = "test"
@@ -28,6 +29,7 @@ class SplitName(str, Enum):
 
 
 @user_errors
+@reader_may_leave()        # `deqctl eval RUN | head`: the reader has what it wanted
 def eval_command(
     args: Optional[List[str]] = typer.Argument(
         None, help="RUN_OR_CHECKPOINT, then overrides of data.*, deq.eval.*, runtime.* "

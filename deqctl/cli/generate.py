@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import typer
 
@@ -20,7 +18,7 @@ from ..implicit import SolveSpec
 from ..predict.generate import Generator, Sampler, Summary, Token
 from ..ui.fmt import fmt_pct, fmt_sci
 from ..numbers import strict_json
-from .common import TRUST_CODE, USAGE, fail, split_args, user_errors
+from .common import TRUST_CODE, USAGE, fail, reader_may_leave, split_args, user_errors
 
 GENERATE_OVERRIDES = ("deq.eval", "runtime")
 PROMPT_LIMIT = 2**20          # bytes of a prompt file: far beyond any context window
@@ -76,7 +74,7 @@ def generate(
                    f"device {src.device}", err=True)
         _replace_what_cannot_be_shown()
     sample = Sampler(temperature, top_k, greedy, seed)
-    with _reader_may_leave():
+    with reader_may_leave():
         if not as_json:
             _stream(text)
         out, start = [], time.perf_counter()
@@ -125,23 +123,6 @@ def _replace_what_cannot_be_shown() -> None:
     byte model's stray bytes) are written as '?' rather than ending the command."""
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
         sys.stdout.reconfigure(errors="replace")
-
-
-@contextmanager
-def _reader_may_leave() -> Iterator[None]:
-    """A reader that stops reading (`deqctl generate RUN | head -c 100`) has what it
-    wanted: generation stops there, quietly, with exit 0 (as the shell's own tools end
-    in a pipeline), never a BrokenPipeError."""
-    try:
-        yield
-    except BrokenPipeError:
-        try:    # Python flushes stdout once more at exit: into /dev/null that cannot fail
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (AttributeError, OSError, ValueError):    # not a file (an in-process test)
-            pass
-        raise typer.Exit(0)
 
 
 def _prompt(prompt: str | None, prompt_file: Path | None) -> str:

@@ -60,12 +60,19 @@ class WorkBars:
         return self.bars.get_renderable()
 
 
+def _say(console: Console, line: str) -> None:
+    """`line` straight to the console's file: a reader that has gone raises the
+    BrokenPipeError that `progress` turns into no more progress, where Rich's console
+    would end the process (and send stdout, the command's result, to /dev/null)."""
+    console.file.write(line + "\n")
+    console.file.flush()
+
+
 @contextlib.contextmanager
 def work_shown_on(console: Console) -> Iterator[None]:
     """Show the progress of data work inside the block on `console` (e.g. stderr) for a
     command that has no live view of its own."""
-    bars = WorkBars(console, plain=not console.is_terminal,
-                    say=lambda line: console.out(line, highlight=False))
+    bars = WorkBars(console, plain=not console.is_terminal, say=lambda line: _say(console, line))
     with (bars.bars if console.is_terminal else contextlib.nullcontext()), \
             progress.shown_by(bars):
         yield
