@@ -278,7 +278,7 @@ def test_imagefolder_reads_class_folders(tmp_path):
 
 
 def test_imagefolder_mixed_sizes_and_colours(tmp_path):
-    write_images(tmp_path, {"train": {"a": 2}}, size=(6, 6))
+    write_images(tmp_path, {"train": {"a": 2, "b": 1}}, size=(6, 6))
     write_images(tmp_path, {"test": {"a": 1}}, size=(9, 7), mode="RGB")
     assert "set data.image_size=N" in one_line_error(name="imagefolder", root=str(tmp_path))
     b = build_data(data(name="imagefolder", root=str(tmp_path), image_size=8))

@@ -4,6 +4,7 @@ image column with a label column an image-classification bundle."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,7 +64,8 @@ def _open(src, cache_dir: str | None) -> Any:
         if folder.is_dir():
             ds = datasets.load_from_disk(str(folder))
         else:
-            ds = datasets.load_dataset(src.path, src.config, cache_dir=cache_dir)
+            with _offline_unless_reachable():
+                ds = datasets.load_dataset(src.path, src.config, cache_dir=cache_dir)
     except FileNotFoundError as exc:
         raise DataError(f"data.hf.path: {src.path} not found ({str(exc).splitlines()[0][:160]})") from None
     except Exception as exc:   # hub, network and format errors come in many types
@@ -75,6 +77,51 @@ def _open(src, cache_dir: str | None) -> Any:
         raise DataError(f"data.hf.path: {src.path} holds a single split; save a DatasetDict "
                         f"with train and test splits")
     return ds
+
+
+PROBE_SECONDS = 3.0
+
+
+def _hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+    """Whether the hub's endpoint ($HF_ENDPOINT, through any proxy) answers at all within
+    `timeout` seconds; any HTTP answer counts. Without this, an unreachable hub costs the
+    client's five retries (~25 s of silence) before its error. The request runs in a thread:
+    a name lookup has no timeout of its own."""
+    import threading
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+            answered.set()
+        except Exception:  # any failure to get an answer: DNS, refused, TLS, timeout
+            pass
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return answered.is_set()
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable() -> Iterator[None]:
+    """Read the hub in offline mode (only datasets already in the cache; a request fails at
+    once) while it does not answer; both libraries read the flag when they make a request."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE or _hub_reachable():
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _pick(given: str | None, candidates: tuple[str, ...], columns: list[str]) -> str | None:

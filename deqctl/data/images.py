@@ -269,4 +269,8 @@ def load_imagefolder(cfg, like: DataInfo | None = None) -> DataBundle:
             for part in ("train", "test", "val") if (root / part).is_dir()}
     splits = lazy_splits({part: PathList(paths) for part, (paths, _) in read.items()},
                          {part: labels for part, (_, labels) in read.items()}, cfg, str(root))
+    held = [classes[i] for i in sorted(set(read["train"][1]))]
+    if len(held) < 2:   # one class is learned without a word: loss 0, accuracy 100%
+        raise DataError(f"{root / 'train'}: images of {len(held)} class ({', '.join(held)}) "
+                        f"only; a classifier needs 2 or more class folders holding images")
     return lazy_bundle(f"imagefolder:{root.name}", splits, len(classes), tuple(classes))

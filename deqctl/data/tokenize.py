@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import functools
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -30,6 +31,7 @@ UNK, EOS = "<unk>", "<eos>"
 BUILT_IN = ("char", "byte")
 TRAINED = ("word", "bpe")
 LONGEST_RUN = 256        # bpe: characters without a space read as one piece, at most
+LONGEST_LINE = 1 << 16   # word, bpe: a longer line reaches the library in pieces (_pieces)
 MAX_IDS = 2**24          # an embedding row per id: 16.7M ids is already 8.6G parameters at 512
 JSON_LIMIT = 64 * 2**20  # a tokenizer.json of GPT-2's 50k BPE is ~2 MB, a 267k-word vocab ~6 MB
 
@@ -138,6 +140,13 @@ class HFTokenizer(Tokenizer):
         except Exception as exc:  # the library raises its own Exception for any bad JSON
             raise TokenizerError(f"not a Hugging Face tokenizer.json "
                                  f"({str(exc).splitlines()[0][:120] if str(exc) else exc!r})") from exc
+        if self.hf.truncation or self.hf.padding:
+            # a file's own truncation (max_length 512 in many published ones) would cut
+            # every long line, its padding add pad ids: the text is the user's, all of it.
+            # The JSON kept is the one without them, so token files cached with them go.
+            self.hf.no_truncation()
+            self.hf.no_padding()
+            json_text = self.hf.to_str()
         self.kind, self.json = kind, json_text
         self.unit = "word" if kind == "word" else "token"
         ids = self.hf.get_vocab(with_added_tokens=True).values()
@@ -164,15 +173,22 @@ class HFTokenizer(Tokenizer):
                                  f"({str(exc).splitlines()[0][:120] if str(exc) else exc!r})") from exc
 
     def _encode(self, text: str) -> np.ndarray:
+        # line by line: encode_batch spreads the lines over the library's threads. Long
+        # lines of a fitted tokenizer go as pieces that change no id (_pieces); a file's
+        # tokenizer may strip or mark a piece's ends, so its lines go whole
+        cut = _pieces if self.kind in TRAINED else lambda line: (line,)
         if self.kind != "word":
-            # line by line: encode_batch spreads the lines over the library's threads
-            lines = text.splitlines(keepends=True)
-            encoded = self.hf.encode_batch(lines, add_special_tokens=False)
+            pieces = [p for line in text.splitlines(keepends=True) for p in cut(line)]
+            encoded = self.hf.encode_batch(pieces, add_special_tokens=False)
             return np.fromiter((i for e in encoded for i in e.ids), np.int64)
+        pieces, ends = [], []
         lines = text.split("\n")
-        ends = [True] * (len(lines) - 1) + [False]      # the text's last line has no "\n"
+        for n, line in enumerate(lines):
+            pieces.extend(cut(line))
+            ends.extend([False] * (len(pieces) - len(ends) - 1))
+            ends.append(n < len(lines) - 1)             # the text's last line has no "\n"
         out = []
-        for enc, end in zip(self.hf.encode_batch(lines, add_special_tokens=False), ends):
+        for enc, end in zip(self.hf.encode_batch(pieces, add_special_tokens=False), ends):
             out.extend(enc.ids)
             if end:
                 out.append(self._eos)
@@ -248,9 +264,34 @@ def train_tokenizer(kind: str, lines: Iterable[str], *, vocab_size: int = 8192,
 
 
 def _lines(lines: Iterable[str]) -> Iterator[str]:
-    """The lines without their ends: `<eos>` is added by encode, never learned from "\\n"."""
+    """The lines without their ends (`<eos>` is added by encode, never learned from "\\n"),
+    long ones in pieces: the trainer holds a batch of lines at once."""
     for line in lines:
-        yield line.rstrip("\n")
+        yield from _pieces(line.rstrip("\n"))
+
+
+def _pieces(line: str) -> Iterator[str]:
+    """`line` in pieces of LONGEST_LINE characters or so, so that a text without line ends
+    (one line of 4M characters a chunk) takes no more memory than one with them. Each cut is
+    just before a space followed by a non-space: WhitespaceSplit splits there anyway, and
+    ByteLevel reads that space as the start of the next word, so no word or BPE piece, and
+    no id, changes. A stretch with no such space runs on to the next one."""
+    start, n = 0, len(line)
+    while n - start > LONGEST_LINE:
+        cut = line.rfind(" ", start + 1, start + LONGEST_LINE)
+        while cut > start and line[cut + 1].isspace():  # inside a run of spaces: before its last
+            cut = line.rfind(" ", start + 1, cut)
+        if cut <= start:
+            found = _WORD_START.search(line, start + LONGEST_LINE)
+            if found is None:
+                break
+            cut = found.start()
+        yield line[start:cut]
+        start = cut
+    yield line[start:]
+
+
+_WORD_START = re.compile(r" (?=\S)")
 
 
 def read_tokenizer_file(path) -> HFTokenizer:
