@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
-from train_speed import ROOT, interleaved
+from train_speed import ROOT, interleaved, report
 
 
 def variants(depth: int, backprop: int | None) -> dict[str, list[str]]:
@@ -43,27 +42,6 @@ def variants(depth: int, backprop: int | None) -> dict[str, list[str]]:
            "poisson": poisson}
     if backprop is not None:
         out[f"poisson-k{backprop}"] = [*poisson, f"deq.recurrent.backprop={backprop}"]
-    return out
-
-
-def report(runs: dict[str, list[dict]], reference: str = "twin") -> dict:
-    """Print each variant's mean and median ms/step and its mean-ms ratio to `reference`
-    with the range of the per-repeat ratios; return them."""
-    ref = statistics.median(r["mean_ms"] for r in runs[reference])
-    out = {}
-    for name, rs in runs.items():
-        mean_ms = statistics.median(r["mean_ms"] for r in rs)
-        per_repeat = [r["mean_ms"] / base["mean_ms"] for r, base in zip(rs, runs[reference])]
-        out[name] = {"mean_ms_per_step": round(mean_ms, 1), "ratio": round(mean_ms / ref, 4),
-                     "spread": [round(min(per_repeat), 4), round(max(per_repeat), 4)],
-                     "median_ms_per_step": round(statistics.median(r["ms"] for r in rs), 1),
-                     "fwd_nfe": round(statistics.fmean(r["nfe"] for r in rs), 2),
-                     "others_cores": round(max(r["others"] for r in rs), 2),
-                     "device": rs[0]["device"]}
-        print(f"{name:>12}: {mean_ms:7.1f} ms/step (median interval "
-              f"{out[name]['median_ms_per_step']:.1f})  {mean_ms / ref:.3f}x {reference} "
-              f"(per repeat {min(per_repeat):.3f}-{max(per_repeat):.3f}); mean depth "
-              f"{out[name]['fwd_nfe']:.1f}; others busy <= {out[name]['others_cores']:.2f} cores")
     return out
 
 
@@ -89,7 +67,7 @@ def main() -> None:
         runs = interleaved({name: (ROOT, common + extra)
                             for name, extra in variants(a.depth, a.backprop).items()},
                            a.repeats, Path(tmp))
-    out = report(runs)
+    out = report(runs, "twin", by="mean_ms")   # the drawn depth changes every step
     for name in ("fixed", "poisson"):
         print(f"{name} / twin {out[name]['ratio']:.3f} (target <= 1.05)")
     print(json.dumps(out))

@@ -10,6 +10,10 @@ with it. On a generated corpus (Zipf-distributed words, lines of 5-20 words):
 
     python bench/tokens.py                      # 10 MB against 100 MB: ~8 min on 2 cores
     python bench/tokens.py --big-mb 1000        # the issue's 1 GB: ~40 min
+    python bench/tokens.py --big-mb 200 --only prepare --repeats 2   # the ratio alone
+
+Preparing is timed in turns (deqctl, alone, deqctl, alone, ...), each deqctl turn in a
+fresh cache, so both meet the same machine; the ratio is the median of the turns'.
 
 Figures are ratios measured in the same run; absolute times vary with the machine.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,6 +119,8 @@ def main() -> None:
     ap.add_argument("--big-mb", type=float, default=100)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--only", choices=["prepare", "memory"])
+    ap.add_argument("--repeats", type=int, default=1, help="turns of preparing each way")
     args = ap.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="deqctl-bench-tokens-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -124,12 +130,20 @@ def main() -> None:
     test = corpus(work / "test.txt", 0.5, seed=3)
     mb = big.stat().st_size / 2**20
 
-    ours, n_ours = prepare_with_deqctl(big, work / "prepare-cache")
-    alone, n_alone = prepare_with_tokenizers(big)
-    print(f"prepare {mb:.0f} MB (BPE {VOCAB_SIZE} + encode): deqctl {ours:.0f} s "
-          f"({n_ours:,} tokens, {mb / ours:.1f} MB/s); tokenizers alone {alone:.0f} s "
-          f"({n_alone:,} tokens); deqctl / alone = {ours / alone:.2f}")
-
+    if args.only != "memory":
+        ratios = []
+        for turn in range(args.repeats):
+            ours, n_ours = prepare_with_deqctl(big, work / f"prepare-cache-{turn}")
+            alone, n_alone = prepare_with_tokenizers(big)
+            ratios.append(ours / alone)
+            print(f"prepare {mb:.0f} MB (BPE {VOCAB_SIZE} + encode), turn {turn + 1}: deqctl "
+                  f"{ours:.0f} s ({n_ours:,} tokens, {mb / ours:.1f} MB/s); tokenizers alone "
+                  f"{alone:.0f} s ({n_alone:,} tokens); deqctl / alone = {ours / alone:.2f}",
+                  flush=True)
+        print(f"prepare: deqctl / alone = {statistics.median(ratios):.2f} (median of "
+              f"{len(ratios)} turns: {', '.join(f'{r:.2f}' for r in ratios)})")
+    if args.only == "prepare":
+        return
     t_small, rss_small = peak_rss_of_training(small, test, args.steps, work)
     t_big, rss_big = peak_rss_of_training(big, test, args.steps, work)
     print(f"train {args.steps} steps, peak RSS: {small.stat().st_size / 2**20:.0f} MB corpus "

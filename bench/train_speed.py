@@ -129,17 +129,19 @@ def interleaved(variants: dict[str, tuple[Path, list[str]]], repeats: int, tmp: 
     return runs
 
 
-def report(runs: dict, reference: str) -> dict:
-    """Print each variant's median ms/step and its ratio to `reference` with the range of
-    the per-repeat ratios; return them."""
-    ref = statistics.median(r["ms"] for r in runs[reference])
+def report(runs: dict, reference: str, by: str = "ms") -> dict:
+    """Print each variant's ms/step (`by`: "ms", the median step_time_s of a run's rows, or
+    "mean_ms", its wall time per step) and its ratio to `reference` with the range of the
+    per-repeat ratios; return them."""
+    ref = statistics.median(r[by] for r in runs[reference])
     out = {}
     for name, rs in runs.items():
-        ms = statistics.median(r["ms"] for r in rs)
-        per_repeat = [r["ms"] / base["ms"] for r, base in zip(rs, runs[reference])]
-        out[name] = {"ms_per_step": round(ms, 1), "ratio": round(ms / ref, 4),
-                     "spread": [round(min(per_repeat), 4), round(max(per_repeat), 4)],
+        ms = statistics.median(r[by] for r in rs)
+        per_repeat = [r[by] / base[by] for r, base in zip(rs, runs[reference])]
+        out[name] = {"ms_per_step": round(statistics.median(r["ms"] for r in rs), 1),
                      "mean_ms_per_step": round(statistics.median(r["mean_ms"] for r in rs), 1),
+                     "ratio": round(ms / ref, 4),
+                     "spread": [round(min(per_repeat), 4), round(max(per_repeat), 4)],
                      "fwd_nfe": round(statistics.fmean(r["nfe"] for r in rs), 2),
                      "others_cores": round(max(r["others"] for r in rs), 2),
                      "threads": rs[0]["device"]}

@@ -11,28 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from deqctl import recipe as recipes
 
 from cli_helpers import RECIPE, train
+from test_hostile_scale import ENV, text_data
 from test_open import DATA, SMALL
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SEQ = str(Path(RECIPE).parent / "sequential-mnist-deq.yaml")
 SEQ_SMALL = ["model.d_model=16", "model.d_ff=16", "model.heads=2", "deq.forward.max_iter=8",
              "data.n=64"]
-TEXT = "".join(f"line {i} of the corpus, with words e{i % 7}\n" for i in range(200))
-
-
-def text_data(tmp_path: Path, **kw):
-    (tmp_path / "train.txt").write_text(TEXT, encoding="utf-8")
-    (tmp_path / "test.txt").write_text(TEXT, encoding="utf-8")
-    return recipes.validate({"data": {
-        "name": "text", "seq_len": 8, "root": str(tmp_path / "cache"),
-        "files": {"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")},
-        **kw}}).data
-
 
 
 # -- finding 2: an exception from user code whose __str__ raises -----------------------------

@@ -22,9 +22,6 @@ from cli_helpers import RECIPE, tiny, train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-SEQ = str(Path(RECIPE).parent / "sequential-mnist-deq.yaml")
-SEQ_SMALL = ["model.d_model=16", "model.d_ff=16", "model.heads=2", "deq.forward.max_iter=8",
-             "data.n=64"]
 TEXT = "".join(f"line {i} of the corpus, with words e{i % 7}\n" for i in range(200))
 
 
