@@ -226,3 +226,27 @@ def test_damaged_cache_files_are_rebuilt_or_one_line(corpus):
         lock.mkdir()
     with pytest.raises(DataError, match="token cache .*: Is a directory"):
         build_data(cfg)
+
+
+def test_an_epoch_of_a_large_token_file_plans_its_batches_as_they_are_read(tmp_path):
+    """The batches of an epoch were planned up front, a tensor per batch: 181,000 of them
+    for 1 GB of text at batch 16 (+123 MB of memory that grew with the corpus; issue 30).
+    Starting an epoch of 2M sequences now costs its order (8 bytes a sequence), no more."""
+    from deqctl.data import Split, iterate_batches
+    from deqctl.data.tokens import TokenWindows
+
+    def anonymous_mb() -> float:     # this process's memory now (not its page cache)
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("RssAnon:")[1].split()[0]) / 1024
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads /proc/self/status (Linux)")
+    ids = np.lib.format.open_memmap(tmp_path / "ids.npy", mode="w+", dtype=np.uint16,
+                                    shape=(2_000_000 * 8 + 1,))
+    split = Split(TokenWindows(ids, 8, 0), TokenWindows(ids, 8, 1))
+    before = anonymous_mb()
+    batches = iterate_batches(split, 4, shuffle=True, seed=0, epoch=0, start=3)
+    x, y = next(batches)
+    grown_mb = anonymous_mb() - before
+    assert x.shape == (4, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    assert grown_mb < 16 + 20, grown_mb         # the order: 16 MB; the plan was ~150 MB

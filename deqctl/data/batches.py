@@ -8,7 +8,8 @@ never the global RNG, so a run resumed at batch k of an epoch sees exactly the b
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -111,6 +112,23 @@ def iterate_batches(split: Split, batch_size: int, *, shuffle: bool, seed: int =
                     torch.device(device), with_index, shard)
 
 
+class Lazy(Sequence):
+    """A sequence whose items are made as they are asked for. An epoch's batches are:
+    planned up front, a tensor each, those of 1 GB of text at batch 16 (181,000) held
+    123 MB that grew with the data."""
+
+    def __init__(self, n: int, item: Callable[[int], object]):
+        self.n, self.item = n, item
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int):
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        return self.item(k)
+
+
 def _part(n: int, shard: tuple[int, int]) -> slice:
     """Rank's contiguous part of a batch of n (as deqctl.engine.distributed.shard)."""
     rank, world = shard
@@ -124,16 +142,23 @@ def _batches(split: Split, batch_size: int, total: int, shuffle: bool, seed: int
     order = epoch_order(len(split), seed, epoch) if shuffle else None
     augment = augment and split.augment is not None
     pad, flip = padding_for(split), split.augment == "shift+flip"
-    plan = []                     # (batch index, this rank's samples, batch size, offset)
-    for i in range(start, total):
+
+    def planned(k: int) -> tuple[int, torch.Tensor | slice, int, int]:
+        """Batch start + k: (its index, this rank's samples, the batch's size, their offset)."""
+        i = start + k
         lo, hi = i * batch_size, min((i + 1) * batch_size, len(split))
         part = _part(hi - lo, shard)
         idx = order[lo:hi][part] if order is not None else slice(lo + part.start, lo + part.stop)
-        plan.append((i, idx, hi - lo, part.start))
+        return i, idx, hi - lo, part.start
+
+    plan = Lazy(total - start, planned)
     decode = getattr(split.inputs, "decode_batches", None)
     if decode is not None:        # image files: decoded here or in worker processes
-        xs = decode([torch.arange(len(split))[idx] if isinstance(idx, slice) else idx
-                     for _, idx, _, _ in plan],
+        def positions(k: int) -> torch.Tensor:
+            idx = plan[k][1]
+            return torch.arange(idx.start, idx.stop) if isinstance(idx, slice) else idx
+
+        xs = decode(Lazy(len(plan), positions),
                     (seed, epoch) if augment and split.augment == "imagenet" else None,
                     pin=device.type == "cuda")
     else:

@@ -237,7 +237,7 @@ class ImageFiles:
         # otherwise come from the global RNG, and the epoch a resume starts again would
         # draw it twice, shifting every later dropout mask and Jacobian probe
         batches = torch.utils.data.DataLoader(
-            _Planned(self, augment), sampler=list(plan), batch_size=None,
+            _Planned(self, augment), sampler=plan, batch_size=None,
             num_workers=self.workers, pin_memory=pin, timeout=WORKER_TIMEOUT_S,
             worker_init_fn=functools.partial(_start_worker, os.getpid()),
             persistent_workers=False, generator=torch.Generator())
