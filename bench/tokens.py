@@ -5,12 +5,14 @@ with it. On a generated corpus (Zipf-distributed words, lines of 5-20 words):
    Hugging Face tokenizers library manages alone on the same file (train_from_iterator over
    its lines, then encode_batch over them), in the same run;
 2. memory: the peak resident memory of `deqctl train` (a BPE language model, `--steps`
-   steps, its token files prepared by the run itself) on a small corpus and on the large one;
-   the ratio large / small is the target (<= 1.10).
+   steps, its token files prepared by the run itself, or found in --dir's cache when an
+   earlier run there prepared them) on a small corpus and on the large one; the ratio
+   large / small is the target (<= 1.10).
 
     python bench/tokens.py                      # 10 MB against 100 MB: ~8 min on 2 cores
     python bench/tokens.py --big-mb 1000        # the issue's 1 GB: ~40 min
     python bench/tokens.py --big-mb 200 --only prepare --repeats 2   # the ratio alone
+    python bench/tokens.py --big-mb 1000 --only memory --dir DIR      # again, files prepared
 
 Preparing is timed in turns (deqctl, alone, deqctl, alone, ...), each deqctl turn in a
 fresh cache, so both meet the same machine; the ratio is the median of the turns'.
