@@ -1,6 +1,7 @@
 """Token files: a text split tokenized once into a flat file of uint16 (or uint32) ids,
-cached by content, and read as training sequences through `numpy.memmap`, so memory does
-not grow with the corpus.
+cached by content, and read as training sequences from the file (a `numpy.memmap` of it
+stands for the ids; each sequence is one positional read), so memory does not grow with
+the corpus.
 
     cache = TokenCache.at(cfg.root)
     tok = cache.tokenizer(settings, train_text)     # fitted once per (text, settings)
