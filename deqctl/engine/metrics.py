@@ -40,6 +40,8 @@ def step_stats(out: ModelOutput, loss: torch.Tensor, task: dict[str, torch.Tenso
     }
     if fwd.bf16_nfe:       # a mixed-precision solve: how many of fwd_nfe_max ran in bf16
         stats[K.fwd_nfe_bf16] = fwd.bf16_nfe
+    if out.info.depth is not None:      # deq.mode=recurrent: this step's drawn depth
+        stats[K.depth] = out.info.depth
     if out.info.jac_loss is not None:   # ||df/dz||_F^2 / dim, on the steps that estimate it
         stats[K.jac_loss] = out.info.jac_loss.detach().float()
     if bwd is not None:

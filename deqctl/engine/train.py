@@ -339,11 +339,8 @@ class Trainer:
         else:
             self.opt.step()
         with torch.no_grad():
-            stats = {**step_stats(out, task_loss, self.task.stats(out.out, x, y)),
-                     K.skipped_steps: (~finite).int(), K.grad_norm: grad_norm}
-            if out.info.depth is not None:       # deq.mode=recurrent: this step's draw
-                stats[K.depth] = out.info.depth
-            self.acc.add(stats)
+            self.acc.add({**step_stats(out, task_loss, self.task.stats(out.out, x, y)),
+                          K.skipped_steps: (~finite).int(), K.grad_norm: grad_norm})
         s.step, s.pos, s.logged = s.step + 1, s.pos + 1, []
         if s.pos == self.batches_per_epoch:
             s.epoch, s.pos = s.epoch + 1, 0

@@ -190,7 +190,7 @@ class DEQ(nn.Module):
                 else fwd.max_iter
             backprop = min(self.settings.recurrent.backprop or depth, depth)
             z, info = self._unrolled(cell, u, z0, fwd, eager_cell, depth, backprop)
-            info.depth = depth
+            info.depth = depth if self.training else None    # a draw only when training
             return z, info
         if self.mode in ("unrolled", "baseline") or self.pretraining:
             depth = self.unrolled_depth
