@@ -1,9 +1,10 @@
 """Text at scale (issue 30): preparing a large corpus, and training memory that does not grow
 with it. On a generated corpus (Zipf-distributed words, lines of 5-20 words):
 
-1. preparing: BPE training plus encoding through deqctl's token cache, beside what the
-   Hugging Face tokenizers library manages alone on the same file (train_from_iterator over
-   its lines, then encode_batch over them), in the same run;
+1. preparing: BPE training plus encoding through deqctl's token cache (the BPE fitted on a
+   `--sample-mb` sample spread over the corpus, as `data.bpe_sample_mb` does), beside what
+   the Hugging Face tokenizers library manages alone on the same file (train_from_iterator
+   over all its lines, then encode_batch over them), in the same run;
 2. memory: the peak resident memory of `deqctl train` (a BPE language model, `--steps`
    steps, its token files prepared by the run itself, or found in --dir's cache when an
    earlier run there prepared them) on a small corpus and on the large one; the ratio
@@ -12,6 +13,7 @@ with it. On a generated corpus (Zipf-distributed words, lines of 5-20 words):
     python bench/tokens.py                      # 10 MB against 100 MB: ~8 min on 2 cores
     python bench/tokens.py --big-mb 1000        # the issue's 1 GB: ~40 min
     python bench/tokens.py --big-mb 200 --only prepare --repeats 2   # the ratio alone
+    python bench/tokens.py --big-mb 1000 --only prepare --sample-mb 0  # deqctl fitting on all
     python bench/tokens.py --big-mb 1000 --only memory --dir DIR      # again, files prepared
 
 Preparing is timed in turns (deqctl, alone, deqctl, alone, ...), each deqctl turn in a
@@ -55,21 +57,25 @@ def corpus(path: Path, megabytes: float, seed: int = 0) -> Path:
     return path
 
 
-def prepare_with_deqctl(train: Path, cache: Path) -> tuple[float, int]:
-    """Seconds to fit the BPE and write the token file through deqctl's cache; token count."""
+def prepare_with_deqctl(train: Path, cache: Path, sample_mb: float | None
+                        ) -> tuple[float, float, int]:
+    """Seconds to fit the BPE (on a `sample_mb` sample, when given, as `data.bpe_sample_mb`)
+    and seconds to then write the token file through deqctl's cache; token count."""
     from deqctl.data.tokens import TokenCache, text_file
 
     started = time.perf_counter()
     cache.mkdir(parents=True, exist_ok=True)
     store = TokenCache(cache)
     text = text_file(train, str(train))
-    tok = store.tokenizer("bpe", text, vocab_size=VOCAB_SIZE)
+    tok = store.tokenizer("bpe", text, sample=sample_mb and sample_mb * 2**20,
+                          vocab_size=VOCAB_SIZE)
+    fitted = time.perf_counter()
     ids, meta = store.tokens(tok, text)
-    return time.perf_counter() - started, meta["count"]
+    return fitted - started, time.perf_counter() - fitted, meta["count"]
 
 
-def prepare_with_tokenizers(train: Path) -> tuple[float, int]:
-    """The same with the tokenizers library alone: train on the lines, encode them."""
+def prepare_with_tokenizers(train: Path) -> tuple[float, float, int]:
+    """The same with the tokenizers library alone: train on all the lines, encode them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     started = time.perf_counter()
@@ -84,6 +90,7 @@ def prepare_with_tokenizers(train: Path) -> tuple[float, int]:
             for line in fh:
                 yield line.rstrip("\n")
     tok.train_from_iterator(lines(), trainer=trainer)
+    fitted = time.perf_counter()
     count, batch = 0, []
     with open(train, encoding="utf-8") as fh:
         for line in fh:
@@ -92,7 +99,7 @@ def prepare_with_tokenizers(train: Path) -> tuple[float, int]:
                 count += sum(len(e.ids) for e in tok.encode_batch(batch))
                 batch = []
     count += sum(len(e.ids) for e in tok.encode_batch(batch))
-    return time.perf_counter() - started, count
+    return fitted - started, time.perf_counter() - fitted, count
 
 
 def peak_rss_of_training(train: Path, test: Path, steps: int, workdir: Path) -> tuple[float, int]:
@@ -123,6 +130,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--only", choices=["prepare", "memory"])
     ap.add_argument("--repeats", type=int, default=1, help="turns of preparing each way")
+    ap.add_argument("--sample-mb", type=float, default=256,
+                    help="deqctl's data.bpe_sample_mb (0: fit on all of the text)")
     args = ap.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="deqctl-bench-tokens-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -135,13 +144,17 @@ def main() -> None:
     if args.only != "memory":
         ratios = []
         for turn in range(args.repeats):
-            ours, n_ours = prepare_with_deqctl(big, work / f"prepare-cache-{turn}")
-            alone, n_alone = prepare_with_tokenizers(big)
+            fit, enc, n_ours = prepare_with_deqctl(big, work / f"prepare-cache-{turn}",
+                                                   args.sample_mb or None)
+            fit_alone, enc_alone, n_alone = prepare_with_tokenizers(big)
+            ours, alone = fit + enc, fit_alone + enc_alone
             ratios.append(ours / alone)
             print(f"prepare {mb:.0f} MB (BPE {VOCAB_SIZE} + encode), turn {turn + 1}: deqctl "
-                  f"{ours:.0f} s ({n_ours:,} tokens, {mb / ours:.1f} MB/s); tokenizers alone "
-                  f"{alone:.0f} s ({n_alone:,} tokens); deqctl / alone = {ours / alone:.2f}",
-                  flush=True)
+                  f"{ours:.0f} s (fit {fit:.0f} s on {min(mb, args.sample_mb or mb):.0f} MB, "
+                  f"encode {enc:.0f} s; {n_ours:,} tokens, {ours / 60 / mb * 1024:.1f} min/GB); "
+                  f"tokenizers alone {alone:.0f} s (fit {fit_alone:.0f} s on all, encode "
+                  f"{enc_alone:.0f} s; {n_alone:,} tokens, {alone / 60 / mb * 1024:.1f} min/GB); "
+                  f"deqctl / alone = {ours / alone:.2f}", flush=True)
         print(f"prepare: deqctl / alone = {statistics.median(ratios):.2f} (median of "
               f"{len(ratios)} turns: {', '.join(f'{r:.2f}' for r in ratios)})")
     if args.only == "prepare":

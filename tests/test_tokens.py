@@ -282,3 +282,31 @@ def test_reading_sequences_keeps_no_page_of_the_token_file_mapped(tmp_path):
         starts = index.numpy()[:, None] * 64 + np.arange(64)
         assert np.array_equal(x.numpy(), whole[starts]) and np.array_equal(y.numpy(), whole[starts + 1])
     assert mapped_mb(path) < 2, mapped_mb(path)             # it was ~16 MiB here
+
+
+def test_a_bpe_is_fitted_on_a_sample_spread_over_a_large_text(corpus, monkeypatch):
+    monkeypatch.setattr(T, "CHUNK_CHARS", 200)
+    seen: list[str] = []
+    fit = T.train_tokenizer
+
+    def watch(kind, lines, **settings):
+        return fit(kind, (seen.append(line) or line for line in lines), **settings)
+    monkeypatch.setattr(T, "train_tokenizer", watch)
+    size = len(TEXT.encode("utf-8"))
+    cfg = data(**corpus, tokenizer="bpe", vocab_size=300, bpe_sample_mb=size / 4 / 2**20)
+    bundle = build_data(cfg)
+    fitted = "".join(seen)
+    assert 0.2 * size < len(fitted.encode("utf-8")) < 0.3 * size
+    assert "line 3 " in fitted and "line 39" in fitted            # the start and the end
+    # encoding still reads all of it: every line's ids are there
+    whole = build_data(data(**corpus, tokenizer="bpe", vocab_size=300, bpe_sample_mb=None))
+    assert bundle.info.vocab != whole.info.vocab                   # a fit of its own, cached apart
+    assert bundle.train.inputs.numel() >= whole.train.inputs.numel() * 0.9
+
+
+def test_a_sample_of_a_text_of_unknown_size_is_spread_too(monkeypatch):
+    monkeypatch.setattr(T, "CHUNK_CHARS", 100)
+    text = T.text_rows("rows", "rows:1", lambda: (f"row {i} here\n" for i in range(1000)))
+    sample = "".join(T.sample_chunks(text, 3000))
+    assert 2500 < len(sample) < 3500 and "row 0 " in sample and "row 97" in sample
+    assert "".join(T.sample_chunks(text, None)) == "".join(text.chunks())

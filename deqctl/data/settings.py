@@ -50,6 +50,9 @@ class TextTokens(DataBase):
                            "char | byte | word | bpe | a path to a tokenizer.json")
     vocab_size: Int = Field(8192, ge=257, le=2**24, description="bpe: ids to learn (the 256 "
                             "bytes included)")
+    bpe_sample_mb: Float | None = Field(256, gt=0, description="bpe: fit on about this many "
+                                        "MB of the training text, taken evenly across it "
+                                        "(null: all of it); every token is still encoded")
     min_freq: Int = Field(1, ge=1, description="word: rarer words read as <unk>")
     max_size: Int | None = Field(None, ge=1, description="word: keep the most frequent words")
     root: str | None = Field(None, description="cache folder: token files (and downloads); "

@@ -43,7 +43,8 @@ def _tokenizer(cfg, cache: TokenCache, train: Text):
     try:
         if kind == "file":
             return read_tokenizer_file(Path(cfg.tokenizer).expanduser())
-        return cache.tokenizer(kind, train, **settings)
+        sample = cfg.bpe_sample_mb * 2**20 if kind == "bpe" and cfg.bpe_sample_mb else None
+        return cache.tokenizer(kind, train, sample=sample, **settings)
     except TokenizerError as exc:
         raise DataError(f"data.tokenizer: {exc}") from exc
 

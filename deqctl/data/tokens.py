@@ -117,8 +117,27 @@ def _line_chunks(lines: Iterable[str]) -> Iterator[str]:
         yield "".join(parts)
 
 
-def _lines(text: Text, advance: Callable[[int], None]) -> Iterator[str]:
+def sample_chunks(text: Text, sample: float | None) -> Iterator[str]:
+    """`text`'s chunks, or about `sample` bytes of them taken evenly across it: a chunk is
+    kept while the kept bytes trail the sample's share of those read so far. A text of
+    unknown size is read once more first to learn it (reading is cheap beside a BPE fit)."""
+    size = text.size
+    if sample is not None and size is None:
+        size = sum(len(chunk.encode("utf-8")) for chunk in text.chunks())
+    if sample is None or size <= sample:
+        yield from text.chunks()
+        return
+    kept = read = 0
     for chunk in text.chunks():
+        nbytes = len(chunk.encode("utf-8"))
+        read += nbytes
+        if kept < sample * read / size:
+            kept += nbytes
+            yield chunk
+
+
+def _lines(chunks: Iterable[str], advance: Callable[[int], None]) -> Iterator[str]:
+    for chunk in chunks:
         yield from chunk.splitlines(keepends=True)
         advance(len(chunk.encode("utf-8")))
 
@@ -144,10 +163,15 @@ class TokenCache:
         return cls(folder)
 
     # -- tokenizers ------------------------------------------------------------------------
-    def tokenizer(self, kind: str, train: Text, **settings) -> Tokenizer:
-        """The `kind` tokenizer fitted on `train` with `settings`, from the cache when fitted
-        before (training a BPE on a large corpus takes minutes)."""
-        key = _key({"kind": kind, "settings": settings, "text": train.fingerprint})
+    def tokenizer(self, kind: str, train: Text, sample: float | None = None,
+                  **settings) -> Tokenizer:
+        """The `kind` tokenizer fitted on `train` (on about `sample` bytes of it, spread
+        over it, when given) with `settings`, from the cache when fitted before (training a
+        BPE on a large corpus takes minutes)."""
+        if sample is not None and train.size is not None and train.size <= sample:
+            sample = None                           # all of it: the same fit, the same key
+        key = _key({"kind": kind, "settings": settings, "text": train.fingerprint,
+                    **({"sample": sample} if sample else {})})
         path = self.folder / f"{key}.tokenizer.json"
         with self._lock(key):
             try:        # anything but a readable tokenizer of this kind is fitted again
@@ -157,9 +181,11 @@ class TokenCache:
                     return tok
             except (OSError, ValueError, TypeError, KeyError):
                 pass
-            with progress.tracked(f"fitting the {kind} tokenizer on {train.name}",
-                                  train.size) as advance:
-                tok = train_tokenizer(kind, _lines(train, advance), **settings)
+            what = f"a {sample / 2**20:,.0f} MB sample of {train.name}" if sample else train.name
+            with progress.tracked(f"fitting the {kind} tokenizer on {what}",
+                                  sample or train.size) as advance:
+                tok = train_tokenizer(kind, _lines(sample_chunks(train, sample), advance),
+                                      **settings)
             self._write(lambda: write_atomic(path, json.dumps({"kind": tok.kind,
                                                                "vocab": tok.stored})))
         return tok
