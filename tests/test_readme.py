@@ -566,7 +566,7 @@ def test_readme_command(case: Case, tmp_path, monkeypatch, request, inputs, read
 KIND = {"mnist-5k": "image", "mnist": "image", "fashion-mnist": "image", "cifar10": "image",
         "imagefolder": "image", "sequential-mnist": "sequence", "shakespeare": "text",
         "text": "text", "hf": "text", "co2": "series", "csv": "series",
-        "prefix-sums": "algorithmic"}
+        "prefix-sums": "algorithmic", "mazes": "algorithmic"}
 LOCAL = {
     "image": {"npz": ["data.name=npz", "data.path=images.npz"],
               "imagefolder": ["data.name=imagefolder", "data.root=DIR"]},

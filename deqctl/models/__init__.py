@@ -14,17 +14,13 @@ from ..data import DataInfo
 from ..implicit import DEQ
 from ..options import Block, options_block
 from ..registry import Part, import_builtins
-from .base import DEQModel, ModelOutput
+from .base import DEQModel, ModelError, ModelOutput
 from .baselines import baseline_for
 from .registry import MODELS
 
 import_builtins(__name__, __path__)
 
 _BLOCKS: dict[tuple[str, int], type[Block]] = {}
-
-
-class ModelError(ValueError):
-    """A recipe names a model that does not exist or does not fit the data."""
 
 
 def model_block(part: Part) -> type[Block]:

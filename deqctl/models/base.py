@@ -15,6 +15,10 @@ from ..implicit import DEQ, DEQInfo, SolveSpec
 from ..implicit.cache import FixedPointCache
 
 
+class ModelError(ValueError):
+    """A recipe names a model that does not exist or does not fit the data."""
+
+
 @dataclass
 class ModelOutput:
     """Everything a training step needs from one forward pass."""

@@ -2,8 +2,8 @@
 recipe is set against on the user's own data, trained by the same loop, evaluated,
 compared and swept like any run.
 
-    sequences (classify, lm): a GRU (deq.baseline.width hidden, .layers layers), the last
-                              state for a class, every position's for next tokens
+    sequences (classify, lm,  a GRU (deq.baseline.width hidden, .layers layers), the last
+               tag):          state for a class, every position's for next tokens or tags
     series (forecast):        a linear map from the window to the horizon, read relative
                               to the window's last value (NLinear, Zeng et al. 2023)
     images (classify):        a small CNN: .layers blocks of two 3x3 convolutions
@@ -24,7 +24,7 @@ from torch import nn
 
 from ..data import DataInfo
 from ..implicit import DEQ
-from .base import DEQModel
+from .base import DEQModel, ModelError
 from .sequence import InputReader, SequenceHead, TaskHead, WindowNorm
 
 
@@ -39,7 +39,7 @@ class Baseline(DEQModel):
 
 
 class GRUBaseline(Baseline):
-    inputs, tasks = ("tokens", "sequence"), ("classify", "lm")
+    inputs, tasks = ("tokens", "sequence"), ("classify", "lm", "tag")
     dynamic_length = True
 
     def __init__(self, info: DataInfo, deq: DEQ, *, width: int = 64, layers: int = 1):
@@ -101,9 +101,14 @@ class CNNBaseline(Baseline):
 
 
 def baseline_for(info: DataInfo, deq: DEQ) -> Baseline:
-    """The baseline of the data's kind, sized by deq.baseline."""
-    kind = {("image", "classify"): CNNBaseline, ("sequence", "forecast"): LinearForecaster}
-    cls = kind.get((info.inputs, info.task), GRUBaseline)
+    """The baseline of the data's kind, sized by deq.baseline (ModelError: none fits)."""
+    fits = [c for c in (CNNBaseline, LinearForecaster, GRUBaseline)
+            if info.inputs in c.inputs and info.task in c.tasks]
+    if not fits:
+        raise ModelError(f"deq.mode=baseline: no classic baseline reads {info.inputs} inputs "
+                         f"for {info.task} (data {info.name}); set the DEQ against its "
+                         f"unrolled twin instead (deq.mode=unrolled)")
+    cls = fits[0]
     cfg = deq.settings.baseline
     sizes = {"width": cfg.width, **({"layers": cfg.layers} if cfg.layers else {})}
     return cls(info, deq, **sizes)

@@ -1,7 +1,10 @@
-"""`resnet_deq`: an image classifier whose body is one DEQ ResNet cell.
+"""`resnet_deq`: an image classifier, or a tagger of every pixel, whose body is one DEQ
+ResNet cell.
 
 Input: float images in [0, 1], shaped (N, C, H, W); normalisation happens inside, so
-exported artefacts take the same input as `deqctl.load`.
+exported artefacts take the same input as `deqctl.load`. A tagger (task `tag`, e.g.
+mazes) keeps the resolution throughout and reads out each pixel with a 1x1 convolution,
+so it is fully convolutional: trained on small images, it reads larger ones.
 """
 
 from __future__ import annotations
@@ -56,33 +59,41 @@ def _groups(groups: int, channels: int) -> int:
 
 @MODELS.register("resnet_deq")
 class ResNetDEQ(DEQModel):
-    """Stem (optionally downsampling) -> DEQ ResNet cell -> pooled linear head.
+    """Stem (optionally downsampling) -> DEQ ResNet cell -> pooled linear head (classify),
+    or a 1x1 convolution at every pixel (tag).
 
     `channels` of the state, `inner_channels` inside the cell, `groups` of GroupNorm,
-    `stem_stride` downsampling of the stem, `norm` of the cell's convolutions, `head_pool`
-    (the head pools to head_pool x head_pool cells), `init_std` (N(0, std) init of the
-    cell's convolutions), `dropout` (variational, one mask per forward pass).
+    `stem_stride` downsampling of the stem (unset: 2 to classify, 1 to tag; a tagger
+    refuses more), `norm` of the cell's convolutions, `head_pool` (classify: the head
+    pools to head_pool x head_pool cells), `init_std` (N(0, std) init of the cell's
+    convolutions), `dropout` (variational, one mask per forward pass).
     """
 
-    inputs, tasks = ("image",), ("classify",)
+    inputs, tasks = ("image",), ("classify", "tag")
 
     def __init__(self, info: DataInfo, deq: DEQ, *, channels: Count = 32,
-                 inner_channels: Count = 64, groups: Count = 4, stem_stride: Count = 2,
+                 inner_channels: Count = 64, groups: Count = 4, stem_stride: Count | None = None,
                  norm: Norm = "weight", head_pool: Count = 4, init_std: Positive | None = None,
                  dropout: Rate = 0.0):
         super().__init__(info, deq)
         c, ch = info.channels, channels
+        self.tags = info.task == "tag"
         self.per_sample = not dropout
         self.register_buffer("mean", torch.tensor(info.mean).view(1, c, 1, 1))
         self.register_buffer("std", torch.tensor(info.std).view(1, c, 1, 1))
         self.stem = nn.Sequential(
-            nn.Conv2d(c, ch, 3, stride=stem_stride, padding=1, bias=False),
+            nn.Conv2d(c, ch, 3, stride=_stem_stride(stem_stride, self.tags), padding=1,
+                      bias=False),
             nn.GroupNorm(_groups(groups, ch), ch))
         self.body = ResNetCell(ch, inner_channels, groups, norm, dropout, init_std)
-        self.head = nn.Sequential(
-            nn.GroupNorm(_groups(groups, ch), ch), nn.AdaptiveAvgPool2d(head_pool),
-            nn.Flatten(),
-            nn.Linear(ch * head_pool ** 2, info.num_classes))
+        if self.tags:
+            self.head = nn.Sequential(nn.GroupNorm(_groups(groups, ch), ch),
+                                      nn.Conv2d(ch, info.num_classes, 1))
+        else:
+            self.head = nn.Sequential(
+                nn.GroupNorm(_groups(groups, ch), ch), nn.AdaptiveAvgPool2d(head_pool),
+                nn.Flatten(),
+                nn.Linear(ch * head_pool ** 2, info.num_classes))
 
     def inject(self, x: torch.Tensor) -> torch.Tensor:
         u = self.stem((x - self.mean) / self.std)
@@ -93,4 +104,15 @@ class ResNetDEQ(DEQModel):
         return self.body(z, u)
 
     def decode(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.head(z)
+        out = self.head(z)
+        return out.movedim(1, -1) if self.tags else out     # tag: (N, H, W, classes)
+
+
+def _stem_stride(stride: int | None, tags: bool) -> int:
+    """The stem's stride: as set, else 2 to classify (a cheaper state) and 1 to tag."""
+    if stride is None:
+        return 1 if tags else 2
+    if tags and stride != 1:
+        raise ValueError(f"model.stem_stride={stride}: a tagger predicts at every pixel of its "
+                         f"input; leave model.stem_stride unset or 1")
+    return stride
