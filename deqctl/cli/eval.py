@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from enum import Enum
 from typing import Any, Callable, List, Optional
@@ -60,16 +61,22 @@ def eval_command(
         for note in src.data().notes:
             typer.echo(note)
     runs = [solver] if iters is None else [solver.but(max_iter=k) for k in iters]
+    rule = src.model.deq.readout_stop
     rows = []
     with progress_bar(err) as progress:
         bar = progress.add_task("eval", total=len(runs))
         for i, s in enumerate(runs):
             progress.update(bar, description=f"eval max_iter={s.max_iter}")
-            row = evaluate(src.model, src.task, data, src.recipe.data.eval_batch_size,
-                           device=src.device, solver=s, split_name=split.value,
-                           precision=src.recipe.runtime.precision,
-                           on_batch=_advance(progress, bar, i))
+            # a readout stop is reported against the residual stop on the same batches
+            with (src.model.auditing_readout(src.task.agree) if rule
+                  else contextlib.nullcontext()) as audit:
+                row = evaluate(src.model, src.task, data, src.recipe.data.eval_batch_size,
+                               device=src.device, solver=s, split_name=split.value,
+                               precision=src.recipe.runtime.precision,
+                               on_batch=_advance(progress, bar, i))
             rows.append(_result_row(row, src))
+            if audit is not None:
+                rows[-1]["readout"] = {**rule.as_dict(), **audit.summary()}
     result = {"split": split.value, "source": src.label, "solver": solver.as_dict(),
               "data": src.data().facts}
     if iters is None:
@@ -120,6 +127,13 @@ def _summary_table(row: dict[str, Any], src: Source, s: SolveSpec) -> Table:
                   f"{fmt_sci(row[K.fwd_rel_residual])} / {fmt_sci(row[K.fwd_rel_residual_max])}")
     table.add_row(f"converged (tol {s.tol:g} {s.stop_mode})", fmt_pct(row[K.fwd_converged]))
     table.add_row("samples/s", f"{row[K.samples_per_s]:.0f}")
+    if "readout" in row:
+        r = row["readout"]
+        table.add_row("stopped on the readout", fmt_pct(r["readout_stopped"]))
+        table.add_row("NFE vs residual stop (per sample / batch)",
+                      f"{r['nfe_ratio']:.2f}x / {r['nfe_ratio_batch']:.2f}x "
+                      f"({fmt_float(r['fwd_nfe'], 3)} vs {fmt_float(r['residual_fwd_nfe'], 3)})")
+        table.add_row("agreement with residual stop", fmt_pct(r["agreement"]))
     return table
 
 
@@ -128,13 +142,17 @@ def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolveSpec) -> Tabl
     how = "recurrent depth" if src.recipe.deq.mode == "recurrent" else s.solver
     table = Table(title=f"anytime inference: {how}, tol {s.tol:g} {s.stop_mode}")
     metrics = [m for m in src.task.metrics if m.column]
+    readout = "readout" in sweep[0]
     for col in ("max_iter", "NFE", "NFE max", f"{s.stop_mode} res", "conv", "loss",
-                *(m.label for m in metrics), "samp/s"):
+                *(m.label for m in metrics), *(("NFE/res", "agree") if readout else ()),
+                "samp/s"):
         table.add_column(col, justify="right")
     for r in sweep:
+        vs = (f"{r['readout']['nfe_ratio']:.2f}x", fmt_pct(r["readout"]["agreement"])) \
+            if readout else ()
         table.add_row(str(r["max_iter"]), fmt_float(r[K.fwd_nfe], 3), f"{r[K.fwd_nfe_max]:.0f}",
                       fmt_sci(r[K.fwd_rel_residual if s.stop_mode == "rel" else K.fwd_abs_residual]), fmt_pct(r[K.fwd_converged]),
-                      fmt_float(r[K.loss]), *(m.fmt(r.get(m.key)) for m in metrics),
+                      fmt_float(r[K.loss]), *(m.fmt(r.get(m.key)) for m in metrics), *vs,
                       f"{r[K.samples_per_s]:.0f}")
     return table
 

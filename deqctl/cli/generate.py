@@ -100,6 +100,8 @@ def _report(out: list[Token], prompt_tokens: int, gen: Generator, solver: SolveS
     """The --json object: the text, each token with its solve, the summary."""
     return {"text": "".join(t.text for t in out), "prompt_tokens": prompt_tokens,
             "reuse": gen.reuse, "window": gen.window, "solver": solver.as_dict(),
+            **({"readout_stop": gen.model.deq.readout_stop.as_dict()}
+               if gen.model.deq.readout_stop else {}),
             "tokens": [{"token": t.text, "id": t.id, "nfe": t.nfe,
                         "rel_residual": t.rel_residual, "converged": t.converged,
                         "window": t.window} for t in out],

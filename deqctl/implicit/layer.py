@@ -20,7 +20,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parametrize
 
 from ..options import OptionsError
-from ..solvers import CONVERGED, MAX_ITER, SolveResult, State, packing_of, shine_adjoint
+from ..solvers import (CONVERGED, MAX_ITER, ReadoutStop, SolveResult, State, packing_of,
+                       shine_adjoint)
 from ..solvers.tracker import EPS
 from .settings import DEQSettings, deq_settings
 from .spec import SolveSpec
@@ -120,6 +121,8 @@ class DEQ(nn.Module):
     each unset field inherited from `forward`; `jacobian_reg` {weight, every, samples}: a
     Hutchinson estimate of ||df/dz||_F^2 / dim in info.jac_loss for the caller to add to
     its loss; `fp_correction` {states, gamma}: earlier solver states in info.corrections;
+    `eval` may also stop each sample on its readout (`stop_mode` kl with `kl_tol`, or
+    argmax with `patience`) when the caller passes `readout`;
     `mode` "unrolled" with `unrolled` {depth}: the explicit twin of the same cell,
     back-propagated through every application ("baseline": one application, for a model
     whose cell is a whole explicit network); `mode` "recurrent" with `recurrent` {depth,
@@ -145,6 +148,7 @@ class DEQ(nn.Module):
             raise TypeError("DEQ: pass either a DEQSettings or keyword arguments, not both")
         self.settings = settings
         self.fwd_spec, self.bwd_spec, self.eval_spec = settings.specs()
+        self.readout_stop = settings.eval.readout_stop()   # None: the residual alone
         b = settings.backward
         self.backward_mode, self.phantom_steps, self.phantom_tau = b.mode, b.phantom_steps, b.phantom_tau
         self.shine = b.shine
@@ -165,25 +169,33 @@ class DEQ(nn.Module):
                                            # fixed-point-correction snapshots; saved too
 
     def forward(self, cell: Cell, u: torch.Tensor, z0: State,
-                solver: SolveSpec | None = None, eager_cell: Cell | None = None
-                ) -> tuple[State, DEQInfo]:
+                solver: SolveSpec | None = None, eager_cell: Cell | None = None,
+                readout: Callable | None = None) -> tuple[State, DEQInfo]:
         """Return (z, info): z is the fixed point with gradients attached per `backward`;
         `solver` replaces the forward (training) or eval settings for this call. z0 may be
         a tuple of tensors (the cell then maps tuples to tuples): they are solved as one
         state, and z, info.forward.z and the corrections come back as tuples.
         `eager_cell` (the same map, uncompiled) is what the Jacobian regulariser
-        differentiates twice when `cell` is a torch.compile'd one, which cannot be."""
+        differentiates twice when `cell` is a torch.compile'd one, which cannot be.
+        `readout(z, idx)`: log-probabilities of the prediction at states z (of samples
+        `idx`, None for all); with it, an evaluation solve whose eval settings stop on the
+        readout (`readout_stop`) stops each sample once its prediction has settled."""
+        rule = self.readout_stop if readout is not None and not self.training else None
         packing = packing_of(z0)
         if packing is None:
-            return self._forward(cell, u, z0, solver, eager_cell or cell)
+            return self._forward(cell, u, z0, solver, eager_cell or cell,
+                                 rule and rule.using(readout))
+        if rule is not None:
+            rule = rule.using(lambda z, *idx: readout(packing.unpack(z), *idx))
         z, info = self._forward(packing.wrap(cell), u, packing.pack(z0), solver,
-                                packing.wrap(eager_cell or cell))
+                                packing.wrap(eager_cell or cell), rule)
         info.forward.z = packing.unpack(info.forward.z)
         info.corrections = [(w, packing.unpack(c)) for w, c in info.corrections]
         return packing.unpack(z), info
 
     def _forward(self, cell: Cell, u: torch.Tensor, z0: torch.Tensor,
-                 solver: SolveSpec | None, eager_cell: Cell) -> tuple[torch.Tensor, DEQInfo]:
+                 solver: SolveSpec | None, eager_cell: Cell, readout: ReadoutStop | None
+                 ) -> tuple[torch.Tensor, DEQInfo]:
         fwd = solver or (self.fwd_spec if self.training else self.eval_spec)
         if self.mode == "recurrent":
             depth = self.settings.recurrent_depth(self.seed, self.step) if self.training \
@@ -200,7 +212,7 @@ class DEQ(nn.Module):
         # cached(): weight/spectral norm are computed once per solve, not once per f call,
         # and spectral norm's power iteration cannot change f halfway through a solve.
         with torch.no_grad(), parametrize.cached():
-            res = fwd.run(cell_map(cell, u), z0, snapshot_at=snapshots)
+            res = fwd.run(cell_map(cell, u), z0, snapshot_at=snapshots, readout=readout)
         info = DEQInfo(forward=res)
         if self.training:
             self.last_nfe = res.nfe

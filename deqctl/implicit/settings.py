@@ -22,10 +22,12 @@ from ..limits import ITER_LIMIT
 from ..errors import quote
 from ..options import Block, Bool, Float, Int, OptionsError, validate
 from ..registry import Part, PartError, TrustError
-from ..solvers import SOLVERS, knob_block
+from ..solvers import READOUT_MODES, SOLVERS, ReadoutStop, knob_block
 from .spec import SolveSpec, bf16_problem
 
 StopMode = Literal["abs", "rel"]
+# test-time solves may also stop on the readout (solvers.tracker.ReadoutStop)
+EvalStopMode = Literal["abs", "rel", "kl", "argmax"]
 
 
 def knob_key(ref: str) -> str:
@@ -50,6 +52,15 @@ class SolverSettings(Block):
     @classmethod
     def _known(cls, v: str) -> str:
         return _known_solver(cls, v)
+
+    @field_validator("stop_mode", mode="before")
+    @classmethod
+    def _residual_only(cls, v: Any) -> Any:
+        if v in READOUT_MODES:
+            raise ValueError(f"{v} stops on the model's readout, an inference stop: set "
+                             f"deq.eval.stop_mode={v} (training and gradient solves stop "
+                             f"on the residual: abs or rel)")
+        return v
 
     def options(self) -> dict[str, Any]:
         """The chosen solver's own knobs (e.g. Anderson's m, lam, beta)."""
@@ -98,12 +109,25 @@ class EvalSettings(Block):
     solver: str | None = None
     max_iter: Int | None = Field(None, ge=1, le=ITER_LIMIT)
     tol: Float | None = Field(None, gt=0)
-    stop_mode: StopMode | None = None
+    stop_mode: EvalStopMode | None = Field(
+        None, description="abs or rel: stop on the residual; kl or argmax: also stop a "
+        "sample once its prediction has settled (the residual's tolerance still stops it)")
+    kl_tol: Float = Field(1e-5, gt=0, description="stop_mode=kl: stop a sample when "
+                          "KL(before || now) of its predicted distribution between two "
+                          "checks is below this, at every position")
+    patience: Int = Field(4, ge=1, le=ITER_LIMIT, description="stop_mode=argmax: stop a "
+                          "sample when its argmax is the same at this many checks in a row")
 
     @field_validator("solver")
     @classmethod
     def _known(cls, v: str | None) -> str | None:
         return v if v is None else _known_solver(cls, v)
+
+    def readout_stop(self) -> ReadoutStop | None:
+        """The readout rule of stop_mode kl or argmax (None: the residual alone)."""
+        if self.stop_mode not in READOUT_MODES:
+            return None
+        return ReadoutStop(self.stop_mode, self.kl_tol, self.patience)
 
 
 def _known_solver(cls: type[Block], v: str) -> str:
@@ -193,6 +217,10 @@ class DEQSettings(Block):
                 raise ValueError(f"forward.bf16_until: {problem}")
         if self.mode == "recurrent":
             self._check_recurrent()
+        if self.eval.stop_mode in READOUT_MODES and self.mode != "implicit":
+            raise ValueError(f"eval.stop_mode={self.eval.stop_mode} stops a solve on its "
+                             f"readout; mode={self.mode} applies its cell a set number of "
+                             f"times, with no solve to stop (use abs or rel)")
         b = self.backward
         if b.shine and not (b.mode == "ift" and self.forward.solver == "broyden"
                             and not self.forward.compact):
@@ -240,7 +268,10 @@ class DEQSettings(Block):
         """The forward settings with deq.eval's fields applied on top (bf16_until only in
         the forward's stop mode: it is a residual in that measure). A recurrent model's
         max_iter is its test-time depth: deq.eval.max_iter, else the rounded mean depth."""
-        overrides = {k: v for k, v in self.eval.model_dump().items() if v is not None}
+        overrides = {k: v for k, v in self.eval.model_dump(exclude={"kl_tol", "patience"}).items()
+                     if v is not None}
+        if overrides.get("stop_mode") in READOUT_MODES:   # the residual's measure stays
+            del overrides["stop_mode"]                     # the forward's (readout_stop())
         if self.mode == "recurrent" and "max_iter" not in overrides:
             overrides["max_iter"] = max(1, round(self.recurrent_mean))
         if overrides.get("stop_mode", self.forward.stop_mode) != self.forward.stop_mode:
@@ -270,7 +301,9 @@ class DEQSettings(Block):
             return f"explicit twin, depth {self.explicit_depth}"
         if self.mode == "recurrent":
             return f"recurrent depth, {self.eval_settings().max_iter} applications of its cell"
-        return f"eval solver {self.eval_settings().spec().describe()}"
+        rule = self.eval.readout_stop()
+        readout = f", stops on its readout ({rule.describe()})" if rule else ""
+        return f"eval solver {self.eval_settings().spec().describe()}{readout}"
 
     def specs(self) -> tuple[SolveSpec, SolveSpec, SolveSpec]:
         """(forward, backward, eval) as the layer runs them."""

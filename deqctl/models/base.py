@@ -4,7 +4,9 @@ tools (eval, solve-trace, export) only use those four and so work for any model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -13,6 +15,8 @@ from torch.nn.utils import parametrize
 from ..data import DataInfo
 from ..implicit import DEQ, DEQInfo, SolveSpec
 from ..implicit.cache import FixedPointCache
+from ..solvers import SolveResult
+from ..tasks import TASKS, Task, task_for
 
 
 class ModelError(ValueError):
@@ -66,6 +70,15 @@ class DEQModel(nn.Module):
         self.warm_state: torch.Tensor | tuple[torch.Tensor, ...] | None = None
         self.fixed_point_cache: FixedPointCache | None = None   # set by the trainer
         self.compiled_cell = None    # torch.compile(self.cell) when runtime.compile is on
+        # deq.eval.stop_mode kl / argmax: evaluation solves stop on the prediction, read
+        # as the task reads an output; an output that is no distribution cannot
+        if deq.readout_stop is not None and not TASKS[info.task].distribution:
+            raise ValueError(f"deq.eval.stop_mode={deq.readout_stop.mode}: a "
+                             f"{info.task} model's output is no distribution to stop on "
+                             f"(use abs or rel)")
+        self.readout_audit: ReadoutAudit | None = None    # set by auditing_readout()
+        self._readout_task: Task | None = None   # made on first use: models may be built
+                                                  # on the meta device, a task's constants not
 
     def compile_cell(self) -> None:
         """Solve and differentiate through a torch.compile'd cell (weights and checkpoints
@@ -89,6 +102,13 @@ class DEQModel(nn.Module):
         """Map a (fixed-point) state to the model's output; `x` is the raw input (a
         forecast may continue from its last value)."""
         raise NotImplementedError
+
+    def readout_log_probs(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the prediction at state z (decode, then the task's
+        softmax, class dimension last): what a readout stop watches settle."""
+        if self._readout_task is None:
+            self._readout_task = task_for(self.info)
+        return self._readout_task.log_probs(self.decode(z, x))
 
     # -- shared -------------------------------------------------------------------------
     def run(self, x: torch.Tensor, solver: SolveSpec | None = None,
@@ -117,7 +137,16 @@ class DEQModel(nn.Module):
         if cache is not None:
             z0 = cache.start(index, z0)
         cell = self.compiled_cell or self.cell
-        z, info = self.deq(cell, u, z0, solver=solver, eager_cell=self.cell)
+        readout = None
+        if self.deq.readout_stop is not None and not self.training:
+            def readout(z, idx):
+                return self.readout_log_probs(z, x if idx is None else x[idx])
+        z, info = self.deq(cell, u, z0, solver=solver, eager_cell=self.cell, readout=readout)
+        if self.readout_audit is not None and readout is not None:
+            # the residual-stopped answer on the same batch, from the same start
+            z_ref, ref = self.deq(cell, u, z0, solver=solver, eager_cell=self.cell)
+            self.readout_audit.add(self.decode(z, x), self.decode(z_ref, x), info.forward,
+                                   ref.forward)
         if self.training and self.warm_start:
             self.warm_state = _detach(info.forward.z)
         if cache is not None:
@@ -127,6 +156,17 @@ class DEQModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x).out
+
+    @contextlib.contextmanager
+    def auditing_readout(self, agree: Callable) -> Iterator[ReadoutAudit]:
+        """Within: every evaluation pass that stops on its readout also solves the same
+        batch on the residual alone, and the yielded ReadoutAudit tallies what the readout
+        stop saved and how often (`agree(a, b)`, the task's) the two answers agree."""
+        self.readout_audit = ReadoutAudit(agree)
+        try:
+            yield self.readout_audit
+        finally:
+            self.readout_audit = None
 
     def warm_tensors(self) -> dict[str, torch.Tensor]:
         """warm_state as a checkpoint's named tensors: "warm", or "warm.0", "warm.1", ...
@@ -146,6 +186,39 @@ class DEQModel(nn.Module):
         if any(not bool(torch.isfinite(t).all()) for t in _tensors(state)):
             raise ValueError("the warm-start state holds NaN or inf")
         self.warm_state = state
+
+
+class ReadoutAudit:
+    """A readout stop against the residual stop, over the batches of an evaluation: f
+    evaluations per sample (what each sample took until it stopped) and per batch (what
+    the solve spent: a batch runs until its last sample stops), and the agreement of
+    the two answers. Sums stay on the device until `summary`."""
+
+    def __init__(self, agree: Callable):
+        self.agree, self.sums = agree, None
+
+    def add(self, out: torch.Tensor, ref_out: torch.Tensor, res: SolveResult,
+            ref: SolveResult) -> None:
+        """Tally one batch: outputs and solves with the readout stop and without it."""
+        agree = self.agree(out, ref_out).float()
+        batch = [agree.sum(), torch.tensor(float(agree.numel())),
+                 res.sample_nfe.sum().float(), ref.sample_nfe.sum().float(),
+                 torch.tensor(float(res.nfe)), torch.tensor(float(ref.nfe)),
+                 res.readout_stopped.sum().float(), torch.tensor(float(res.sample_nfe.numel()))]
+        batch = torch.stack([t.to(agree.device) for t in batch])
+        self.sums = batch if self.sums is None else self.sums + batch
+
+    def summary(self) -> dict[str, Any]:
+        """readout_stopped (fraction of samples), fwd_nfe and residual_fwd_nfe (per
+        sample), nfe_ratio (readout / residual, per sample), nfe_ratio_batch (the same for
+        the evaluations a batch spent), nfe_saved (1 - nfe_ratio), agreement."""
+        if self.sums is None:
+            return {}
+        agreed, preds, nfe, ref_nfe, batch, ref_batch, stopped, n = self.sums.tolist()
+        return {"readout_stopped": stopped / n, "fwd_nfe": nfe / n,
+                "residual_fwd_nfe": ref_nfe / n, "nfe_ratio": nfe / ref_nfe,
+                "nfe_ratio_batch": batch / ref_batch, "nfe_saved": 1 - nfe / ref_nfe,
+                "agreement": agreed / preds}
 
 
 def _shapes(z) -> list[tuple[int, ...]]:

@@ -16,6 +16,11 @@ that window is solved whole, started from the kept tokens' previous fixed points
 next L // 2 - 1 tokens are again appended one position at a time. Without reuse
 (`reuse=False`) every token's window is solved from the cold start; both modes see the
 same contexts, so they differ only in where each solve starts and what it solves.
+
+With a readout stop (deq.eval.stop_mode kl or argmax) each token's solve also stops once
+the next-token distribution (the last position's) has settled; `compare=True` solves each
+token a second time on the residual alone, from the same start, and records its NFE and
+whether its most likely next token is the same (the text continues from the first).
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class Token:
     rel_residual: float
     converged: bool
     window: str          # "cold" (a whole window from the cold start), "slide", "append"
+    # Generator(compare=True) with a readout stop: the residual-stopped solve of the same
+    # token, its NFE and whether its most likely next token is the readout-stopped one's
+    residual_nfe: int | None = None
+    agrees: bool | None = None
 
 
 @dataclass
@@ -82,8 +91,9 @@ class Generator:
     tokens where the cell is causal (model.time_axis) and solved to a fixed point."""
 
     def __init__(self, model: DEQModel, *, solver: SolveSpec, device: torch.device,
-                 precision: str = "fp32", reuse: bool = True):
+                 precision: str = "fp32", reuse: bool = True, compare: bool = False):
         self.model, self.solver, self.device, self.precision = model.eval(), solver, device, precision
+        self.compare = compare and model.deq.readout_stop is not None
         self.tokenizer = Tokenizer.of(model.info)
         self.window = model.info.length
         self.keep = max(1, self.window // 2)
@@ -101,10 +111,10 @@ class Generator:
         context, z, how = list(prompt[-self.window:]), None, "cold"
         text_of = self.tokenizer.stream(prompt)   # a character split over tokens comes whole
         for _ in range(tokens):
-            token, z, res = self._next(context, z, how, sample)
+            token, z, res, ref = self._next(context, z, how, sample)
             text = text_of(token)
             yield Token(token, text, res.nfe, float(res.rel_residual[0]),
-                        bool(res.converged[0]), how)
+                        bool(res.converged[0]), how, *ref)
             context.append(token)
             how = "append"
             if len(context) > self.window:
@@ -116,34 +126,51 @@ class Generator:
                 z, how = None, "cold"
 
     def _next(self, context: list[int], z: State | None, how: str, sample):
-        """(the next token, the context's fixed point, its solve's statistics)."""
+        """(the next token, the context's fixed point, its solve's statistics, and with
+        `compare` the residual-stopped solve's NFE and agreement, else (None, None))."""
         with torch.inference_mode(), parametrize.cached(), autocast(self.device, self.precision):
             x = torch.tensor([context], device=self.device)
             u = self.model.inject(x)
-            z, res = self._solve(u, z, how)
-            return sample(self.model.decode(z, x)[0, -1]), z, res
+            z_new, res = self._solve(u, z, how, x, readout=True)
+            logits = self.model.decode(z_new, x)[0, -1]
+            ref = (None, None)
+            if self.compare:
+                z_ref, ref_res = self._solve(u, z, how, x, readout=False)
+                same = self.model.decode(z_ref, x)[0, -1].argmax() == logits.argmax()
+                ref = (ref_res.nfe, bool(same))
+            return sample(logits), z_new, res, ref
 
-    def _solve(self, u: torch.Tensor, z: State | None, how: str):
-        """The fixed point of the whole context, and the solve's statistics."""
+    def _solve(self, u: torch.Tensor, z: State | None, how: str,
+               x: torch.Tensor | None = None, readout: bool = False):
+        """The fixed point of the whole context, and the solve's statistics; with
+        `readout`, stopped on the next token's distribution if the eval settings say so."""
         m, a = self.model, self.axis
         if z is None:
-            return _fixed_point(m, m.cell, u, m.init_state(u), self.solver)
+            return self._fixed_point(m.cell, u, m.init_state(u), x, None, readout)
         fresh = _take(m.init_state(u), slice(-1, None), a)      # the new position's start
         if how == "slide":        # kept tokens moved: solve the whole window from where they were
-            return _fixed_point(m, m.cell, u, _cat(_take(z, slice(1, None), a), fresh, a),
-                                self.solver)
+            return self._fixed_point(m.cell, u, _cat(_take(z, slice(1, None), a), fresh, a),
+                                     x, None, readout)
         prefix = z
 
         def new_position(z_t: State, u_t: torch.Tensor) -> State:
             return _take(m.cell(_cat(prefix, z_t, a), u_t), slice(-1, None), a)
 
-        z_t, res = _fixed_point(m, new_position, u, fresh, self.solver)
+        z_t, res = self._fixed_point(new_position, u, fresh, x, prefix, readout)
         return _cat(prefix, z_t, a), res
 
+    def _fixed_point(self, cell, u: torch.Tensor, z0: State, x: torch.Tensor | None,
+                     prefix: State | None, readout: bool):
+        """Solve `cell` from z0 (the whole window, or after `prefix` the new position)."""
+        m, a = self.model, self.axis
 
-def _fixed_point(model: DEQModel, cell, u: torch.Tensor, z0: State, solver: SolveSpec):
-    z, info = model.deq(cell, u, z0, solver=solver)
-    return z, info.forward
+        def next_token(z: State, idx=None) -> torch.Tensor:
+            # one context at a time: the batch is 1, and idx (compact) can only keep it
+            return m.readout_log_probs(z if prefix is None else _cat(prefix, z, a), x)[:, -1]
+
+        use = readout and m.deq.readout_stop is not None
+        z, info = m.deq(cell, u, z0, solver=self.solver, readout=next_token if use else None)
+        return z, info.forward
 
 
 def _take(z: State, index: slice, axis: int) -> State:

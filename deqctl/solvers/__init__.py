@@ -18,11 +18,11 @@ from ..registry import Part, PartError, import_builtins
 from .broyden import shine_adjoint
 from .pack import Packing, State, packing_of
 from .registry import SOLVERS
-from .tracker import CONVERGED, MAX_ITER, NONFINITE, SolveResult, Tracker
+from .tracker import CONVERGED, MAX_ITER, NONFINITE, READOUT_MODES, ReadoutStop, SolveResult, Tracker
 
 __all__ = ["solve", "solver_part", "knob_block", "check_knobs", "SolveResult", "SOLVERS",
            "CONVERGED", "MAX_ITER", "NONFINITE", "Packing", "State", "packing_of",
-           "shine_adjoint", "Tracker"]
+           "shine_adjoint", "Tracker", "ReadoutStop", "READOUT_MODES"]
 
 _BLOCKS: dict[int, type[Block]] = {}
 import_builtins(__name__, __path__)       # a built-in solver is one module here
@@ -62,7 +62,8 @@ def check_knobs(fn: Callable, knobs: dict[str, Any], prefix: str = "") -> dict[s
 def solve(f: Callable, z0: State, method: str | Callable = "anderson", tol: float = 1e-4,
           max_iter: int = 50, stop_mode: str = "rel", *, check_every: int | None = None,
           compact: bool = False, trace: bool = False, snapshot_at: tuple[int, ...] = (),
-          bf16_until: float | None = None, **knobs) -> SolveResult:
+          bf16_until: float | None = None, readout: ReadoutStop | None = None,
+          **knobs) -> SolveResult:
     """Find z = f(z) for every sample of the batch z0 (first dimension). z0 may be a tuple
     of tensors (f then maps tuples to tuples): they are solved as one state, and res.z and
     the snapshots come back as tuples. `method` is a solver's name or a solver function.
@@ -76,16 +77,21 @@ def solve(f: Callable, z0: State, method: str | Callable = "anderson", tol: floa
     bf16 autocast until every running sample's residual is below that value (or bf16
     rounding stops its progress), then in the caller's precision down to `tol`: the
     cheap early iterations of a mixed-precision solve (res.bf16_nfe counts them).
+    With `readout` (a ReadoutStop bound to a map from states to log-probabilities), a
+    sample also stops once its prediction has settled (res.readout_stopped says which).
     """
     run = solver_part(method).obj
     knobs = check_knobs(run, knobs, f"{getattr(run, '__name__', 'solver')}")
     packing = packing_of(z0)
     if packing is not None:
         f, z0 = packing.wrap(f), packing.pack(z0)
+        if readout is not None:
+            read = readout.log_probs
+            readout = readout.using(lambda z, *idx: read(packing.unpack(z), *idx))
     with torch.no_grad():
         tr = Tracker(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode,
                      check_every=check_every, compact=compact, trace=trace,
-                     snapshot_at=tuple(snapshot_at), bf16_until=bf16_until)
+                     snapshot_at=tuple(snapshot_at), bf16_until=bf16_until, readout=readout)
         run(tr, tr.z0.clone(), **knobs)
         res = tr.result()
     if packing is not None:

@@ -5,12 +5,18 @@ every application of f, so the statistics are honest by construction: each f cal
 counted, each sample keeps its lowest-residual iterate, and a sample that converged (or
 hit NaN) is frozen. The host is asked whether anything is still running only every
 `check_every` evaluations; all other bookkeeping stays on the device.
+
+A solve may also stop a sample on its readout (`ReadoutStop`): at each of those checks the
+tracker reads the prediction of each running sample's answer so far (its best iterate)
+and stops the sample once that prediction has stopped changing. It is a rule of the
+tracker, so every solver, built-in or a user's, stops on it unchanged; residuals are still
+measured and reported as they are, so `converged` keeps meaning the residual's tolerance.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -19,6 +25,45 @@ EPS = 1e-12
 
 # per-sample status codes in SolveResult.status
 CONVERGED, MAX_ITER, NONFINITE = 0, 1, 2
+READOUT_MODES = ("kl", "argmax")
+
+
+@dataclass(frozen=True)
+class ReadoutStop:
+    """Stop a sample when its prediction stops changing, checked at the tracker's checks
+    (every `check_every` evaluations). `mode` "kl": KL(p_before || p_now) between two
+    checks below `kl_tol`; "argmax": the same argmax at `patience` checks in a row. For
+    outputs with several positions (a sequence's tokens) every position must pass.
+    `log_probs(z, idx)` maps states (shaped like z0, of the samples `idx`, None for all)
+    to log-probabilities with the class dimension last; `using` binds it."""
+
+    mode: str
+    kl_tol: float = 1e-5      # defaults: bench/readout_stop.py (issue 32)
+    patience: int = 4
+    log_probs: Callable | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in READOUT_MODES:
+            raise ValueError(f"readout stop mode {self.mode!r} is unknown (valid: kl, argmax)")
+        if not self.kl_tol > 0:
+            raise ValueError(f"kl_tol must be > 0, got {self.kl_tol!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) \
+                or self.patience < 1:
+            raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
+
+    def using(self, log_probs: Callable) -> "ReadoutStop":
+        """This rule reading predictions through `log_probs(z, idx)`."""
+        return replace(self, log_probs=log_probs)
+
+    def describe(self) -> str:
+        """e.g. "kl < 0.001" or "argmax stable for 2 checks"."""
+        return f"kl < {self.kl_tol:g}" if self.mode == "kl" else \
+            f"argmax stable for {self.patience} check{'s' * (self.patience > 1)}"
+
+    def as_dict(self) -> dict:
+        """The JSON form: stop_mode and its knob."""
+        knob = {"kl_tol": self.kl_tol} if self.mode == "kl" else {"patience": self.patience}
+        return {"stop_mode": self.mode, **knob}
 
 
 @dataclass
@@ -42,6 +87,8 @@ class SolveResult:
     # Broyden's final inverse-Jacobian estimate (U, V), each (B, n, D): (J_f - I)^-1 is about
     # -I + U^T V per sample (flattened state); reused by the SHINE backward. None elsewhere.
     inverse: tuple[torch.Tensor, torch.Tensor] | None = None
+    # with a ReadoutStop: per sample, whether its readout stopped it (None without one)
+    readout_stopped: torch.Tensor | None = None
 
     @property
     def trace(self) -> torch.Tensor | None:
@@ -81,7 +128,7 @@ class Tracker:
     def __init__(self, f: Callable, z0: torch.Tensor, *, tol: float, max_iter: int,
                  stop_mode: str, check_every: int | None, compact: bool,
                  trace: bool, snapshot_at: tuple[int, ...] = (),
-                 bf16_until: float | None = None):
+                 bf16_until: float | None = None, readout: ReadoutStop | None = None):
         if stop_mode not in ("abs", "rel"):
             raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
         if max_iter < 1:
@@ -122,6 +169,12 @@ class Tracker:
         self.bf16_nfe = 0             # evaluations made in bf16
         self._last_res: torch.Tensor | None = None   # residuals of the latest evaluation
         self._bf16_best, self._bf16_stalls = float("inf"), 0
+        if readout is not None and readout.log_probs is None:
+            raise ValueError("readout: a ReadoutStop needs its log_probs map (rule.using(fn))")
+        self.readout = readout
+        self.readout_stopped = torch.zeros_like(self.active) if readout is not None else None
+        self._prev_logp: torch.Tensor | None = None   # each sample's prediction at its last check
+        self._stable = torch.zeros_like(self.sample_nfe)   # argmax: checks in a row unchanged
 
     # -- working-set views --------------------------------------------------------------
 
@@ -223,6 +276,8 @@ class Tracker:
         if self.nfe - self._last_check < self.check_every:
             return False
         self._last_check = self.nfe
+        if self.readout is not None and not self.in_bf16:
+            self._readout_check()
         act = self.active_ws
         if self.in_bf16:     # the worst running residual comes back in the same host read
             worst = torch.where(act, self._last_res, 0.0).max()
@@ -238,6 +293,33 @@ class Tracker:
             # applied by compact_state(), once the solver has finished this iteration
             self._pending_keep = act.nonzero().squeeze(1)
         return False
+
+    def _readout_check(self) -> None:
+        """Stop the running samples whose prediction has settled (ReadoutStop), all on the
+        device: the finished() check that follows reads the count back. The prediction is
+        that of the answer the solve would return now, its best iterate."""
+        r, batch = self.readout, self.best_res.shape[0]
+        z = self._ws(self.best_z).view(-1, *self.shape[1:]).to(self.out_dtype)
+        logp = r.log_probs(z, self.index).float()
+        logp = logp.reshape(logp.shape[0], -1, logp.shape[-1])      # (b, positions, classes)
+        if self._prev_logp is None:        # the first check has nothing to compare with
+            self._prev_logp = logp.new_zeros(batch, *logp.shape[1:])
+            self._put(self._prev_logp, logp)
+            return
+        prev = self._ws(self._prev_logp)
+        if r.mode == "kl":     # KL(p_before || p_now), the worst position of each sample
+            p = prev.exp()     # a class of probability 0 adds nothing (0 * -inf is NaN)
+            kl = torch.where(p > 0, p * (prev - logp), 0.0).sum(-1).amax(-1)
+            settled = kl < r.kl_tol
+        else:
+            same = (prev.argmax(-1) == logp.argmax(-1)).all(-1)
+            stable = torch.where(same, self._ws(self._stable) + 1, 0)
+            self._put(self._stable, stable)
+            settled = stable >= r.patience
+        self._put(self._prev_logp, logp)
+        stop = self.active_ws & settled
+        self._put(self.readout_stopped, self._ws(self.readout_stopped) | stop)
+        self._put(self.active, self.active_ws & ~stop)
 
     @property
     def in_bf16(self) -> bool:
@@ -293,4 +375,5 @@ class Tracker:
             sample_nfe=self.sample_nfe, abs_residual=self.best_abs, rel_residual=self.best_rel,
             converged=converged, status=status, fallbacks=self.fallbacks, tol=self.tol,
             stop_mode=self.stop_mode, trace_abs=trace_abs, trace_rel=trace_rel,
-            snapshots=self.snapshots, inverse=self.inverse, bf16_nfe=self.bf16_nfe)
+            snapshots=self.snapshots, inverse=self.inverse, bf16_nfe=self.bf16_nfe,
+            readout_stopped=self.readout_stopped)

@@ -33,6 +33,9 @@ class Task:
     name: str = ""
     output_name: str = "output"        # what exported graphs call their output
     metrics: tuple[Metric, ...] = ()
+    # the output scores classes (logits, class dimension last): a predicted distribution,
+    # which a solve can stop on (deq.eval.stop_mode kl or argmax)
+    distribution: bool = True
 
     def __init__(self, info: DataInfo):
         self.info = info
@@ -63,6 +66,13 @@ class Task:
         """Return `row` (reduced statistics, "loss" the mean task loss, over `split` when
         known) with the metrics."""
         return row
+
+    def log_probs(self, out: torch.Tensor) -> torch.Tensor:
+        """The predicted distribution of output `out` as log-probabilities, class dimension
+        last (float32); a task without a distribution (`distribution` False) has none."""
+        if not self.distribution:
+            raise ValueError(f"a {self.name} output is no distribution over classes")
+        return torch.log_softmax(out.float(), dim=-1)
 
     def agree(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Per prediction, whether two outputs for the same inputs agree (export parity)."""

@@ -27,6 +27,7 @@ def seasonal_positions(length: int, horizon: int, season: int) -> torch.Tensor:
 class Forecast(Task):
     name = "forecast"
     output_name = "forecast"
+    distribution = False         # values, not class scores: nothing for a readout stop
 
     def __init__(self, info: DataInfo):
         super().__init__(info)

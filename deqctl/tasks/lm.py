@@ -66,5 +66,9 @@ class LanguageModel(Task):
         row.update({m.key: values[m.key] for m in self.metrics if m.key in values})
         return row
 
+    def log_probs(self, out) -> torch.Tensor:
+        # an adaptive softmax's lazy output makes its full log-probabilities on request
+        return super().log_probs(out if isinstance(out, torch.Tensor) else out.log_probs())
+
     def agree(self, a, b):
         return a.argmax(dim=-1) == b.argmax(dim=-1)
