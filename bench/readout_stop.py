@@ -84,12 +84,14 @@ def generate_rows(run: Path, tokens: int) -> list[tuple[str, dict]]:
 
 def show(title: str, rows: list[tuple[str, dict]]) -> None:
     print(f"\n{title}")
-    print(f"{'rule':<28}{'NFE':>7}{'resid NFE':>11}{'ratio':>8}{'batch':>8}{'agree':>9}  target")
+    print(f"{'rule':<28}{'NFE':>7}{'resid NFE':>11}{'ratio':>8}{'batch':>8}{'agree':>9}"
+          f"{'agree conv':>12}  target")
     for name, r in rows:
         ok = r["nfe_ratio"] <= 0.7 and r["agreement"] >= 0.995
+        conv = r.get("agreement_converged")      # where the residual solve converged
         print(f"{name:<28}{r['fwd_nfe']:>7.2f}{r['residual_fwd_nfe']:>11.2f}"
               f"{r['nfe_ratio']:>7.2f}x{r['nfe_ratio_batch']:>7.2f}x{r['agreement']:>9.2%}"
-              f"  {'met' if ok else '-'}")
+              f"{'-' if conv is None else f'{conv:.2%}':>12}  {'met' if ok else '-'}")
 
 
 def main() -> None:

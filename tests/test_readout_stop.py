@@ -214,3 +214,20 @@ def test_generate_stops_each_token_on_its_next_token_distribution():
     plain = Generator(model, solver=tight, device=torch.device("cpu"))
     first = next(plain.generate([72, 101, 108, 108, 111], 1, Sampler(greedy=True)))
     assert first.residual_nfe is None and first.nfe == out[0].nfe
+
+
+def test_the_audit_reports_agreement_apart_where_the_residual_solve_converged():
+    from types import SimpleNamespace
+
+    from deqctl.models.base import ReadoutAudit
+    audit = ReadoutAudit(lambda a, b: a.argmax(-1) == b.argmax(-1))
+    out = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    ref_out = torch.tensor([[1.0, 0.0], [0.0, 1.0]])      # sample 1 disagrees ...
+    solve = SimpleNamespace(sample_nfe=torch.tensor([3, 5]), nfe=5,
+                            readout_stopped=torch.tensor([True, False]))
+    ref = SimpleNamespace(sample_nfe=torch.tensor([6, 10]), nfe=10,
+                          converged=torch.tensor([True, False]))   # ... and had no fixed point
+    audit.add(out, ref_out, solve, ref)
+    got = audit.summary()
+    assert got["agreement"] == 0.5 and got["agreement_converged"] == 1.0
+    assert got["nfe_ratio"] == pytest.approx(8 / 16) and got["readout_stopped"] == 0.5

@@ -133,7 +133,8 @@ def _summary_table(row: dict[str, Any], src: Source, s: SolveSpec) -> Table:
         table.add_row("NFE vs residual stop (per sample / batch)",
                       f"{r['nfe_ratio']:.2f}x / {r['nfe_ratio_batch']:.2f}x "
                       f"({fmt_float(r['fwd_nfe'], 3)} vs {fmt_float(r['residual_fwd_nfe'], 3)})")
-        table.add_row("agreement with residual stop", fmt_pct(r["agreement"]))
+        table.add_row("agreement with residual stop (where it converged)",
+                      f"{fmt_pct(r['agreement'])} ({fmt_pct(r['agreement_converged'])})")
     return table
 
 

@@ -201,7 +201,11 @@ class ReadoutAudit:
             ref: SolveResult) -> None:
         """Tally one batch: outputs and solves with the readout stop and without it."""
         agree = self.agree(out, ref_out).float()
+        # where the residual solve reached its tolerance its answer is the fixed point's;
+        # elsewhere it is only the best iterate at max_iter, itself no settled answer
+        conv = ref.converged.view(-1, *(1,) * (agree.dim() - 1)).expand_as(agree).float()
         batch = [agree.sum(), torch.tensor(float(agree.numel())),
+                 (agree * conv).sum(), conv.sum(),
                  res.sample_nfe.sum().float(), ref.sample_nfe.sum().float(),
                  torch.tensor(float(res.nfe)), torch.tensor(float(ref.nfe)),
                  res.readout_stopped.sum().float(), torch.tensor(float(res.sample_nfe.numel()))]
@@ -211,14 +215,17 @@ class ReadoutAudit:
     def summary(self) -> dict[str, Any]:
         """readout_stopped (fraction of samples), fwd_nfe and residual_fwd_nfe (per
         sample), nfe_ratio (readout / residual, per sample), nfe_ratio_batch (the same for
-        the evaluations a batch spent), nfe_saved (1 - nfe_ratio), agreement."""
+        the evaluations a batch spent), nfe_saved (1 - nfe_ratio), agreement, and
+        agreement_converged (over the samples whose residual solve converged; None: none)."""
         if self.sums is None:
             return {}
-        agreed, preds, nfe, ref_nfe, batch, ref_batch, stopped, n = self.sums.tolist()
+        agreed, preds, agreed_conv, conv, nfe, ref_nfe, batch, ref_batch, stopped, n = \
+            self.sums.tolist()
         return {"readout_stopped": stopped / n, "fwd_nfe": nfe / n,
                 "residual_fwd_nfe": ref_nfe / n, "nfe_ratio": nfe / ref_nfe,
                 "nfe_ratio_batch": batch / ref_batch, "nfe_saved": 1 - nfe / ref_nfe,
-                "agreement": agreed / preds}
+                "agreement": agreed / preds,
+                "agreement_converged": agreed_conv / conv if conv else None}
 
 
 def _shapes(z) -> list[tuple[int, ...]]:
