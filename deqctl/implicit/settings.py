@@ -112,7 +112,7 @@ class EvalSettings(Block):
     stop_mode: EvalStopMode | None = Field(
         None, description="abs or rel: stop on the residual; kl or argmax: also stop a "
         "sample once its prediction has settled (the residual's tolerance still stops it)")
-    kl_tol: Float = Field(1e-5, gt=0, description="stop_mode=kl: stop a sample when "
+    kl_tol: Float = Field(1e-4, gt=0, description="stop_mode=kl: stop a sample when "
                           "KL(before || now) of its predicted distribution between two "
                           "checks is below this, at every position")
     patience: Int = Field(4, ge=1, le=ITER_LIMIT, description="stop_mode=argmax: stop a "

@@ -38,7 +38,7 @@ class ReadoutStop:
     to log-probabilities with the class dimension last; `using` binds it."""
 
     mode: str
-    kl_tol: float = 1e-5      # defaults: bench/readout_stop.py (issue 32)
+    kl_tol: float = 1e-4      # defaults: bench/readout_stop.py (issue 32)
     patience: int = 4
     log_probs: Callable | None = field(default=None, compare=False, repr=False)
 
