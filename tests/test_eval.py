@@ -106,3 +106,32 @@ def test_data_that_does_not_fit_the_model_is_refused(run):
     assert result.exit_code == 2
     assert "does not fit a model trained on mnist-5k" in result.stderr
     assert "inputs 'sequence' vs 'image'" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory):
+    from cli_helpers import RECIPE, tiny, train
+    out = tmp_path_factory.mktemp("twin") / "run"
+    done = train(RECIPE, *tiny(), "deq.mode=unrolled", "deq.unrolled.depth=3",
+                 "train.max_steps=2", "--out", str(out))
+    assert done.exit_code == 0, done.output
+    return out
+
+
+def test_a_twin_sweeps_test_time_depth_applying_its_cell_k_times(twin):
+    plain = eval_json(str(twin))
+    assert plain["fwd_nfe"] == 3                       # its own depth without a sweep
+    sweep = eval_json(str(twin), "--sweep-iters", "1,3,7")["sweep"]
+    assert [r["fwd_nfe"] for r in sweep] == [1, 3, 7]
+    assert sweep[1]["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert eval_json(str(twin))["fwd_nfe"] == 3        # and its depth is its own again
+
+
+def test_a_baseline_refuses_an_iteration_sweep_in_one_line(tmp_path):
+    from cli_helpers import RECIPE, tiny, train
+    done = train(RECIPE, *tiny(), "deq.mode=baseline", "train.max_steps=1",
+                 "--out", str(tmp_path / "b"))
+    assert done.exit_code == 0, done.output
+    got = runner.invoke(app, ["eval", str(tmp_path / "b"), "--sweep-iters", "1,2"])
+    assert got.exit_code == 2 and "--sweep-iters" in got.output
+    assert len(got.output.strip().splitlines()) == 1

@@ -48,6 +48,10 @@ def eval_command(
         fail("missing RUN_OR_CHECKPOINT (e.g. deqctl eval runs/mnist-deq)", USAGE)
     iters = _parse_iters(sweep_iters) if sweep_iters is not None else None
     src = open_source(path, overrides, trust_code=trust_code)
+    mode = src.recipe.deq.mode
+    if iters is not None and mode == "baseline":
+        fail("--sweep-iters: a baseline applies its network once; there is no depth to sweep",
+             USAGE)
     if src.progress:
         typer.echo(f"note: {src.progress}", err=True)
     err = Console(stderr=True)
@@ -68,8 +72,11 @@ def eval_command(
         for i, s in enumerate(runs):
             progress.update(bar, description=f"eval max_iter={s.max_iter}")
             # a readout stop is reported against the residual stop on the same batches
-            with (src.model.auditing_readout(src.task.agree) if rule
-                  else contextlib.nullcontext()) as audit:
+            # a twin answers at depth k by applying its cell k times (a solve stops itself)
+            twin_depth = src.model.deq.applying(s.max_iter) if iters and mode == "unrolled" \
+                else contextlib.nullcontext()
+            with twin_depth, (src.model.auditing_readout(src.task.agree) if rule
+                              else contextlib.nullcontext()) as audit:
                 row = evaluate(src.model, src.task, data, src.recipe.data.eval_batch_size,
                                device=src.device, solver=s, split_name=split.value,
                                precision=src.recipe.runtime.precision,
@@ -139,8 +146,9 @@ def _summary_table(row: dict[str, Any], src: Source, s: SolveSpec) -> Table:
 
 
 def _sweep_table(sweep: list[dict[str, Any]], src: Source, s: SolveSpec) -> Table:
-    # a recurrent model applies its cell exactly max_iter times: no solver, no early stop
-    how = "recurrent depth" if src.recipe.deq.mode == "recurrent" else s.solver
+    # recurrent models and twins apply their cell exactly max_iter times: no solver, no stop
+    how = {"recurrent": "recurrent depth", "unrolled": "twin depth"}.get(src.recipe.deq.mode,
+                                                                         s.solver)
     table = Table(title=f"anytime inference: {how}, tol {s.tol:g} {s.stop_mode}")
     metrics = [m for m in src.task.metrics if m.column]
     readout = "readout" in sweep[0]

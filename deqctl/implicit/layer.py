@@ -11,6 +11,7 @@ no_grad, and only one (ift, jfb) or k (phantom) applications of f are recorded.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -240,6 +241,16 @@ class DEQ(nn.Module):
                 info.corrections.append((self.fp_gamma ** (k - i), cell(z_k.detach(), u)))
             self.step += 1
         return z_out, info
+
+    @contextlib.contextmanager
+    def applying(self, depth: int):
+        """Within: the unrolled twin applies its cell `depth` times (test-time depth, as
+        `eval --sweep-iters` asks of it); its trained depth again after."""
+        trained, self.unrolled_depth = self.unrolled_depth, depth
+        try:
+            yield
+        finally:
+            self.unrolled_depth = trained
 
     @property
     def pretraining_left(self) -> int:
