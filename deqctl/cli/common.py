@@ -52,6 +52,17 @@ def fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def residual_stops_only(src, command: str) -> None:
+    """Refuse a readout stop (deq.eval.stop_mode kl or argmax) where `command` runs the
+    residual-stopped solve alone (a trace of residuals; an artefact whose graph unrolls
+    the cell): it would be dropped silently, or checked against another solve."""
+    rule = src.model.deq.readout_stop
+    if rule is not None:
+        fail(f"deq.eval.stop_mode={rule.mode}: {command} solves to the residual's "
+             f"tolerance only; set abs or rel (eval, predict and generate stop on the readout)",
+             USAGE)
+
+
 def user_errors(fn: Callable) -> Callable:
     """Decorate a command so input errors exit 2 and runtime failures exit 1, no traceback;
     whatever a user's code raised or exited with names its file and line, exit 1."""

@@ -66,6 +66,9 @@ def predict(
     if info.task == "lm":
         fail(f"{path} is a language model; continue a text with "
              f"deqctl generate {path} --prompt TEXT", USAGE)
+    if info.task == "tag":       # an answer per position: eval scores it, rows cannot
+        fail(f"{path} tags every position (task tag); predict answers one class or one "
+             f"forecast per input: score it with deqctl eval {path}", USAGE)
     if info.inputs == "tokens":
         fail(f"{path} reads token ids; predict reads images, .npz and CSV files", USAGE)
     data = src.recipe.data

@@ -26,7 +26,8 @@ from ..ui import plot_starts, plot_traces, sparkline
 from ..ui.fmt import fmt_ms, fmt_pct, fmt_sci
 from ..files import Output, check_outputs
 from ..limits import ITER_LIMIT
-from .common import TRUST_CODE, USAGE, fail, say_user_code, split_args, user_errors
+from .common import (TRUST_CODE, USAGE, fail, residual_stops_only, say_user_code, split_args,
+                     user_errors)
 
 SOLVERS_DEFAULT = "anderson,broyden,fixed_point"
 POWER_ITERS_DEFAULT = 100
@@ -84,6 +85,7 @@ def solve_trace(
     outputs = _outputs(plot, json_path, backward, starts > 0, force, Path(path))  # refused before any work
     src = open_source(path, overrides, allow_recipe=True, trust_code=trust_code,
                       allowed=(*EVAL_OVERRIDES, "deq.backward"))   # weights fix the rest
+    residual_stops_only(src, "solve-trace")
     if is_recipe(path):
         say_user_code(src.recipe)       # as train does: importing it is the first thing said
     if src.progress:

@@ -32,7 +32,8 @@ from .settings import DataBase
 
 MAX_SIZE = 256                     # cells a side
 MAX_PIXELS = 2**26                 # pixels per split (uint8 inputs, int64 targets: ~740 MB)
-BLOCK = 512                        # mazes drawn together, each block its own stream
+BLOCK = 512                        # mazes drawn together at most, each block its own stream
+BLOCK_PIXELS = 2**18               # ... and fewer of larger mazes: memory follows what is asked
 _STREAMS = {"train": 0, "val": 1, "test": 2}
 _MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -143,8 +144,9 @@ def mazes(seed: int, split: str, n: int, size: int) -> tuple[np.ndarray, np.ndar
     2 size + 1) labels (1 on the path). The same for the same arguments on every machine
     (NumPy's PCG64 seeded by (seed, split, block)); the first k of n are the first k of
     any larger n."""
-    parts = [_block(np.random.default_rng([seed, _STREAMS[split], i]), BLOCK, size)
-             for i in range(-(-n // BLOCK))]
+    block = max(1, min(BLOCK, BLOCK_PIXELS // (2 * size + 1) ** 2))   # a function of size
+    parts = [_block(np.random.default_rng([seed, _STREAMS[split], i]), block, size)
+             for i in range(-(-n // block))]
     return (np.concatenate([p[0] for p in parts])[:n],
             np.concatenate([p[1] for p in parts])[:n])
 

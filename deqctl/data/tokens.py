@@ -117,13 +117,21 @@ def _line_chunks(lines: Iterable[str]) -> Iterator[str]:
         yield "".join(parts)
 
 
-def sample_chunks(text: Text, sample: float | None) -> Iterator[str]:
-    """`text`'s chunks, or about `sample` bytes of them taken evenly across it: a chunk is
-    kept while the kept bytes trail the sample's share of those read so far. A text of
-    unknown size is read once more first to learn it (reading is cheap beside a BPE fit)."""
-    size = text.size
+def text_size(text: Text) -> int:
+    """`text`'s UTF-8 bytes: its size when known, else read once (rows of a dataset; cheap
+    beside fitting a tokenizer on them)."""
+    if text.size is not None:
+        return text.size
+    return sum(len(chunk.encode("utf-8")) for chunk in text.chunks())
+
+
+def sample_chunks(text: Text, sample: float | None, size: int | None = None
+                  ) -> Iterator[str]:
+    """`text`'s chunks, or about `sample` bytes of them taken evenly across it (`size`
+    bytes in all: text.size, else read once to learn it): a chunk is kept while the kept
+    bytes trail the sample's share of those read so far."""
     if sample is not None and size is None:
-        size = sum(len(chunk.encode("utf-8")) for chunk in text.chunks())
+        size = text_size(text)
     if sample is None or size <= sample:
         yield from text.chunks()
         return
@@ -168,7 +176,8 @@ class TokenCache:
         """The `kind` tokenizer fitted on `train` (on about `sample` bytes of it, spread
         over it, when given) with `settings`, from the cache when fitted before (training a
         BPE on a large corpus takes minutes)."""
-        if sample is not None and train.size is not None and train.size <= sample:
+        size = text_size(train) if sample is not None else train.size
+        if sample is not None and size <= sample:
             sample = None                           # all of it: the same fit, the same key
         key = _key({"kind": kind, "settings": settings, "text": train.fingerprint,
                     **({"sample": sample} if sample else {})})
@@ -184,7 +193,7 @@ class TokenCache:
             what = f"a {sample / 2**20:,.0f} MB sample of {train.name}" if sample else train.name
             with progress.tracked(f"fitting the {kind} tokenizer on {what}",
                                   sample or train.size) as advance:
-                tok = train_tokenizer(kind, _lines(sample_chunks(train, sample), advance),
+                tok = train_tokenizer(kind, _lines(sample_chunks(train, sample, size), advance),
                                       **settings)
             self._write(lambda: write_atomic(path, json.dumps({"kind": tok.kind,
                                                                "vocab": tok.stored})))

@@ -175,6 +175,7 @@ class Tracker:
         self.readout_stopped = torch.zeros_like(self.active) if readout is not None else None
         self._prev_logp: torch.Tensor | None = None   # each sample's prediction at its last check
         self._stable = torch.zeros_like(self.sample_nfe)   # argmax: checks in a row unchanged
+        self._checked_res: torch.Tensor | None = None      # best residuals at the last check
 
     # -- working-set views --------------------------------------------------------------
 
@@ -302,20 +303,27 @@ class Tracker:
         z = self._ws(self.best_z).view(-1, *self.shape[1:]).to(self.out_dtype)
         logp = r.log_probs(z, self.index).float()
         logp = logp.reshape(logp.shape[0], -1, logp.shape[-1])      # (b, positions, classes)
+        best = self._ws(self.best_res)
         if self._prev_logp is None:        # the first check has nothing to compare with
             self._prev_logp = logp.new_zeros(batch, *logp.shape[1:])
             self._put(self._prev_logp, logp)
+            self._checked_res = self.best_res.clone()
             return
+        # a best iterate that did not move since the last check (the residual rose) has
+        # an unchanged prediction by construction: that says nothing about settling
+        moved = best != self._ws(self._checked_res)
+        self._put(self._checked_res, best)
         prev = self._ws(self._prev_logp)
         if r.mode == "kl":     # KL(p_before || p_now), the worst position of each sample
             p = prev.exp()     # a class of probability 0 adds nothing (0 * -inf is NaN)
             kl = torch.where(p > 0, p * (prev - logp), 0.0).sum(-1).amax(-1)
-            settled = kl < r.kl_tol
+            settled = moved & (kl < r.kl_tol)
         else:
             same = (prev.argmax(-1) == logp.argmax(-1)).all(-1)
-            stable = torch.where(same, self._ws(self._stable) + 1, 0)
+            stable = self._ws(self._stable)
+            stable = torch.where(moved, torch.where(same, stable + 1, 0), stable)
             self._put(self._stable, stable)
-            settled = stable >= r.patience
+            settled = moved & (stable >= r.patience)
         self._put(self._prev_logp, logp)
         stop = self.active_ws & settled
         self._put(self.readout_stopped, self._ws(self.readout_stopped) | stop)

@@ -67,8 +67,13 @@ class LanguageModel(Task):
         return row
 
     def log_probs(self, out) -> torch.Tensor:
-        # an adaptive softmax's lazy output makes its full log-probabilities on request
-        return super().log_probs(out if isinstance(out, torch.Tensor) else out.log_probs())
+        return super().log_probs(_scores(out))
 
     def agree(self, a, b):
-        return a.argmax(dim=-1) == b.argmax(dim=-1)
+        return _scores(a).argmax(dim=-1) == _scores(b).argmax(dim=-1)
+
+
+def _scores(out) -> torch.Tensor:
+    """Scores over the vocabulary: an adaptive softmax's lazy output makes its full
+    log-probabilities on request."""
+    return out if isinstance(out, torch.Tensor) else out.log_probs()
