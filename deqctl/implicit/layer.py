@@ -182,12 +182,11 @@ class DEQ(nn.Module):
         `idx`, None for all); with it, an evaluation solve whose eval settings stop on the
         readout (`readout_stop`) stops each sample once its prediction has settled."""
         rule = self.readout_stop if readout is not None and not self.training else None
+        rule = rule and rule.using(readout)
         packing = packing_of(z0)
         if packing is None:
-            return self._forward(cell, u, z0, solver, eager_cell or cell,
-                                 rule and rule.using(readout))
-        if rule is not None:
-            rule = rule.using(lambda z, *idx: readout(packing.unpack(z), *idx))
+            return self._forward(cell, u, z0, solver, eager_cell or cell, rule)
+        rule = rule and rule.on_packed(packing)
         z, info = self._forward(packing.wrap(cell), u, packing.pack(z0), solver,
                                 packing.wrap(eager_cell or cell), rule)
         info.forward.z = packing.unpack(info.forward.z)

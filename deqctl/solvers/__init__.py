@@ -85,9 +85,7 @@ def solve(f: Callable, z0: State, method: str | Callable = "anderson", tol: floa
     packing = packing_of(z0)
     if packing is not None:
         f, z0 = packing.wrap(f), packing.pack(z0)
-        if readout is not None:
-            read = readout.log_probs
-            readout = readout.using(lambda z, *idx: read(packing.unpack(z), *idx))
+        readout = readout and readout.on_packed(packing)
     with torch.no_grad():
         tr = Tracker(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode,
                      check_every=check_every, compact=compact, trace=trace,

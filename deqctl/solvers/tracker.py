@@ -55,6 +55,11 @@ class ReadoutStop:
         """This rule reading predictions through `log_probs(z, idx)`."""
         return replace(self, log_probs=log_probs)
 
+    def on_packed(self, packing) -> "ReadoutStop":
+        """This rule reading a packed state (solvers.pack): unpacked, then read as before."""
+        read = self.log_probs
+        return self.using(lambda z, *idx: read(packing.unpack(z), *idx))
+
     def describe(self) -> str:
         """e.g. "kl < 0.001" or "argmax stable for 2 checks"."""
         return f"kl < {self.kl_tol:g}" if self.mode == "kl" else \
